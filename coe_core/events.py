@@ -1,0 +1,107 @@
+"""Typed events of one turn. The engine yields these to every front end (app, API, CLI) alike."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class RouteDecision:
+    """Step 1 (category) and step 2 (expert) of two-step routing, with the why."""
+
+    category: str
+    expert: str
+    #: mapped | fallback | override-category | override-expert | default (no router yet)
+    reason: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+    confidence: float = 1.0
+    fallback: bool = False
+    latency_ms: float = 0.0
+    threshold: float | None = None
+    #: what the user forced, if anything: {"category": ...} or {"expert": ...}
+    override: dict[str, str] | None = None
+    router_version: str | None = None
+    #: the text the router saw (latest user turn plus earlier context)
+    routed_text: str = ""
+    #: a human sentence for the UI: "coding (0.91) -> smollm2-135m: mapped by the optimiser"
+    explanation: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SwapTrigger = Literal["request", "prefetch", "eviction"]
+
+
+@dataclass
+class SwapEvent:
+    """One move of an expert's weights between tiers (disk, cpu, gpu)."""
+
+    expert: str
+    src: str
+    dst: str
+    bytes: int
+    seconds: float
+    trigger: SwapTrigger = "request"
+    evicted: list[str] = field(default_factory=list)
+    #: named phases and their seconds, e.g. {"read": 0.05, "bind": 0.001, "warmup": 0.03}
+    phases: dict[str, float] = field(default_factory=dict)
+    #: when it started, seconds on the engine's monotonic clock relative to the turn start (if in a turn)
+    started_at: float | None = None
+
+    @property
+    def gbps(self) -> float:
+        return (self.bytes / self.seconds / 1e9) if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gbps"] = round(self.gbps, 3)
+        return d
+
+
+@dataclass
+class TextChunk:
+    """A piece of streamed answer text."""
+
+    text: str
+
+
+@dataclass
+class Notice:
+    """Something the user should know that is not an error (e.g. the prompt was truncated)."""
+
+    message: str
+    kind: str = "info"
+
+
+@dataclass
+class TurnStats:
+    expert: str
+    response: str
+    status: Literal["ok", "cancelled", "error"] = "ok"
+    error: str | None = None
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    tokens_per_s: float = 0.0
+    truncated: bool = False
+    #: timeline of the turn: [(phase, start_s, end_s)] relative to the turn start
+    timeline: list[tuple[str, float, float]] = field(default_factory=list)
+    #: expert -> state after the turn (disk, cpu, gpu, split, ...)
+    tiers: dict[str, str] = field(default_factory=dict)
+    interaction_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TurnDone:
+    """Last event of every turn, also when it was cancelled or failed."""
+
+    stats: TurnStats
+
+
+Event = RouteDecision | SwapEvent | TextChunk | Notice | TurnDone
