@@ -1,0 +1,86 @@
+"""Schema versions: a fresh database is created from the models, an older one is upgraded step by step.
+
+``schema_info`` holds one row with the version. On open, :func:`ensure_schema`
+- creates every table and stamps :data:`SCHEMA_VERSION` when the database has none of ours;
+- runs each step of :data:`MIGRATIONS` newer than the stored version, in order, in one transaction;
+- refuses a database whose version is newer than this code knows (an older release must not write into
+  a layout it does not understand).
+
+To change the schema: change the models, append a ``Migration`` that brings a database of the previous
+version to the same layout (the test compares an upgraded database with a fresh one), and the version
+follows from the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Column, Connection, Engine, inspect, select
+from sqlalchemy.schema import CreateColumn
+
+from coe_core.store.errors import SchemaVersionError, StoreError
+from coe_core.store.models import Base, SchemaInfo, utcnow
+
+#: the version of the first released layout (the models as of the first store commit)
+BASE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Migration:
+    #: the version a database has after this step
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def add_column(conn: Connection, table: str, column: Column) -> None:
+    """ALTER TABLE ... ADD COLUMN, compiled for the connection's dialect (names are ours, never user input)."""
+    preparer = conn.dialect.identifier_preparer
+    ddl = CreateColumn(column).compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {preparer.quote(table)} ADD COLUMN {ddl}")
+
+
+MIGRATIONS: list[Migration] = []
+
+SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASE_VERSION
+
+_OUR_TABLES = {"conversations", "interactions", "feedback", "router_versions"}
+
+
+def ensure_schema(engine: Engine, where: str) -> int:
+    """Create or upgrade the schema; return the version. ``engine`` should be the writer engine."""
+    with engine.begin() as conn:
+        tables = set(inspect(conn).get_table_names())
+        if "schema_info" not in tables:
+            if tables & _OUR_TABLES:
+                raise SchemaVersionError(
+                    f"the database at {where} has CoE tables ({', '.join(sorted(tables & _OUR_TABLES))}) "
+                    "but no schema_info table, so its layout is unknown: point COE_DATABASE_URL / store.url "
+                    "at a new database file, or move this one away"
+                )
+            Base.metadata.create_all(conn)
+            conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION, updated_at=utcnow()))
+            return SCHEMA_VERSION
+        version = conn.execute(select(SchemaInfo.version).where(SchemaInfo.id == 1)).scalar()
+        if version is None:
+            raise StoreError(
+                f"the database at {where} has an empty schema_info table: restore it from a backup or "
+                "point COE_DATABASE_URL / store.url at a new database"
+            )
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"the database at {where} has schema version {version}, newer than the {SCHEMA_VERSION} this "
+                "CoE Playground understands (it was written by a newer release): upgrade coe-playground, "
+                "or point COE_DATABASE_URL / store.url at another database"
+            )
+        for step in MIGRATIONS:
+            if step.version > version:
+                step.apply(conn)
+                conn.execute(
+                    SchemaInfo.__table__.update()
+                    .where(SchemaInfo.id == 1)
+                    .values(version=step.version, updated_at=utcnow())
+                )
+                version = step.version
+        return version

@@ -1,0 +1,40 @@
+"""Training data from the log: which logged turns are labelled prompts for retraining the router."""
+
+from __future__ import annotations
+
+from coe_core.routing.training import LabelledPrompt
+from coe_core.store.selects import turns_with_feedback
+from coe_core.store.store import Store
+
+SOURCE_CORRECTED = "feedback-corrected"
+SOURCE_LIKE = "feedback-like"
+
+
+def labelled_prompts(store: Store, categories: list[str]) -> list[LabelledPrompt]:
+    """Labelled prompts from the latest, not retracted, feedback of each turn.
+
+    - wrong_category with a corrected category: the correction is a gold label;
+    - like: confirms the routed category (when it is one of ``categories``, not the fallback);
+    - dislike, or wrong_category without a correction: no positive label, skipped;
+    - turns stored without text (``store.log_prompts: false``) are skipped.
+    The text is what the router saw (the routing context), else the prompt; the group is the conversation,
+    so turns of one conversation never straddle a train/held-out split.
+    """
+    allowed = set(categories)
+    out: list[LabelledPrompt] = []
+    with store.read_session() as s:
+        for row, _conv, fb in s.execute(turns_with_feedback().execution_options(yield_per=500)):
+            if fb is None:
+                continue
+            text = row.routing_context or row.prompt
+            if not text:
+                continue
+            if fb.kind == "wrong_category" and fb.corrected_category in allowed:
+                label, source = fb.corrected_category, SOURCE_CORRECTED
+            elif fb.kind == "like" and row.category in allowed:
+                label, source = row.category, SOURCE_LIKE
+            else:
+                continue
+            out.append(LabelledPrompt(prompt=text, category=label, source=source,
+                                      group=f"conv-{row.conversation_id}"))
+    return out

@@ -1,0 +1,76 @@
+"""Aggregates over the log for `coe stats` and the app's analytics tab."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coe_core.store.models import Feedback, Interaction
+
+#: the distributions (ttft_values, swap_seconds) keep this many most recent values for plotting
+MAX_VALUES = 5000
+_COUNTED_FEEDBACK = ("like", "dislike", "wrong_category")
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def compute_stats(session: Session) -> dict[str, Any]:
+    turns = session.scalar(select(func.count(Interaction.id))) or 0
+
+    def counts(column: Any) -> dict[str, int]:
+        rows = session.execute(select(column, func.count()).group_by(column).order_by(func.count().desc()))
+        return {(key if key is not None else "unknown"): n for key, n in rows}
+
+    fallbacks = session.scalar(select(func.count()).where(Interaction.fallback.is_(True))) or 0
+
+    latest = select(func.max(Feedback.id)).group_by(Feedback.interaction_id).scalar_subquery()
+    kinds = dict(session.execute(
+        select(Feedback.kind, func.count()).where(Feedback.id.in_(latest)).group_by(Feedback.kind)
+    ).all())
+    feedback = {kind: int(kinds.get(kind, 0)) for kind in _COUNTED_FEEDBACK}
+    feedback["corrected"] = session.scalar(
+        select(func.count()).where(Feedback.id.in_(latest), Feedback.corrected_category.is_not(None))
+    ) or 0
+
+    # newest first, so the capped lists keep the most recent values
+    ttft = [v for (v,) in session.execute(
+        select(Interaction.ttft_s).where(Interaction.ttft_s.is_not(None)).order_by(Interaction.id.desc())
+    )]
+
+    swap_seconds: dict[str, list[float]] = defaultdict(list)
+    for (swaps,) in session.execute(select(Interaction.swaps).order_by(Interaction.id.desc())):
+        for swap in swaps or []:
+            try:
+                swap_seconds[f"{swap['src']}->{swap['dst']}"].append(float(swap["seconds"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed swap entry must not break the analytics of everything else
+
+    by_day: Counter[tuple[str, str]] = Counter()
+    for started_at, category in session.execute(select(Interaction.started_at, Interaction.category)):
+        by_day[(started_at.date().isoformat(), category or "unknown")] += 1
+
+    return {
+        "turns": turns,
+        "by_category": counts(Interaction.category),
+        "by_expert": counts(Interaction.expert),
+        "fallback_rate": fallbacks / turns if turns else 0.0,
+        "feedback": feedback,
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p95_s": _percentile(ttft, 95),
+        "swaps": {
+            pair: {"count": len(secs), "mean_s": sum(secs) / len(secs)} for pair, secs in sorted(swap_seconds.items())
+        },
+        "by_status": counts(Interaction.status),
+        "turns_by_day_category": [
+            {"day": day, "category": cat, "turns": n} for (day, cat), n in sorted(by_day.items())
+        ],
+        "swap_seconds": {pair: secs[:MAX_VALUES] for pair, secs in sorted(swap_seconds.items())},
+        "ttft_values": ttft[:MAX_VALUES],
+        "feedback_rates": {kind: (feedback[kind] / turns if turns else 0.0) for kind in _COUNTED_FEEDBACK},
+    }
