@@ -1,0 +1,182 @@
+"""Versioned router artifacts on disk.
+
+``<data_dir>/router/<version_id>/`` holds ``classifier.joblib`` (the fitted sklearn estimator),
+``meta.json`` (id, categories, embedder, classifier kind and why, threshold, held-out metrics,
+sample counts, data hash, parent, ...) and ``heldout.jsonl`` + ``heldout_proba.npy`` (the held-out
+examples and the classifier's probabilities on them, so calibration and the threshold preview need
+no recomputation). ``<data_dir>/router/active.json`` names the active version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+
+
+class RouterArtifactError(ValueError):
+    """A router version is missing or does not fit the current config; the message says what to do."""
+
+
+def router_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "router"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    # write-then-rename: a reader (another process, the app) never sees a half-written file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RouterArtifact:
+    """A loaded router version: the fitted classifier plus its metadata."""
+
+    meta: dict[str, Any]
+    classifier: Any
+    path: Path
+
+    @property
+    def version_id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.meta["categories"])
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities with columns in ``self.categories`` order."""
+        raw = self.classifier.predict_proba(embeddings)
+        classes = list(self.classifier.classes_)
+        if classes == self.categories:
+            return raw
+        out = np.zeros((len(embeddings), len(self.categories)), dtype=float)
+        for j, c in enumerate(classes):
+            out[:, self.categories.index(c)] = raw[:, j]
+        return out
+
+    def heldout(self) -> tuple[list[dict[str, str]], np.ndarray]:
+        """The held-out examples and the classifier's probabilities on them."""
+        lines = (self.path / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+        examples = [json.loads(line) for line in lines if line.strip()]
+        proba_path = self.path / "heldout_proba.npy"
+        proba = np.load(proba_path) if proba_path.exists() else np.zeros((0, len(self.categories)))
+        return examples, proba
+
+
+def new_version_id(data_hash: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    return f"r{stamp}-{data_hash[:6]}"
+
+
+def save_artifact(data_dir: Path, meta: dict[str, Any], classifier: Any,
+                  heldout: list[dict[str, str]], heldout_proba: np.ndarray) -> RouterArtifact:
+    path = router_dir(data_dir) / meta["id"]
+    path.mkdir(parents=True, exist_ok=False)
+    joblib.dump(classifier, path / "classifier.joblib")
+    with open(path / "heldout.jsonl", "w", encoding="utf-8") as fh:
+        for ex in heldout:
+            fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    np.save(path / "heldout_proba.npy", np.asarray(heldout_proba, dtype=float))
+    _write_json_atomic(path / "meta.json", meta)  # last: a folder with meta.json is complete
+    return RouterArtifact(meta, classifier, path)
+
+
+def read_meta(data_dir: Path, version_id: str) -> dict[str, Any]:
+    path = router_dir(data_dir) / version_id / "meta.json"
+    if not path.exists():
+        known = ", ".join(v["id"] for v in list_versions(data_dir)) or "none yet"
+        raise RouterArtifactError(
+            f"router version {version_id!r} does not exist in {router_dir(data_dir)} (versions: {known}); "
+            "run `coe train-router` to make one"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RouterArtifactError(f"{path} is damaged ({exc}); delete that folder and run `coe train-router`") from None
+
+
+def check_compatible(meta: dict[str, Any], embedder: str, categories: list[str]) -> None:
+    """Raise RouterArtifactError saying exactly what differs between a version and the config."""
+    problems = []
+    if meta.get("embedder") != embedder:
+        problems.append(f"it was trained with embedder {meta.get('embedder')!r} but router.embedder is {embedder!r}")
+    trained = list(meta.get("categories", []))
+    if trained != list(categories):
+        missing = [c for c in categories if c not in trained]
+        extra = [c for c in trained if c not in categories]
+        detail = []
+        if missing:
+            detail.append(f"missing {missing}")
+        if extra:
+            detail.append(f"not in spaces.yaml {extra}")
+        if not missing and not extra:
+            detail.append("same categories in another order")
+        problems.append(f"its categories {trained} differ from spaces.yaml categories {list(categories)} "
+                        f"({'; '.join(detail)})")
+    if problems:
+        raise RouterArtifactError(
+            f"router version {meta.get('id')!r} does not fit this config: {' and '.join(problems)}. "
+            "Run `coe train-router` to train a version for the current config, or activate a compatible one."
+        )
+
+
+def load_artifact(data_dir: Path, version_id: str, *, embedder: str, categories: list[str]) -> RouterArtifact:
+    meta = read_meta(data_dir, version_id)
+    check_compatible(meta, embedder, categories)
+    path = router_dir(data_dir) / version_id
+    try:
+        classifier = joblib.load(path / "classifier.joblib")
+    except FileNotFoundError:
+        raise RouterArtifactError(
+            f"router version {version_id!r} has no classifier.joblib in {path}; delete that folder and "
+            "run `coe train-router`"
+        ) from None
+    return RouterArtifact(meta, classifier, path)
+
+
+def list_versions(data_dir: Path) -> list[dict[str, Any]]:
+    """Metadata of every stored version, oldest first."""
+    root = router_dir(data_dir)
+    if not root.is_dir():
+        return []
+    metas = []
+    for meta_path in root.glob("*/meta.json"):
+        try:
+            metas.append(json.loads(meta_path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue  # a damaged version is skipped here; read_meta names it when asked for
+    return sorted(metas, key=lambda m: m.get("trained_at", ""))
+
+
+def read_active(data_dir: Path) -> str | None:
+    path = router_dir(data_dir) / "active.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("version")
+    except json.JSONDecodeError:
+        return None
+
+
+def write_active(data_dir: Path, version_id: str) -> None:
+    read_meta(data_dir, version_id)  # raises when it does not exist
+    _write_json_atomic(router_dir(data_dir) / "active.json",
+                       {"version": version_id, "activated_at": datetime.now(UTC).isoformat()})
+
+
+def update_meta(data_dir: Path, version_id: str, **changes: Any) -> dict[str, Any]:
+    meta = read_meta(data_dir, version_id)
+    meta.update(changes)
+    _write_json_atomic(router_dir(data_dir) / version_id / "meta.json", meta)
+    return meta
