@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Connection, Engine, inspect, select
+from sqlalchemy import Column, Connection, Engine, Float, inspect, select
 from sqlalchemy.schema import CreateColumn
 
 from coe_core.store.errors import SchemaVersionError, StoreError
@@ -35,13 +35,20 @@ class Migration:
 
 
 def add_column(conn: Connection, table: str, column: Column) -> None:
-    """ALTER TABLE ... ADD COLUMN, compiled for the connection's dialect (names are ours, never user input)."""
+    """ALTER TABLE ... ADD COLUMN compiled for the connection's dialect (names are ours, not user input)."""
     preparer = conn.dialect.identifier_preparer
     ddl = CreateColumn(column).compile(dialect=conn.dialect)
     conn.exec_driver_sql(f"ALTER TABLE {preparer.quote(table)} ADD COLUMN {ddl}")
 
 
-MIGRATIONS: list[Migration] = []
+def _v2_route_timing(conn: Connection) -> None:
+    add_column(conn, "interactions", Column("route_latency_ms", Float))
+    add_column(conn, "interactions", Column("route_threshold", Float))
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(2, "interactions: route_latency_ms and route_threshold", _v2_route_timing),
+]
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASE_VERSION
 
@@ -60,7 +67,8 @@ def ensure_schema(engine: Engine, where: str) -> int:
                     "at a new database file, or move this one away"
                 )
             Base.metadata.create_all(conn)
-            conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION, updated_at=utcnow()))
+            stamp = SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION, updated_at=utcnow())
+            conn.execute(stamp)
             return SCHEMA_VERSION
         version = conn.execute(select(SchemaInfo.version).where(SchemaInfo.id == 1)).scalar()
         if version is None:

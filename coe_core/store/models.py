@@ -55,7 +55,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON(),
+    }
 
 
 class SchemaInfo(Base):
@@ -120,6 +122,9 @@ class Interaction(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    # schema v2: how long routing took and the confidence threshold it used (analytics of the fallback)
+    route_latency_ms: Mapped[float | None] = mapped_column(Float)
+    route_threshold: Mapped[float | None] = mapped_column(Float)
 
     conversation: Mapped[Conversation] = relationship(back_populates="interactions")
     feedback: Mapped[list[Feedback]] = relationship(back_populates="interaction", order_by="Feedback.id")

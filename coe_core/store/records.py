@@ -40,6 +40,9 @@ class TurnRecord:
     error: str | None = None
     started_at: datetime = field(default_factory=utcnow)
     finished_at: datetime | None = None
+    #: how long routing took (RouteDecision.latency_ms) and the confidence threshold it applied
+    route_latency_ms: float | None = None
+    route_threshold: float | None = None
     #: None: a new conversation is started for this turn
     conversation_id: int | None = None
     #: None: the next index in the conversation
@@ -55,10 +58,12 @@ class TurnRecord:
                   conversation_id: int | None = None, session_id: str | None = None) -> TurnRecord:
         """Build the record from the engine's events of one turn."""
         return cls(
-            expert=stats.expert or decision.expert, prompt=prompt, routing_context=decision.routed_text or None,
+            expert=stats.expert or decision.expert, prompt=prompt,
+            routing_context=decision.routed_text or None,
             response=stats.response, category=decision.category, router_version=decision.router_version,
             probabilities=dict(decision.probabilities), confidence=decision.confidence,
             fallback=decision.fallback, override=decision.override, reason=decision.reason,
+            route_latency_ms=decision.latency_ms, route_threshold=decision.threshold,
             swaps=[s.to_dict() for s in swaps], ttft_s=stats.ttft_s, total_s=stats.total_s,
             prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, tokens_per_s=stats.tokens_per_s,
             status=stats.status, error=stats.error, started_at=started_at,

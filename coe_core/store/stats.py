@@ -43,6 +43,10 @@ def compute_stats(session: Session) -> dict[str, Any]:
         select(Interaction.ttft_s).where(Interaction.ttft_s.is_not(None)).order_by(Interaction.id.desc())
     )]
 
+    route_ms = [v for (v,) in session.execute(
+        select(Interaction.route_latency_ms).where(Interaction.route_latency_ms.is_not(None))
+    )]
+
     swap_seconds: dict[str, list[float]] = defaultdict(list)
     for (swaps,) in session.execute(select(Interaction.swaps).order_by(Interaction.id.desc())):
         for swap in swaps or []:
@@ -64,7 +68,8 @@ def compute_stats(session: Session) -> dict[str, Any]:
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p95_s": _percentile(ttft, 95),
         "swaps": {
-            pair: {"count": len(secs), "mean_s": sum(secs) / len(secs)} for pair, secs in sorted(swap_seconds.items())
+            pair: {"count": len(secs), "mean_s": sum(secs) / len(secs)}
+            for pair, secs in sorted(swap_seconds.items())
         },
         "by_status": counts(Interaction.status),
         "turns_by_day_category": [
@@ -72,5 +77,7 @@ def compute_stats(session: Session) -> dict[str, Any]:
         ],
         "swap_seconds": {pair: secs[:MAX_VALUES] for pair, secs in sorted(swap_seconds.items())},
         "ttft_values": ttft[:MAX_VALUES],
+        "route_latency_p50_ms": _percentile(route_ms, 50),
+        "route_latency_p95_ms": _percentile(route_ms, 95),
         "feedback_rates": {kind: (feedback[kind] / turns if turns else 0.0) for kind in _COUNTED_FEEDBACK},
     }

@@ -139,19 +139,20 @@ class Store:
                 )
             turn_index = rec.turn_index
             if turn_index is None:
-                last = s.scalar(
-                    select(func.max(Interaction.turn_index)).where(Interaction.conversation_id == conversation_id)
-                )
+                last = s.scalar(select(func.max(Interaction.turn_index))
+                                .where(Interaction.conversation_id == conversation_id))
                 turn_index = 0 if last is None else last + 1
             row = Interaction(
                 uid=rec.uid, conversation_id=conversation_id, turn_index=turn_index, prompt=rec.prompt,
                 routing_context=rec.routing_context, response=rec.response, router_version=rec.router_version,
-                category=rec.category, probabilities={k: float(v) for k, v in (rec.probabilities or {}).items()},
+                category=rec.category,
+                probabilities={k: float(v) for k, v in (rec.probabilities or {}).items()},
                 confidence=rec.confidence, fallback=bool(rec.fallback), override=rec.override,
                 expert=rec.expert, reason=rec.reason, swaps=rec.normalised_swaps(), ttft_s=rec.ttft_s,
                 total_s=rec.total_s, prompt_tokens=rec.prompt_tokens, new_tokens=rec.new_tokens,
                 tokens_per_s=rec.tokens_per_s, status=rec.status, error=rec.error,
                 started_at=rec.started_at, finished_at=rec.finished_at,
+                route_latency_ms=rec.route_latency_ms, route_threshold=rec.route_threshold,
             )
             s.add(row)
             s.flush()
@@ -237,15 +238,15 @@ class Store:
         with self._session(write=True) as s:
             if s.get(RouterVersion, id) is None:
                 known = s.scalars(select(RouterVersion.id).order_by(RouterVersion.created_at.desc())).all()
-                raise StoreError(
-                    f"no router version {id!r}; recorded: {', '.join(known) if known else 'none (run coe retrain)'}"
-                )
+                recorded = ", ".join(known) if known else "none (run coe retrain)"
+                raise StoreError(f"no router version {id!r}; recorded: {recorded}")
             s.execute(update(RouterVersion).values(active=RouterVersion.id == id))
 
     def list_router_versions(self) -> list[dict[str, Any]]:
         """Newest first."""
         with self._session(write=False) as s:
-            rows = s.scalars(select(RouterVersion).order_by(RouterVersion.created_at.desc(), RouterVersion.id))
+            rows = s.scalars(select(RouterVersion)
+                             .order_by(RouterVersion.created_at.desc(), RouterVersion.id))
             return [
                 {"id": r.id, "created_at": iso(r.created_at), "artifact_path": r.artifact_path,
                  "metrics": r.metrics or {}, "sample_counts": r.sample_counts or {}, "active": bool(r.active),

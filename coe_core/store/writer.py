@@ -109,7 +109,8 @@ class TurnLogger:
                     keep = lines[n:]
                     break
             if rejected:
-                with self.spool_path.with_name(self.spool_path.name + ".rejected").open("a", encoding="utf-8") as f:
+                rejected_path = self.spool_path.with_name(self.spool_path.name + ".rejected")
+                with rejected_path.open("a", encoding="utf-8") as f:
                     f.write("\n".join(rejected) + "\n")
             if keep:
                 tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
@@ -172,6 +173,6 @@ class TurnLogger:
         log.warning("turn %s could not be logged; saved to %s, replayed on next start", record.uid,
                     self.spool_path)
         raise TurnNotLoggedError(
-            f"turn {record.uid} could not be logged after {self.attempts} attempts; saved to {self.spool_path} "
-            "and replayed on next start", spool_path=str(self.spool_path),
+            f"turn {record.uid} could not be logged after {self.attempts} attempts; saved to "
+            f"{self.spool_path} and replayed on next start", spool_path=str(self.spool_path),
         )
