@@ -1,6 +1,6 @@
 """`coe export`, `coe stats` and `coe feedback`: the interaction log from the command line.
 
-``register(subparsers)`` adds the commands; each sets ``handler`` to a function ``(args, config) -> exit
+``register(subparsers)`` adds the commands; each sets ``func`` to a function ``(args, config) -> exit
 code``. Errors print one line to stderr and return 2.
 """
 
@@ -30,11 +30,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--since", metavar="DATE",
                    help="only turns started at or after this UTC date or time (2025-01-31, 2025-01-31T12:00)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("stats", help="summary of the interaction log (traffic, fallback, TTFT, swaps)")
     p.add_argument("--json", action="store_true", help="print the full statistics as JSON")
-    p.set_defaults(handler=cmd_stats)
+    p.set_defaults(func=cmd_stats)
 
     p = subparsers.add_parser(
         "feedback", help="record feedback on a logged turn",
@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("kind", metavar="KIND", help=f"one of {', '.join(FEEDBACK_KINDS)}")
     p.add_argument("--category", help="with wrong_category: the category the prompt should have gone to")
     p.add_argument("--comment", help="free text")
-    p.set_defaults(handler=cmd_feedback)
+    p.set_defaults(func=cmd_feedback)
 
 
 def _fail(command: str, message: str) -> int:
@@ -116,7 +116,7 @@ def cmd_feedback(args: argparse.Namespace, config: CoEConfig) -> int:
     try:
         with Store.from_config(config) as store:
             feedback_id = store.add_feedback(args.id, args.kind, args.category, args.comment,
-                                             categories=list(config.categories))
+                                             categories=list(config.all_categories))
     except StoreError as exc:
         return _fail("feedback", str(exc))
     what = f"{args.kind} -> {args.category}" if args.category else args.kind
