@@ -1,0 +1,308 @@
+"""One turn of the CoE: route -> acquire expert -> generate -> log, as typed events.
+
+Every front end (app, API, CLI) drives ``CoE.chat`` and gets the same event sequence:
+``RouteDecision``, ``SwapEvent``*, ``Notice``*, ``TextChunk``*, ``TurnDone``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime
+
+from coe_core.config import CoEConfig, load_config
+from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
+from coe_core.experts.generation import GenerationParams, GenerationResult, reference_logprob, stream_generate
+from coe_core.experts.prompt_format import format_prompt, reference_ids
+from coe_core.experts.sources import ExpertUnavailable
+from coe_core.tiers.manager import TierBusy, TierManager
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system", "user", "assistant"}
+
+
+class InvalidRequest(ValueError):
+    """The request itself is wrong (empty prompt, bad messages, unknown expert); nothing is logged."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CoE:
+    """The Composition of Experts built from a config. Thread-safe: many turns may run at once."""
+
+    def __init__(self, config: CoEConfig | None = None, *, routing: object | str | None = "auto",
+                 store: object | str | None = "auto", gpu: bool | None = None, progress: bool = True):
+        self.config = config or load_config()
+        self.tiers = TierManager(self.config, gpu=gpu, progress=progress)
+        self.store = None
+        self.turn_logger = None
+        if store == "auto":
+            from coe_core.store.store import Store
+
+            store = Store.from_config(self.config)
+        if store is not None:
+            from coe_core.store.writer import TurnLogger, default_spool_path
+
+            self.store = store
+            self.turn_logger = TurnLogger(store, default_spool_path(self.config))
+            replayed = self.turn_logger.replay_spool()
+            if replayed:
+                log.warning("replayed %d turn(s) that could not be logged earlier", replayed)
+        if routing == "auto":
+            from coe_core.routing.service import RoutingService
+
+            routing = RoutingService(self.config, available_experts=self.available_experts,
+                                     expert_params=self.expert_params,
+                                     traffic_distribution=self.store.category_counts if self.store else None)
+        self.routing = routing
+        self._closed = False
+
+    # -- experts -----------------------------------------------------------------------------------
+    def available_experts(self) -> set[str]:
+        return {e for e, slot in self.tiers.slots.items() if slot.unavailable is None}
+
+    def expert_params(self) -> dict[str, int]:
+        """Active parameters per materialised expert (from the disk tier manifests)."""
+        return {e: slot.params for e, slot in self.tiers.slots.items() if slot.disk}
+
+    def experts_info(self) -> dict:
+        """The ``coe experts --json`` shape."""
+        snap = self.tiers.snapshot()
+        experts = []
+        for eid, cfg in self.config.experts.items():
+            info = snap["experts"][eid]
+            experts.append({
+                "id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
+                "params": info["params"] or None, "bytes": info["bytes"] or None, "dtype": info["dtype"],
+                "state": info["state"], "tiers": info["tiers"], "available": info["available"],
+                "reason": info["reason"] or (None if info["bytes"] else "not materialised yet (first use does it)"),
+                "generalist": cfg.generalist,
+            })
+        tiers = {name: {k: t[k] for k in ("exists", "budget", "used", "free", "budget_source")}
+                 for name, t in snap["tiers"].items()}
+        return {"experts": experts, "tiers": tiers, "exec_tier": snap["exec_tier"], "profile": self.config.profile}
+
+    def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
+        """Materialise and verify experts and warm the router up (the first start of the app)."""
+        problems = self.tiers.prepare(experts)
+        if self.routing is not None and hasattr(self.routing, "warm_up"):
+            self.routing.warm_up()
+        return problems
+
+    # -- routing -------------------------------------------------------------------------------------
+    def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
+        messages = self._validate(messages)
+        overrides = {k: v for k, v in (overrides or {}).items() if v}
+        if self.routing is not None:
+            return self.routing.decide(messages, overrides)
+        return self._default_decision(messages, overrides)
+
+    def _default_decision(self, messages: list[dict], overrides: dict) -> RouteDecision:
+        """Without a router: the forced expert, else the profile's default expert."""
+        expert = overrides.get("expert") or self.config.active_profile.default_expert
+        if expert not in self.config.experts:
+            raise InvalidRequest(f"unknown expert {expert!r}; experts: {', '.join(self.config.experts)}")
+        reason = "override-expert" if overrides.get("expert") else "default"
+        category = overrides.get("category") or self.config.fallback_category
+        return RouteDecision(category=category, expert=expert, reason=reason,
+                             override=overrides or None, routed_text=messages[-1]["content"],
+                             explanation=f"{category} -> {expert}: {reason} (no router)")
+
+    # -- one turn ------------------------------------------------------------------------------------
+    def _validate(self, messages: list[dict]) -> list[dict]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list of {role, content}")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise InvalidRequest(f"message {i} must be {{'role': system|user|assistant, 'content': str}}")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if clean[-1]["role"] != "user":
+            raise InvalidRequest("the last message must be the user's")
+        if not clean[-1]["content"].strip():
+            raise InvalidRequest("empty prompt: type a question or a task")
+        total = sum(len(m["content"]) for m in clean)
+        limit = self.config.limits.max_prompt_chars
+        if total > limit:
+            raise InvalidRequest(f"the conversation has {total} characters, more than the limit of {limit} "
+                                 "(limits.max_prompt_chars): shorten it or start a new chat")
+        return clean
+
+    def _params(self, max_new_tokens, temperature, top_p, stop, expert: str) -> GenerationParams:
+        lim = self.config.limits
+        max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= max_new <= lim.max_new_tokens_cap:
+            raise InvalidRequest(f"max_new_tokens must be between 1 and {lim.max_new_tokens_cap}")
+        temp = lim.temperature if temperature is None else float(temperature)
+        if not 0 <= temp <= 2:
+            raise InvalidRequest("temperature must be between 0 and 2")
+        tp = lim.top_p if top_p is None else float(top_p)
+        if not 0 < tp <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]")
+        stops = tuple(self.config.experts[expert].stop) + tuple(stop or ())
+        return GenerationParams(max_new, temp, tp, stops)
+
+    def chat(self, messages: list[dict] | str, overrides: dict | None = None, *,
+             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             stop: list[str] | None = None, cancel: threading.Event | None = None, client: str = "cli",
+             session_id: str | None = None, conversation_id: int | None = None) -> Iterator[Event]:
+        """Run one turn, yielding its events. Closing the iterator cancels generation (logged as cancelled).
+
+        Bad requests raise ``InvalidRequest`` before anything is yielded or logged. Expert failures end the turn
+        with ``status == "error"`` in ``TurnDone`` (logged), and other experts keep serving.
+        """
+        messages = self._validate(messages)
+        start = time.perf_counter()
+        started_at = _now()
+        decision = self.route(messages, overrides)
+        route_end = time.perf_counter() - start
+        params = self._params(max_new_tokens, temperature, top_p, stop, decision.expert)
+        cancel = cancel or threading.Event()
+        stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
+        swaps: list[SwapEvent] = []
+        pieces: list[str] = []
+        yield decision
+        self._maybe_prefetch(decision)
+        try:
+            yield from self._serve(decision, messages, params, cancel, start, stats, swaps, pieces)
+        except GeneratorExit:  # the client went away: stop the compute, log what we have
+            cancel.set()
+            stats.status = "cancelled"
+            self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
+                         conversation_id, wait=False)
+            raise
+        except (ExpertUnavailable, TierBusy, RuntimeError, OSError, ValueError) as exc:
+            log.warning("turn on %s failed: %s", stats.expert, exc)
+            stats.status, stats.error = "error", str(exc)
+        self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
+                     conversation_id, wait=True)
+        yield TurnDone(stats)
+
+    def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
+        expert = decision.expert
+        if expert not in self.available_experts():
+            replacement = self._replacement(expert)
+            yield Notice(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}); "
+                         f"{replacement} serves this turn instead.", kind="warning")
+            expert = stats.expert = replacement
+        t_acquire = time.perf_counter() - start
+        with self.tiers.acquire(expert) as lease:
+            for event in lease.events:
+                event.started_at = (event.started_at - start) if event.started_at else None
+                swaps.append(event)
+                yield event
+            t_ready = time.perf_counter() - start
+            stats.timeline.append(("swap" if lease.events else "resident", t_acquire, t_ready))
+            cfg = self.config.experts[expert]
+            context = cfg.context_length or lease.manifest.get("context_length") or 2048
+            prompt = format_prompt(lease.tokenizer, messages, cfg, context_length=context,
+                                   reserve_tokens=params.max_new_tokens)
+            stats.prompt_tokens, stats.truncated = len(prompt.input_ids), prompt.truncated
+            if prompt.notice:
+                yield Notice(prompt.notice)
+            result = GenerationResult()
+            t_gen = time.perf_counter() - start
+            with contextlib.closing(stream_generate(lease.model, lease.tokenizer, prompt.input_ids, params,
+                                                    device=lease.device, cancel=cancel,
+                                                    result=result)) as stream:
+                for piece in stream:
+                    if stats.ttft_s is None:
+                        stats.ttft_s = time.perf_counter() - start
+                        stats.timeline.append(("prefill", t_gen, stats.ttft_s))
+                    pieces.append(piece)
+                    yield TextChunk(piece)
+            stats.new_tokens = result.new_tokens
+            stats.status = "cancelled" if result.cancelled else "ok"
+            end = time.perf_counter() - start
+            if stats.ttft_s is not None:
+                stats.timeline.append(("generate", stats.ttft_s, end))
+
+    def _replacement(self, expert: str) -> str:
+        """Who serves when the mapped expert is unavailable: the default expert, else any generalist/expert."""
+        available = self.available_experts()
+        default = self.config.active_profile.default_expert
+        order = [default] + [e for e, c in self.config.experts.items() if c.generalist] + list(self.config.experts)
+        for candidate in order:
+            if candidate in available and candidate != expert:
+                return candidate
+        raise ExpertUnavailable(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}) and no other "
+                                "expert is available")
+
+    def _maybe_prefetch(self, decision: RouteDecision) -> None:
+        runner_up = getattr(self.routing, "runner_up", None)
+        if runner_up is None or decision.override:
+            return
+        try:
+            other = runner_up(decision)
+        except Exception:  # prefetch is an optimisation; never let it break a turn
+            return
+        if other and other != decision.expert and other in self.available_experts():
+            self.tiers.prefetch(other)
+
+    def _finish(self, stats: TurnStats, pieces, start, decision, swaps, messages, started_at, client,
+                session_id, conversation_id, *, wait: bool) -> None:
+        stats.response = "".join(pieces)
+        stats.total_s = time.perf_counter() - start
+        gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
+        stats.tokens_per_s = (stats.new_tokens - 1) / gen_s if stats.new_tokens > 1 and gen_s > 0 else 0.0
+        stats.tiers = {e: info["state"] for e, info in self.tiers.snapshot()["experts"].items()}
+        if self.turn_logger is None:
+            return
+        from coe_core.store.records import TurnRecord
+
+        record = TurnRecord.from_turn(decision, swaps, stats, prompt=messages[-1]["content"],
+                                      started_at=started_at, client=client, session_id=session_id,
+                                      conversation_id=conversation_id)
+        future = self.turn_logger.submit(record)
+        if not wait:
+            return
+        try:  # the stream has ended: waiting here never delays a token
+            stats.interaction_id = future.result(timeout=15)
+        except FutureTimeout:
+            log.warning("logging the turn is slow; it stays queued and will be written")
+        except Exception as exc:
+            log.warning("the turn could not be logged now (%s); it was spooled for replay", exc)
+
+    # -- other engine services ---------------------------------------------------------------------
+    def run(self, messages, overrides=None, **kwargs) -> tuple[RouteDecision, list[SwapEvent], TurnStats]:
+        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``."""
+        decision, swaps, stats = None, [], None
+        for event in self.chat(messages, overrides, **kwargs):
+            if isinstance(event, RouteDecision):
+                decision = event
+            elif isinstance(event, SwapEvent):
+                swaps.append(event)
+            elif isinstance(event, TurnDone):
+                stats = event.stats
+        return decision, swaps, stats
+
+    def reference_logprob(self, expert_id: str, messages: list[dict], reference: str) -> tuple[float, int]:
+        """Sum of log-probs of ``reference`` as the expert's answer (same prompt format as generation)."""
+        with self.tiers.acquire(expert_id) as lease:
+            prompt, ref = reference_ids(lease.tokenizer, messages, reference, self.config.experts[expert_id])
+            return reference_logprob(lease.model, prompt, ref, lease.device)
+
+    def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
+                 comment: str | None = None) -> int:
+        if self.store is None:
+            raise RuntimeError("this engine runs without a store; feedback needs one")
+        return self.store.add_feedback(interaction_id, kind, corrected_category, comment,
+                                       categories=self.config.all_categories)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.turn_logger is not None:
+            self.turn_logger.close()
+        if self.store is not None:
+            self.store.close()

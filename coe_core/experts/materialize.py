@@ -1,0 +1,171 @@
+"""The disk tier: each expert materialised once into a folder of safetensors in the compute dtype.
+
+Folder layout (``<data_dir>/experts/<expert>/<dtype>/``)::
+
+    model.safetensors   one file, so a swap is one large parallel read into one buffer
+    config.json, generation_config.json, tokenizer files
+    manifest.json       params, bytes, dtype, sha256, source, created_at
+
+Materialising is atomic (temp dir + rename) and idempotent; a folder whose manifest is missing or whose
+weights do not match it is re-materialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from coe_core.config import ExpertConfig
+from coe_core.experts.sources import ExpertUnavailable, load_from_source, resolve_source
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def expert_folder(data_dir: Path, expert_id: str, dtype: torch.dtype) -> Path:
+    return data_dir / "experts" / expert_id / dtype_name(dtype)
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of a safetensors file; raises ValueError if malformed."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError("file shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100 << 20:
+            raise ValueError("safetensors header length is implausible")
+        header = json.loads(fh.read(length))
+    return 8 + length, header
+
+
+@dataclass
+class DiskCopy:
+    """A materialised expert in the disk tier."""
+
+    expert: str
+    folder: Path
+    manifest: dict
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / WEIGHTS_FILE
+
+    @property
+    def bytes(self) -> int:
+        return int(self.manifest["bytes"])
+
+    @property
+    def params(self) -> int:
+        return int(self.manifest["params"])
+
+    def problem(self, *, full: bool) -> str | None:
+        """Why this copy cannot be used (None if fine). ``full`` also checks the sha256 of every byte."""
+        path = self.weights_path
+        if not path.is_file():
+            return f"weights file {path} is missing"
+        size = path.stat().st_size
+        if size != self.manifest.get("file_bytes"):
+            return f"weights file {path} has {size} bytes, manifest says {self.manifest.get('file_bytes')}"
+        try:
+            safetensors_header(path)
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"weights file {path} has a corrupt header ({exc})"
+        if full and sha256_file(path) != self.manifest.get("sha256"):
+            return f"weights file {path} does not match its sha256 (corrupt or changed on disk)"
+        return None
+
+
+def read_disk_copy(folder: Path, expert_id: str) -> DiskCopy | None:
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    return DiskCopy(expert_id, folder, manifest)
+
+
+def materialize(expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.dtype, *,
+                progress: bool = True) -> DiskCopy:
+    """Make sure a verified disk copy of the expert exists and return it (idempotent, atomic)."""
+    folder = expert_folder(data_dir, expert_id, dtype)
+    existing = read_disk_copy(folder, expert_id)
+    if existing and existing.manifest.get("source") == cfg.source and existing.problem(full=False) is None:
+        return existing
+
+    steps = tqdm(total=4, desc=f"materialise {expert_id}", unit="step", disable=not progress, leave=True)
+    started = time.perf_counter()
+    steps.set_postfix_str("resolve source")
+    resolved = resolve_source(cfg.source, data_dir / "sources", cfg.revision)
+    steps.update()
+    steps.set_postfix_str(f"load {resolved.description}")
+    model, tokenizer = load_from_source(resolved, dtype)
+    steps.update()
+
+    tmp = folder.parent / f".tmp-{folder.name}-{time.time_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        steps.set_postfix_str("write safetensors")
+        # One shard: a swap then reads one contiguous file into one buffer.
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
+        tokenizer.save_pretrained(tmp)
+        weights = tmp / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ExpertUnavailable(f"materialising {expert_id} wrote no {WEIGHTS_FILE}")
+        steps.update()
+        steps.set_postfix_str("hash")
+        data_offset, header = safetensors_header(weights)
+        file_bytes = weights.stat().st_size
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "expert": expert_id,
+            "source": cfg.source,
+            "source_description": resolved.description,
+            "architecture": type(model).__name__,
+            "params": sum(p.numel() for p in model.parameters()),
+            "bytes": file_bytes - data_offset,
+            "file_bytes": file_bytes,
+            "tensors": len([k for k in header if k != "__metadata__"]),
+            "dtype": dtype_name(dtype),
+            "sha256": sha256_file(weights),
+            "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "context_length": getattr(model.config, "max_position_embeddings", None),
+            "materialise_s": None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        manifest["materialise_s"] = round(time.perf_counter() - started, 2)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        steps.update()
+        del model
+        if folder.exists():  # an old, corrupt or outdated copy: replace it
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        steps.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    copy = read_disk_copy(folder, expert_id)
+    assert copy is not None
+    return copy

@@ -1,0 +1,494 @@
+"""TierManager: which expert sits in which memory tier, and moving them fast.
+
+Tiers: ``disk`` (capacity: every materialised expert), ``cpu`` (staging; executes on a CPU-only machine),
+``gpu`` (execution, when CUDA exists). ``acquire`` makes an expert resident on the execution tier and pins it
+while in use; unpinned experts are evicted least-recently-used, size-aware, per tier. Every move is a
+SwapEvent. An expert larger than the execution tier runs split across tiers with accelerate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from coe_core.config import CoEConfig
+from coe_core.events import SwapEvent
+from coe_core.experts.materialize import DiskCopy, expert_folder, materialize, read_disk_copy
+from coe_core.experts.sources import ExpertUnavailable
+from coe_core.tiers import loader
+from coe_core.tiers.budgets import Tier, detect_tiers
+from coe_core.tiers.split import SplitPlacement, place_split
+
+
+class TierBusy(RuntimeError):
+    """The execution tier is full of experts that are generating right now; try again shortly."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExpertSlot:
+    """Everything the manager knows about one expert."""
+
+    id: str
+    dtype: torch.dtype
+    disk: DiskCopy | None = None
+    unavailable: str | None = None
+    model: nn.Module | None = None  # built once; swaps re-point its weights
+    tokenizer: object | None = None
+    layout: loader.WeightsLayout | None = None
+    cpu_buffer: torch.Tensor | None = None
+    cpu_views: dict[str, torch.Tensor] | None = None
+    gpu_buffer: torch.Tensor | None = None
+    split: SplitPlacement | None = None
+    placement: str = "disk"  # disk | cpu | gpu | split
+    loading: str | None = None  # tier being loaded into
+    verified: bool = False
+    pins: int = 0
+    last_used: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def bytes(self) -> int:
+        return self.disk.bytes if self.disk else 0
+
+    @property
+    def params(self) -> int:
+        return self.disk.params if self.disk else 0
+
+    def bytes_in(self, tier: str) -> int:
+        """Bytes of this expert held in ``tier`` (a GPU-resident expert keeps its CPU copy as staging)."""
+        if tier == "disk":
+            return self.disk.manifest["file_bytes"] if self.disk else 0
+        if self.placement == "split" and self.split:
+            return self.split.bytes_by_tier.get(tier, 0)
+        if tier == "cpu":
+            return self.bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu") else 0
+        if tier == "gpu":
+            return self.bytes if self.placement == "gpu" or self.loading == "gpu" else 0
+        return 0
+
+
+@dataclass
+class Lease:
+    """An expert resident on the execution tier, pinned until the ``acquire`` block ends."""
+
+    expert: str
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    events: list[SwapEvent]
+    manifest: dict
+
+
+class TierManager:
+    def __init__(self, config: CoEConfig, *, gpu: bool | None = None, progress: bool = True,
+                 on_swap: Callable[[SwapEvent], None] | None = None):
+        self.config = config
+        self.data_dir = config.data_path
+        self.tiers: dict[str, Tier] = detect_tiers(config.tiers, self.data_dir, gpu=gpu)
+        self.exec_tier = "gpu" if self.tiers["gpu"].exists else "cpu"
+        self.device = torch.device("cuda") if self.exec_tier == "gpu" else torch.device("cpu")
+        self.progress = progress
+        self.on_swap = on_swap
+        self.history: deque[SwapEvent] = deque(maxlen=200)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        #: freed CPU buffers kept for reuse (counted in the cpu tier): a fresh buffer costs page faults
+        self._pool: list[torch.Tensor] = []
+        compute = torch.bfloat16 if self.exec_tier == "gpu" else torch.float32
+        self.slots: dict[str, ExpertSlot] = {}
+        for expert_id, cfg in config.experts.items():
+            dtype = compute if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+            slot = ExpertSlot(expert_id, dtype)
+            slot.disk = read_disk_copy(expert_folder(self.data_dir, expert_id, dtype), expert_id)
+            if slot.disk and slot.disk.manifest.get("source") != cfg.source:
+                slot.disk = None  # spaces.yaml points elsewhere now: materialise again
+            self.slots[expert_id] = slot
+        if config.tiers.disk.budget == "auto":  # already materialised experts do not eat the auto budget
+            self.tiers["disk"].budget += self._used("disk")
+
+    # -- queries ---------------------------------------------------------------------------------
+    def _slot(self, expert_id: str) -> ExpertSlot:
+        try:
+            return self.slots[expert_id]
+        except KeyError:
+            raise KeyError(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
+
+    def _used(self, tier: str) -> int:
+        used = sum(s.bytes_in(tier) for s in self.slots.values())
+        if tier == "cpu":
+            used += sum(b.numel() for b in self._pool)
+        return used
+
+    def state(self, expert_id: str) -> str:
+        slot = self._slot(expert_id)
+        if slot.unavailable:
+            return "unavailable"
+        if slot.loading:
+            return "loading"
+        return slot.placement
+
+    def snapshot(self) -> dict:
+        """Residency of every expert and per-tier budget/used/free. Cheap: no I/O, just bookkeeping."""
+        with self._lock:
+            tiers = {}
+            for name, tier in self.tiers.items():
+                used = self._used(name) if tier.exists else 0
+                tiers[name] = {"exists": tier.exists, "budget": tier.budget, "used": used,
+                               "free": max(tier.budget - used, 0), "budget_source": tier.budget_source}
+            tiers["cpu"]["pool"] = sum(b.numel() for b in self._pool)
+            experts = {}
+            for eid, slot in self.slots.items():
+                experts[eid] = {
+                    "state": self.state(eid),
+                    "tiers": {t: slot.bytes_in(t) for t in ("gpu", "cpu", "disk")},
+                    "bytes": slot.bytes,
+                    "params": slot.params,
+                    "dtype": str(slot.dtype).removeprefix("torch."),
+                    "available": slot.unavailable is None,
+                    "reason": slot.unavailable,
+                    "pinned": slot.pins,
+                    "last_used": slot.last_used,
+                }
+            return {"exec_tier": self.exec_tier, "tiers": tiers, "experts": experts,
+                    "recent_swaps": [e.to_dict() for e in list(self.history)[-20:]]}
+
+    # -- disk tier ---------------------------------------------------------------------------------
+    def ensure_disk(self, expert_id: str) -> DiskCopy:
+        """Materialise the expert once (atomic, idempotent); mark it unavailable with the reason if impossible."""
+        slot = self._slot(expert_id)
+        with slot.lock:
+            return self._ensure_disk_locked(slot)
+
+    def _ensure_disk_locked(self, slot: ExpertSlot, *, force: bool = False) -> DiskCopy:
+        if slot.disk and not force:
+            return slot.disk
+        cfg = self.config.experts[slot.id]
+        try:
+            needed_hint = 0 if slot.disk is None else slot.disk.manifest["file_bytes"]
+            if self._used("disk") - needed_hint > self.tiers["disk"].budget:
+                raise ExpertUnavailable(
+                    f"disk tier budget ({self.tiers['disk'].budget / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
+                )
+            disk = materialize(slot.id, cfg, self.data_dir, slot.dtype, progress=self.progress)
+        except ExpertUnavailable as exc:
+            slot.unavailable = str(exc)
+            raise
+        except Exception as exc:  # anything else while materialising: this expert only is out
+            slot.unavailable = f"materialising failed: {type(exc).__name__}: {exc}"
+            raise ExpertUnavailable(slot.unavailable) from exc
+        if self._used("disk") - (slot.disk.manifest["file_bytes"] if slot.disk else 0) + \
+                disk.manifest["file_bytes"] > self.tiers["disk"].budget:
+            slot.unavailable = (f"{slot.id} needs {disk.manifest['file_bytes'] / 1e9:.2f} GB, more than the disk "
+                                "tier budget has free: raise COE_DISK_BUDGET")
+            raise ExpertUnavailable(slot.unavailable)
+        slot.disk, slot.unavailable, slot.verified = disk, None, True  # just written and hashed
+        slot.layout = None
+        return disk
+
+    def prepare(self, expert_ids: list[str] | None = None, *, verify: bool = True) -> dict[str, str | None]:
+        """Materialise (and verify) experts up front; returns expert -> problem (None if ready)."""
+        problems = {}
+        for eid in expert_ids or list(self.slots):
+            slot = self._slot(eid)
+            try:
+                with slot.lock:
+                    self._ensure_disk_locked(slot)
+                    if verify:
+                        self._verify_locked(slot)
+                problems[eid] = None
+            except ExpertUnavailable as exc:
+                problems[eid] = str(exc)
+        return problems
+
+    def _verify_locked(self, slot: ExpertSlot) -> float:
+        """Check the disk copy once per process (sha256 of every byte); re-materialise it if it is bad."""
+        if slot.verified and slot.disk and slot.disk.problem(full=False) is None:
+            return 0.0
+        start = time.perf_counter()
+        problem = slot.disk.problem(full=True) if slot.disk else "not materialised"
+        if problem:
+            try:
+                self._ensure_disk_locked(slot, force=True)
+            except ExpertUnavailable as exc:
+                slot.unavailable = f"{problem}; re-materialising failed: {exc}"
+                raise ExpertUnavailable(slot.unavailable) from None
+        slot.verified = True
+        return time.perf_counter() - start
+
+    # -- acquire -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def acquire(self, expert_id: str, *, trigger: str = "request", timeout: float = 300.0) -> Iterator[Lease]:
+        """Make the expert resident on the execution tier and pin it for the block."""
+        slot = self._slot(expert_id)
+        with self._lock:
+            slot.pins += 1
+            slot.last_used = time.monotonic()
+        try:
+            events = self._make_resident(slot, trigger, timeout)
+            device = self.device if slot.placement != "split" else torch.device("cpu")
+            model = slot.split.model if slot.placement == "split" else slot.model
+            yield Lease(expert_id, model, slot.tokenizer, device, events, slot.disk.manifest)
+        finally:
+            with self._lock:
+                slot.pins -= 1
+                slot.last_used = time.monotonic()
+                self._changed.notify_all()
+
+    def prefetch(self, expert_id: str) -> threading.Thread | None:
+        """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn."""
+        slot = self._slot(expert_id)
+        if slot.unavailable or slot.placement != "disk" or slot.loading:
+            return None
+
+        def run() -> None:
+            try:
+                with slot.lock:
+                    if slot.placement == "disk" and slot.disk and not slot.unavailable:
+                        self._verify_locked(slot)
+                        self._load_cpu(slot, "prefetch", warm=False, timeout=0.0)
+            except (ExpertUnavailable, TierBusy):
+                pass  # a prefetch is best effort; the request path reports problems
+
+        thread = threading.Thread(target=run, name=f"prefetch-{expert_id}", daemon=True)
+        thread.start()
+        return thread
+
+    def _make_resident(self, slot: ExpertSlot, trigger: str, timeout: float) -> list[SwapEvent]:
+        events: list[SwapEvent] = []
+        with slot.lock:  # two acquires of one expert: the second waits here and finds it resident
+            if slot.unavailable and slot.disk is None:
+                raise ExpertUnavailable(f"expert {slot.id} is unavailable: {slot.unavailable}")
+            self._ensure_disk_locked(slot)
+            verify_s = self._verify_locked(slot)
+            if slot.placement == self.exec_tier or slot.placement == "split":
+                return events
+            if slot.bytes > self.tiers[self.exec_tier].budget:
+                events.append(self._load_split(slot, trigger))
+                return events
+            if slot.placement == "disk":
+                events.append(self._load_cpu(slot, trigger, warm=self.exec_tier == "cpu", timeout=timeout))
+            if self.exec_tier == "gpu" and slot.placement == "cpu":
+                events.append(self._load_gpu(slot, trigger, timeout))
+            if verify_s and events:
+                events[0].phases = {"verify": round(verify_s, 4), **events[0].phases}
+        return events
+
+    # -- moves ---------------------------------------------------------------------------------------
+    def _prepare_module(self, slot: ExpertSlot) -> dict[str, float]:
+        """Build the module skeleton and tokenizer once per process (not part of later swaps)."""
+        phases = {}
+        if slot.model is None:
+            start = time.perf_counter()
+            slot.model = loader.build_skeleton(slot.disk.folder, slot.dtype)
+            phases["build_once"] = time.perf_counter() - start
+        if slot.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            start = time.perf_counter()
+            slot.tokenizer = AutoTokenizer.from_pretrained(slot.disk.folder)
+            phases["tokenizer_once"] = time.perf_counter() - start
+        if slot.layout is None:
+            slot.layout = loader.WeightsLayout.read(slot.disk.folder)
+        return phases
+
+    def _load_cpu(self, slot: ExpertSlot, trigger: str, *, warm: bool, timeout: float) -> SwapEvent:
+        started = time.perf_counter()
+        phases = self._prepare_module(slot)
+        evicted = self._reserve(slot, "cpu", timeout)
+        try:
+            t0 = time.perf_counter()
+            buffer = slot.cpu_buffer if slot.cpu_buffer is not None else loader.allocate_buffer(
+                slot.layout.nbytes, pin=self.exec_tier == "gpu")
+            slot.cpu_buffer = buffer
+            t1 = time.perf_counter()
+            loader.parallel_read(slot.layout.path, slot.layout.data_offset, buffer,
+                                 threads=self.config.tiers.read_threads)
+            t2 = time.perf_counter()
+            views = loader.tensor_views(buffer, slot.layout)
+            loader.bind(slot.model, views)
+            t3 = time.perf_counter()
+        except Exception as exc:
+            with self._lock:
+                slot.loading = None
+                if slot.cpu_buffer is not None:
+                    self._pool.append(slot.cpu_buffer)
+                slot.cpu_buffer = None
+                self._changed.notify_all()
+            slot.verified = False  # re-check the disk copy next time
+            raise ExpertUnavailable(f"loading {slot.id} from the disk tier failed: {exc}") from exc
+        with self._lock:
+            slot.cpu_buffer, slot.cpu_views = buffer, views
+            slot.placement, slot.loading = "cpu", None
+        phases.update(alloc=t1 - t0, read=t2 - t1, bind=t3 - t2)
+        if warm:
+            t4 = time.perf_counter()
+            loader.warm_up(slot.model)
+            phases["warmup"] = time.perf_counter() - t4
+        # seconds = the move itself (alloc + read + bind); one-off and warm-up phases are reported apart
+        return self._emit(SwapEvent(slot.id, "disk", "cpu", slot.layout.nbytes, t3 - t0, trigger, evicted,
+                                    {k: round(v, 4) for k, v in phases.items()}, started_at=started))
+
+    def _load_gpu(self, slot: ExpertSlot, trigger: str, timeout: float) -> SwapEvent:
+        started = time.perf_counter()
+        evicted = self._reserve(slot, "gpu", timeout)
+        t0 = time.perf_counter()
+        try:
+            gpu_buffer = loader.copy_to_device(slot.cpu_buffer, self.device,
+                                               chunk_bytes=self.config.tiers.copy_chunk_mb << 20)
+            t1 = time.perf_counter()
+            loader.bind(slot.model, loader.tensor_views(gpu_buffer, slot.layout))
+            loader.move_buffers(slot.model, self.device)
+            t2 = time.perf_counter()
+        except Exception as exc:
+            with self._lock:
+                slot.loading = None
+                self._changed.notify_all()
+            raise ExpertUnavailable(f"moving {slot.id} to the GPU failed: {exc}") from exc
+        with self._lock:
+            slot.gpu_buffer = gpu_buffer
+            slot.placement, slot.loading = "gpu", None
+        loader.warm_up(slot.model)
+        t3 = time.perf_counter()
+        phases = {"copy": round(t1 - t0, 4), "bind": round(t2 - t1, 4), "warmup": round(t3 - t2, 4)}
+        return self._emit(SwapEvent(slot.id, "cpu", "gpu", slot.layout.nbytes, t2 - t0, trigger, evicted,
+                                    phases, started_at=started))
+
+    def _load_split(self, slot: ExpertSlot, trigger: str) -> SwapEvent:
+        """The expert does not fit the execution tier: accelerate places it across gpu/cpu/disk."""
+        start = time.perf_counter()
+        with self._lock:
+            evicted = []
+            for other in self._lru_candidates(self.exec_tier, exclude=slot):
+                evicted.append(other.id)
+                self._evict_locked(other, self.exec_tier)
+            free = {t: max(self.tiers[t].budget - self._used(t), 0) for t in ("gpu", "cpu") if self.tiers[t].exists}
+            slot.loading = "split"
+        try:
+            placement = place_split(slot.disk.folder, slot.dtype, free, self.data_dir / "offload" / slot.id)
+        except Exception as exc:
+            raise ExpertUnavailable(f"placing {slot.id} across tiers failed: {exc}") from exc
+        finally:
+            with self._lock:
+                slot.loading = None
+        with self._lock:
+            slot.split, slot.placement = placement, "split"
+            if slot.tokenizer is None:
+                from transformers import AutoTokenizer
+
+                slot.tokenizer = AutoTokenizer.from_pretrained(slot.disk.folder)
+        seconds = time.perf_counter() - start
+        dst = "+".join(t for t, b in placement.bytes_by_tier.items() if b)
+        return self._emit(SwapEvent(slot.id, "disk", f"split({dst})", slot.bytes, seconds, trigger, evicted,
+                                    {"dispatch": round(seconds, 4)}, started_at=start))
+
+    # -- budgets and eviction ------------------------------------------------------------------
+    def _lru_candidates(self, tier: str, exclude: ExpertSlot) -> list[ExpertSlot]:
+        holders = [s for s in self.slots.values()
+                   if s is not exclude and s.pins == 0 and not s.loading and s.bytes_in(tier) > 0]
+        return sorted(holders, key=lambda s: s.last_used)
+
+    def _reserve(self, slot: ExpertSlot, tier: str, timeout: float) -> list[str]:
+        """Make room for ``slot`` in ``tier`` by evicting LRU unpinned experts; mark it loading there."""
+        need = slot.bytes
+        deadline = time.monotonic() + timeout
+        evicted: list[str] = []
+        with self._lock:
+            if tier == "cpu" and slot.cpu_buffer is None:
+                slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size
+            while True:
+                budget = self.tiers[tier].budget
+                if tier == "cpu":
+                    self._trim_pool(budget - need)
+                if self._used(tier) + need <= budget:
+                    slot.loading = tier
+                    return evicted
+                candidates = self._lru_candidates(tier, exclude=slot)
+                if candidates:
+                    victim = candidates[0]
+                    self._evict_locked(victim, tier)
+                    evicted.append(victim.id)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if slot.cpu_buffer is not None and slot.placement == "disk":
+                        self._pool.append(slot.cpu_buffer)
+                        slot.cpu_buffer = None
+                    busy = [s.id for s in self.slots.values() if s.bytes_in(tier) and s is not slot]
+                    raise TierBusy(
+                        f"the {tier} tier ({budget / 1e9:.2f} GB) is held by experts in use ({', '.join(busy)}); "
+                        "try again when they finish, or raise the tier budget"
+                    )
+                self._changed.wait(remaining)
+
+    def _evict_locked(self, slot: ExpertSlot, tier: str) -> None:
+        """Evict ``slot`` out of ``tier`` (and out of the tiers above it). Caller holds the manager lock."""
+        if slot.placement == "split":
+            slot.split = None
+            slot.placement = "disk"
+            self._emit(SwapEvent(slot.id, "split", "disk", slot.bytes, 0.0, "eviction"))
+            gc.collect()
+            return
+        if slot.placement == "gpu":
+            start = time.perf_counter()
+            # Weights never change: re-point at the CPU copy instead of copying device -> host.
+            loader.bind(slot.model, slot.cpu_views)
+            loader.move_buffers(slot.model, torch.device("cpu"))
+            slot.gpu_buffer = None
+            slot.placement = "cpu"
+            self._emit(SwapEvent(slot.id, "gpu", "cpu", slot.bytes, time.perf_counter() - start, "eviction"))
+        if tier == "cpu" and slot.placement == "cpu":
+            start = time.perf_counter()
+            loader.unbind(slot.model)
+            self._pool.append(slot.cpu_buffer)
+            slot.cpu_buffer, slot.cpu_views = None, None
+            slot.placement = "disk"
+            self._emit(SwapEvent(slot.id, "cpu", "disk", slot.bytes, time.perf_counter() - start, "eviction"))
+
+    def evict(self, expert_id: str, tier: str = "cpu") -> None:
+        """Evict an expert from ``tier`` now (refused while it generates)."""
+        slot = self._slot(expert_id)
+        with self._lock:
+            if slot.pins:
+                raise TierBusy(f"{expert_id} is generating; it cannot be evicted now")
+            self._evict_locked(slot, tier)
+            if tier == "cpu":
+                self._trim_pool(0)
+
+    def _pop_pooled(self, nbytes: int) -> torch.Tensor | None:
+        """A freed buffer of exactly ``nbytes`` from the pool, if there is one."""
+        for i, buf in enumerate(self._pool):
+            if buf.numel() == nbytes:
+                return self._pool.pop(i)
+        return None
+
+    def _trim_pool(self, allowed: int) -> None:
+        """Free pooled buffers until the cpu tier has ``allowed`` bytes for a new expert (or the pool is empty)."""
+        while self._pool and self._used("cpu") > max(allowed, 0):
+            self._pool.pop(0)
+
+    def _emit(self, event: SwapEvent) -> SwapEvent:
+        self.history.append(event)
+        if self.on_swap:
+            self.on_swap(event)
+        return event
+
+    # -- info --------------------------------------------------------------------------------------
+    def manifest(self, expert_id: str) -> dict | None:
+        slot = self._slot(expert_id)
+        return slot.disk.manifest if slot.disk else None
+
+    def disk_folder(self, expert_id: str) -> Path | None:
+        slot = self._slot(expert_id)
+        return slot.disk.folder if slot.disk else None
