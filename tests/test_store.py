@@ -1,6 +1,7 @@
 """The interaction log: exactly-once logging, concurrency, feedback, stats, export, privacy, schema upgrades,
 crash safety and the spool. Set COE_TEST_DATABASE_URLS (comma separated SQLAlchemy URLs of empty, dedicated
-databases) to run the same tests on e.g. PostgreSQL; by default each test gets a SQLite file in tmp_path."""
+databases) to run the same tests on e.g. PostgreSQL; by default each test gets a SQLite file in tmp_path
+(list ``sqlite-in-tmp_path`` among the URLs to run both)."""
 
 from __future__ import annotations
 
@@ -158,6 +159,8 @@ def test_log_turn_appends_to_a_conversation_and_titles_new_ones(store: Store):
     assert row["client"] == "app" and row["session_id"] == "abc"
     with pytest.raises(StoreError, match="no conversation 999"):
         store.log_turn(turn(conversation_id=999))
+    with pytest.raises(StoreError, match="category must be text of at most 64"):
+        store.log_turn(turn(category="c" * 65))
 
 
 def test_record_from_engine_events_keeps_route_swaps_and_timings(store: Store):

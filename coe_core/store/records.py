@@ -78,6 +78,11 @@ class TurnRecord:
         if not isinstance(self.expert, str) or not self.expert:
             raise StoreError("a turn needs the expert that served it (TurnRecord.expert)")
         check_client(self.client)
+        # the column sizes (PostgreSQL enforces them; SQLite would silently keep longer values)
+        for name, limit in (("expert", 128), ("category", 64), ("router_version", 64), ("session_id", 128)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > limit):
+                raise StoreError(f"turn {name} must be text of at most {limit} characters, not {value!r:.80}")
 
     def without_text(self) -> TurnRecord:
         """A copy with prompt, routing context and response dropped (the privacy switch)."""

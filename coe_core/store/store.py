@@ -88,6 +88,8 @@ class Store:
     # -- conversations and turns ------------------------------------------------------------------
     def start_conversation(self, client: str, session_id: str | None = None, title: str | None = None) -> int:
         check_client(client)
+        if session_id is not None and len(session_id) > 128:
+            raise StoreError("session_id must be at most 128 characters")
         with self._session(write=True) as s:
             conv = Conversation(client=client, session_id=session_id,
                                 title=title[:200] if title and self.log_prompts else None)
@@ -132,7 +134,9 @@ class Store:
                 s.add(conv)
                 s.flush()
                 conversation_id = conv.id
-            elif s.get(Conversation, conversation_id) is None:
+            # the row lock (PostgreSQL; SQLite already holds the write lock) makes concurrent appends to one
+            # conversation take turn indexes one after the other instead of colliding
+            elif s.get(Conversation, conversation_id, with_for_update=True) is None:
                 raise StoreError(
                     f"no conversation {conversation_id}: start one with start_conversation() or leave "
                     "conversation_id None"
@@ -226,6 +230,8 @@ class Store:
     def record_router_version(self, id: str, artifact_path: str, metrics: dict[str, Any] | None = None,
                               sample_counts: dict[str, int] | None = None, parent_id: str | None = None,
                               active: bool = False) -> None:
+        if not isinstance(id, str) or not id or len(id) > 64:
+            raise StoreError(f"a router version id must be text of 1 to 64 characters, not {id!r:.80}")
         with self._session(write=True) as s:
             if s.get(RouterVersion, id) is not None:
                 raise StoreError(f"router version {id!r} is already recorded: give the new artifact a new id")
