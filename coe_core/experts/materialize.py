@@ -108,10 +108,13 @@ def read_disk_copy(folder: Path, expert_id: str) -> DiskCopy | None:
 
 
 def materialize(expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.dtype, *,
-                progress: bool = True) -> DiskCopy:
-    """Make sure a verified disk copy of the expert exists and return it (idempotent, atomic)."""
+                progress: bool = True, force: bool = False) -> DiskCopy:
+    """Make sure a disk copy of the expert exists and return it (idempotent, atomic).
+
+    ``force`` writes a new copy even if one is there (the caller found it corrupt).
+    """
     folder = expert_folder(data_dir, expert_id, dtype)
-    existing = read_disk_copy(folder, expert_id)
+    existing = None if force else read_disk_copy(folder, expert_id)
     if existing and existing.manifest.get("source") == cfg.source and existing.problem(full=False) is None:
         return existing
 

@@ -181,7 +181,7 @@ class TierManager:
                 raise ExpertUnavailable(
                     f"disk tier budget ({self.tiers['disk'].budget / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
                 )
-            disk = materialize(slot.id, cfg, self.data_dir, slot.dtype, progress=self.progress)
+            disk = materialize(slot.id, cfg, self.data_dir, slot.dtype, progress=self.progress, force=force)
         except ExpertUnavailable as exc:
             slot.unavailable = str(exc)
             raise

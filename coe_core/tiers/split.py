@@ -48,8 +48,11 @@ def place_split(folder: Path, dtype: torch.dtype, free: dict[str, int], offload_
     no_split = getattr(model, "_no_split_modules", None) or []
     device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
                                        dtype=dtype)
-    if "gpu" not in free:  # CPU-only: accelerate needs at least the embedding on an execution device
-        device_map = {k: ("cpu" if v not in ("cpu", "disk") else v) for k, v in device_map.items()}
+    if not any(v != "disk" for v in device_map.values()):
+        raise ValueError(
+            f"the free execution memory ({', '.join(f'{k}: {v / 1e6:.1f} MB' for k, v in free.items())}) cannot hold "
+            "even the embedding and one layer of this expert: raise the tier budget (COE_CPU_BUDGET/COE_GPU_BUDGET)"
+        )
     offload_dir.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint_and_dispatch(model, str(folder / WEIGHTS_FILE), device_map=device_map,
                                          offload_folder=str(offload_dir), dtype=dtype)
