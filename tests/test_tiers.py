@@ -76,9 +76,8 @@ def test_pinned_expert_is_never_evicted_while_generating(tiny_config):
     probe = sizes(manager(tiny_config()))
     tiers = manager(tiny_config(cpu=max(probe["small"], probe["medium"]) + 1000))  # room for one expert
     with tiers.acquire("small"):
-        with pytest.raises(TierBusy, match="in use"):
-            with tiers.acquire("medium", timeout=0.3):
-                pass
+        with pytest.raises(TierBusy, match="in use"), tiers.acquire("medium", timeout=0.3):
+            pass
         assert tiers.state("small") == "cpu"
     with tiers.acquire("medium") as lease:  # unpinned now: small can go
         assert lease.events[0].evicted == ["small"]
@@ -180,9 +179,8 @@ def test_missing_weights_and_missing_source_mark_only_that_expert_unavailable(ti
     shutil.move(tiny_sources["plain"], moved)  # the source is gone too: cannot re-materialise
     try:
         fresh = manager(config)
-        with pytest.raises(ExpertUnavailable, match="plain|missing|config.json"):
-            with fresh.acquire("plain"):
-                pass
+        with pytest.raises(ExpertUnavailable, match="plain|missing|config.json"), fresh.acquire("plain"):
+            pass
         assert fresh.state("plain") == "unavailable"
         assert "missing" in fresh.snapshot()["experts"]["plain"]["reason"]
         with fresh.acquire("small") as lease:  # the others keep serving

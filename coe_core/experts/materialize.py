@@ -124,7 +124,10 @@ def materialize(expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.
     resolved = resolve_source(cfg.source, data_dir / "sources", cfg.revision)
     steps.update()
     steps.set_postfix_str(f"load {resolved.description}")
-    model, tokenizer = load_from_source(resolved, dtype)
+    from coe_core.tiers.loader import MODULE_BUILD_LOCK
+
+    with MODULE_BUILD_LOCK:
+        model, tokenizer = load_from_source(resolved, dtype)
     steps.update()
 
     tmp = folder.parent / f".tmp-{folder.name}-{time.time_ns()}"

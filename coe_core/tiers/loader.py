@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,19 @@ _ST_DTYPES = {
 }
 
 
+#: Building modules is not thread-safe: accelerate's ``init_empty_weights`` (and transformers' loading, which
+#: uses the same trick) patch ``nn.Module.register_parameter`` process-wide, so a module built in another thread
+#: at that moment would get meta weights. Every module construction in the project holds this lock.
+MODULE_BUILD_LOCK = threading.RLock()
+
+
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     """The expert's module with every weight on the meta device (no memory, no checkpoint read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):
+    with MODULE_BUILD_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
@@ -126,6 +133,11 @@ def tensor_views(buffer: torch.Tensor, layout: WeightsLayout) -> dict[str, torch
 
 def bind(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
     """Point the module's parameters and persistent buffers at the given tensors, then re-tie weights."""
+    with MODULE_BUILD_LOCK:  # tie_weights registers parameters: not while another thread builds a skeleton
+        _bind_locked(model, views)
+
+
+def _bind_locked(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
     for name, tensor in views.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model

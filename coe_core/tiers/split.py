@@ -37,8 +37,10 @@ def place_split(folder: Path, dtype: torch.dtype, free: dict[str, int], offload_
     from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from coe_core.tiers.loader import MODULE_BUILD_LOCK
+
     config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):
+    with MODULE_BUILD_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     max_memory: dict[str | int, int] = {}
@@ -54,8 +56,9 @@ def place_split(folder: Path, dtype: torch.dtype, free: dict[str, int], offload_
             "even the embedding and one layer of this expert: raise the tier budget (COE_CPU_BUDGET/COE_GPU_BUDGET)"
         )
     offload_dir.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint_and_dispatch(model, str(folder / WEIGHTS_FILE), device_map=device_map,
-                                         offload_folder=str(offload_dir), dtype=dtype)
+    with MODULE_BUILD_LOCK:
+        model = load_checkpoint_and_dispatch(model, str(folder / WEIGHTS_FILE), device_map=device_map,
+                                             offload_folder=str(offload_dir), dtype=dtype)
     model.eval()
     sizes = compute_module_sizes(model, dtype=dtype)
     by_tier = {"gpu": 0, "cpu": 0, "disk": 0}
