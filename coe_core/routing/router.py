@@ -54,7 +54,8 @@ class Router:
     @property
     def threshold_source(self) -> str:
         if self.artifact.meta.get("threshold") is not None:
-            return f"calibrated in router {self.version_id}"
+            by = self.artifact.meta.get("threshold_set_by") or "calibration"
+            return f"set by {by} in router {self.version_id}, wins over spaces.yaml"
         return "router.threshold in spaces.yaml"
 
     def predict_proba(self, texts: Sequence[str], *, use_cache: bool = True) -> np.ndarray:
