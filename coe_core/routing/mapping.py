@@ -163,6 +163,11 @@ def _solve(problem: MappingProblem, budget: float | None) -> dict[str, str] | No
     options = {"mip_rel_gap": 0.0, "presolve": True}
     integrality, bounds = np.ones(len(pairs)), Bounds(0, 1)
     best = milp(-score, constraints=constraints, integrality=integrality, bounds=bounds, options=options)
+    if best.success and budget is not None and cost @ np.round(best.x) > (budget - fixed_cost) / scale + 1e-9:
+        # HiGHS accepts a MIP solution up to its feasibility tolerance (1e-6) over the budget: solve again
+        # with the budget tightened by that much, so the mapping really fits
+        constraints[-1] = LinearConstraint(cost[None, :], -np.inf, (budget - fixed_cost) / scale - 2e-6)
+        best = milp(-score, constraints=constraints, integrality=integrality, bounds=bounds, options=options)
     if not best.success:
         return None
     # second pass: the cheapest mapping among those with the best score (ties are common with few experts)
@@ -237,7 +242,7 @@ def frontier(problem: MappingProblem) -> list[dict[str, Any]]:
     points: list[dict[str, Any]] = []
     budget: float | None = None
     # mapping costs closer than this are one point (it is well above the solver's feasibility tolerance)
-    step = 1e-6 * float(max(problem.costs.values(), default=1))
+    step = 1e-4 * float(max(problem.costs.values(), default=1))
     for _ in range(10_000):  # bounded by the number of distinct mapping costs; guard against a loop
         solved = _solve(problem, budget)
         if solved is None:

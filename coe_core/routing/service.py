@@ -199,14 +199,14 @@ class RoutingService:
         return {k: v for k, v in overrides.items() if v is not None}
 
     def decide(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
-        start = time.perf_counter()
         cfg = self.config
         text = routed_text(messages, cfg.router.context_turns, cfg.router.context_chars)
         forced = self._check_overrides(overrides)
         try:
-            router = self._ensure_router()
+            router = self._ensure_router()  # first use loads (or trains) it: not part of the latency
         except RouterUnavailableError as exc:
-            return self._default_decision(text, forced, str(exc), start)
+            return self._default_decision(text, forced, str(exc), time.perf_counter())
+        start = time.perf_counter()
         cls = router.classify([text])[0]
         return self._decision(router, cls, text, forced, self.current_mapping(), start)
 

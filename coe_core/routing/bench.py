@@ -1,0 +1,87 @@
+"""``coe bench route``: routing latency (one prompt, warm) and batch throughput, as JSON figures."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from coe_core.config import CoEConfig
+
+TARGETS = {"p50_ms": 15.0, "p95_ms": 25.0, "prompts_per_s_batch": 200.0}
+
+
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
+            "mean_ms": round(float(np.mean(ms)), 3)}
+
+
+def _timed(fn, items) -> list[float]:
+    out = []
+    for item in items:
+        start = time.perf_counter()
+        fn(item)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
+    """Warm single-prompt latency of embed+classify (uncached), of a whole ``decide`` (uncached and
+    cached), the plain ``SentenceTransformer.encode`` baseline, and batch throughput of ``route_many``."""
+    import torch
+
+    from coe_core.routing.service import RoutingService
+
+    if n < 10:
+        raise ValueError("bench route needs n >= 10 prompts")
+    service = RoutingService(config)
+    service.warm_up()
+    router = service._ensure_router()
+    seed = [p for p, _ in service.seed_examples()] or ["Explain how a hash map works."]
+    rng = random.Random(0)
+    rng.shuffle(seed)
+    prompts = [seed[i % len(seed)] + ("" if i < len(seed) else f" (variant {i})") for i in range(n)]
+    for p in prompts[:5]:  # warm the kernels for these shapes
+        router.classify([p], use_cache=False)
+
+    classify_ms = _timed(lambda p: router.classify([p], use_cache=False), prompts)
+    router.embedder.cache_clear()
+    decide_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
+    decide_cached_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
+    model = router.embedder._model
+    baseline = prompts[: min(50, n)]
+    encode_ms = _timed(lambda p: model.encode([p], normalize_embeddings=True, show_progress_bar=False), baseline)
+
+    start = time.perf_counter()
+    service.route_many(prompts)
+    batch_s = time.perf_counter() - start
+
+    single = _percentiles(classify_ms)
+    result: dict[str, Any] = {
+        "p50_ms": single["p50_ms"], "p95_ms": single["p95_ms"],
+        "prompts_per_s_batch": round(n / batch_s, 1),
+        "what": "p50/p95: warm embed+classify of one prompt, embedding cache off; batch: route_many of n prompts",
+        "n": n,
+        "embed_classify_uncached": single,
+        "decide_uncached": _percentiles(decide_ms),
+        "decide_cached": _percentiles(decide_cached_ms),
+        "baseline_sentence_transformers_encode": _percentiles(encode_ms),
+        "router_version": router.version_id,
+        "classifier": router.artifact.meta["classifier"]["name"],
+        "embedder": config.router.embedder,
+        "max_seq_tokens": config.router.max_seq_tokens,
+        "mean_prompt_chars": round(float(np.mean([len(p) for p in prompts])), 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "targets": TARGETS,
+    }
+    result["meets_targets"] = {
+        "p50_ms": result["p50_ms"] <= TARGETS["p50_ms"],
+        "p95_ms": result["p95_ms"] <= TARGETS["p95_ms"],
+        "prompts_per_s_batch": result["prompts_per_s_batch"] >= TARGETS["prompts_per_s_batch"],
+    }
+    return result

@@ -1,0 +1,341 @@
+"""Routing subcommands of ``coe``: route, train-router, retrain, eval-router, calibrate-router,
+router-versions, mapping, eval-experts (``coe bench route`` calls :func:`bench_route`).
+
+Each handler takes ``(args, config)`` and returns an exit code; ``--json`` prints the JSON shape other
+tools read, otherwise a readable table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from coe_core.config import CoEConfig, parse_size
+from coe_core.routing.bench import bench_route
+from coe_core.routing.metrics import format_confusion
+
+__all__ = ["register", "bench_route"]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _service(config: CoEConfig, *, engine: bool = False):
+    """The routing service; with ``engine`` the engine's (it knows which experts are available and
+    their sizes, and the logged traffic). Without it (or if the engine cannot start) a bare one."""
+    from coe_core.routing.service import RoutingService
+
+    if engine:
+        try:
+            from coe_core.engine import CoE
+
+            coe = CoE(config, progress=False)
+            if coe.routing is not None:
+                return coe.routing, coe
+        except Exception as exc:  # noqa: BLE001 - routing must work even when the engine cannot start
+            _say(f"note: engine unavailable ({exc}); routing with the score table's sizes and all experts")
+    return RoutingService(config, progress=_say), None
+
+
+def _store(config: CoEConfig):
+    try:
+        from coe_core.store.store import Store
+
+        return Store.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - the store is optional for these commands
+        _say(f"note: store unavailable ({exc}); versions are recorded in the data dir only")
+        return None
+
+
+def _fmt_params(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _metrics_table(m: dict[str, Any]) -> str:
+    lines = [f"n {m['n']}  accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+             + (f"  fallback rate {m['fallback_rate']:.3f}" if "fallback_rate" in m else ""),
+             f"{'category':<12} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}"]
+    for cat, r in m["per_category"].items():
+        lines.append(f"{cat:<12} {r['precision']:>6.3f} {r['recall']:>6.3f} {r['f1']:>6.3f} {r['n']:>5}")
+    lines += ["confusion (rows true, columns predicted):", format_confusion(m["confusion"])]
+    return "\n".join(lines)
+
+
+# -- coe route -------------------------------------------------------------------------------------------
+def cmd_route(args, config) -> int:
+    service, _ = _service(config, engine=not args.no_engine)
+    service.warm_up()  # load first, so latency_ms is the warm routing time
+    d = service.decide([{"role": "user", "content": args.prompt}],
+                       {k: v for k, v in {"category": args.category, "expert": args.expert}.items() if v})
+    out = {"category": d.category, "probabilities": d.probabilities, "confidence": d.confidence,
+           "fallback": d.fallback, "expert": d.expert, "reason": d.reason, "latency_ms": d.latency_ms,
+           "threshold": d.threshold, "router_version": d.router_version, "explanation": d.explanation}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(d.explanation)
+    for cat, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:<12} {p:6.3f} {'#' * int(round(p * 30))}")
+    print(f"category {d.category}  expert {d.expert}  reason {d.reason}  confidence {d.confidence:.3f}  "
+          f"threshold {d.threshold}  {d.latency_ms:.1f} ms  (router {d.router_version})")
+    return 0
+
+
+# -- coe train-router / retrain --------------------------------------------------------------------------
+def _record(store, meta: dict[str, Any], artifact_path: str, active: bool) -> None:
+    if store is None:
+        return
+    store.record_router_version(meta["id"], artifact_path, metrics=meta["metrics"],
+                                sample_counts=meta["samples"]["by_source"], parent_id=meta.get("parent"),
+                                active=active)
+    if active:
+        store.set_active_router_version(meta["id"])
+
+
+def cmd_train_router(args, config) -> int:
+    service, _ = _service(config)
+    meta = service.train(activate=True)
+    store = _store(config)
+    if store is not None:
+        try:
+            _record(store, meta, str(config.data_path / "router" / meta["id"]), active=True)
+        finally:
+            store.close()
+    out = {"version": meta["id"], "active": True, "classifier": meta["classifier"], "metrics": meta["metrics"],
+           "samples": meta["samples"], "parent": meta["parent"]}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"trained router {meta['id']} (active): {meta['classifier']['name']}, {meta['classifier']['why']}")
+    print(_metrics_table(meta["metrics"]))
+    return 0
+
+
+def cmd_retrain(args, config) -> int:
+    service, _ = _service(config)
+    store = _store(config)
+    extra = []
+    try:
+        if store is not None:
+            from coe_core.store.queries import labelled_prompts
+
+            extra = labelled_prompts(store, config.categories)
+            _say(f"retrain: {len(extra)} labelled prompts from the log")
+        result = service.retrain(extra, force=args.force)
+        if store is not None:
+            meta = service.list_versions()
+            cand = next(m for m in meta if m["id"] == result["candidate"])
+            _record(store, cand, result["artifact_path"], active=result["promoted"])
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        _print_json(result)
+        return 0
+    verb = "promoted" if result["promoted"] else "NOT promoted"
+    print(f"candidate {result['candidate']} {verb}: {result['why']}")
+    print(f"samples by source: {result['samples']['by_source']}  (held-out prompts compared: {result['heldout_n']})")
+    print("candidate on the held-out set:")
+    print(_metrics_table(result["candidate_metrics"]))
+    return 0
+
+
+# -- coe eval-router -------------------------------------------------------------------------------------
+def cmd_eval_router(args, config) -> int:
+    from coe_core.routing.training import evaluate, load_labelled_jsonl
+
+    service, _ = _service(config)
+    router = service._ensure_router()
+    data = load_labelled_jsonl(args.file, config.categories, source="eval", keep_labels=[config.fallback_category])
+    if not data.examples:
+        raise ValueError(f"{args.file} has no prompts labelled with a category of this taxonomy "
+                         f"({', '.join(config.all_categories)}); labels found: {data.outside_taxonomy}")
+    metrics = evaluate(router, data.examples, with_fallback=True)
+    out = {**metrics, "outside_taxonomy": data.outside_taxonomy, "router_version": router.version_id,
+           "threshold": router.threshold, "file": args.file}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"router {router.version_id} on {args.file} (threshold {router.threshold:.3f}; a fallback to "
+          f"{config.fallback_category} counts as wrong unless labelled so)")
+    print(_metrics_table(out))
+    print(f"accuracy without fallback {out['accuracy_without_fallback']:.3f}")
+    if data.outside_taxonomy:
+        print(f"skipped labels outside the taxonomy: {data.outside_taxonomy}")
+    return 0
+
+
+# -- coe calibrate-router --------------------------------------------------------------------------------
+def cmd_calibrate_router(args, config) -> int:
+    service, _ = _service(config)
+    result = service.calibrate(args.target)
+    if args.json:
+        _print_json(result)
+        return 0
+    state = "reaches" if result["achieved"] else "does NOT reach (best precision shown)"
+    print(f"threshold {result['threshold']:.4f} written into router {result['router_version']}: held-out routed "
+          f"precision {result['precision']:.3f} {state} the target {result['target_precision']}, coverage "
+          f"{result['coverage']:.3f} ({result['routed']}/{result['n']} routed, the rest falls back)")
+    return 0
+
+
+# -- coe router-versions ---------------------------------------------------------------------------------
+def cmd_router_versions(args, config) -> int:
+    service, _ = _service(config)
+    if args.activate:
+        service.activate(args.activate)
+        store = _store(config)
+        if store is not None:
+            try:
+                store.set_active_router_version(args.activate)
+            except (ValueError, KeyError) as exc:
+                _say(f"note: store does not know {args.activate} ({exc})")
+            finally:
+                store.close()
+    versions = [{"id": m["id"], "active": m["active"], "trained_at": m["trained_at"],
+                 "classifier": m["classifier"]["name"], "macro_f1": m["metrics"]["macro_f1"],
+                 "threshold": m.get("threshold"), "samples": m["samples"]["by_source"], "parent": m.get("parent")}
+                for m in service.list_versions()]
+    if args.json:
+        _print_json(versions)
+        return 0
+    for v in versions:
+        print(f"{'*' if v['active'] else ' '} {v['id']}  {v['classifier']:<14} macro-F1 {v['macro_f1']:.3f}  "
+              f"threshold {v['threshold']}  samples {v['samples']}  parent {v['parent']}")
+    return 0
+
+
+# -- coe mapping -----------------------------------------------------------------------------------------
+def cmd_mapping(args, config) -> int:
+    service, _ = _service(config, engine=not args.no_engine)
+    result = service.set_budget(args.budget) if args.budget else service.current_mapping()
+    points = service.frontier()
+    out = {**result.to_dict(), "frontier": points}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"budget {_fmt_params(result.budget) if result.budget else 'none'}: expected score "
+          f"{result.expected_score:.4f}, average active params {_fmt_params(result.avg_active_params)}"
+          f"{'' if result.feasible else '  (INFEASIBLE: see notes)'}")
+    print(f"weights: {result.distribution_source}; scores: {result.score_table}")
+    for cat, expert in result.assignment.items():
+        print(f"  {cat:<12} -> {expert:<28} p={result.distribution.get(cat, 0):.3f}  {result.reasons[cat]}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    print("Pareto frontier (average active params -> expected score):")
+    for p in points:
+        print(f"  {_fmt_params(p['avg_active_params']):>8}  {p['expected_score']:.4f}")
+    return 0
+
+
+# -- coe eval-experts ------------------------------------------------------------------------------------
+def cmd_eval_experts(args, config) -> int:
+    from coe_core.engine import CoE
+    from coe_core.routing.expert_eval import eval_experts, load_eval_sets
+
+    eval_dir = config.resolve_path(args.eval_dir)
+    sets = load_eval_sets(eval_dir, config.categories)
+    if args.limit:
+        for es in sets.values():
+            es.items = es.items[: args.limit]
+            es.sha256 = f"{es.sha256}:first{args.limit}"
+    coe = CoE(config, routing=None, store=None)
+    try:
+        wanted = args.experts.split(",") if args.experts else list(config.experts)
+        unknown = [e for e in wanted if e not in config.experts]
+        if unknown:
+            raise ValueError(f"unknown experts {unknown}; experts: {', '.join(config.experts)}")
+        available = coe.available_experts()
+        skipped = [e for e in wanted if e not in available]
+        experts = [e for e in wanted if e in available]
+        if not experts:
+            raise ValueError(f"none of {wanted} is available; check `coe experts`")
+        service, _ = _service(config)
+        params = {**service.score_table().get("params", {}), **coe.expert_params()}
+        cache = service.measured_scores_path()
+        table = eval_experts(coe.reference_logprob, experts, sets, fallback=config.fallback_category,
+                             params=params, cache_path=cache, force=args.force)
+    finally:
+        coe.close()
+    out = {"path": str(cache), "skipped_unavailable": skipped, **table}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"score table written to {cache} ({table['method']['normalisation']})")
+    cats = [*config.categories, config.fallback_category]
+    print(f"{'expert':<28}" + "".join(f"{c[:8]:>9}" for c in cats))
+    for e, row in table["scores"].items():
+        print(f"{e:<28}" + "".join(f"{row.get(c, float('nan')):>9.3f}" for c in cats))
+    if skipped:
+        print(f"skipped (unavailable): {skipped}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the routing subcommands to the ``coe`` parser."""
+    p = subparsers.add_parser("route", help="route one prompt: category, probabilities, expert and why")
+    p.add_argument("prompt")
+    p.add_argument("--category", help="force this category")
+    p.add_argument("--expert", help="force this expert")
+    p.add_argument("--no-engine", action="store_true",
+                   help="skip the engine (faster; all experts count as available, sizes from the score table)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_route)
+
+    p = subparsers.add_parser("train-router", help="train a router version on the seed set and activate it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_router)
+
+    p = subparsers.add_parser("retrain", help="retrain on seed + logged feedback; promote only if not worse")
+    p.add_argument("--force", action="store_true", help="promote the candidate even if it is worse")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retrain)
+
+    p = subparsers.add_parser("eval-router", help="evaluate the active router on a labelled JSONL file")
+    p.add_argument("file", help='JSONL lines {"prompt": ..., "category": ...}')
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_router)
+
+    p = subparsers.add_parser("calibrate-router",
+                              help="pick the fallback threshold from held-out data and store it in the active router")
+    p.add_argument("--target", type=float, default=None,
+                   help="routed precision to keep (default router.target_precision)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate_router)
+
+    p = subparsers.add_parser("router-versions", help="list router versions; --activate ID switches")
+    p.add_argument("--activate", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_router_versions)
+
+    p = subparsers.add_parser("mapping", help="category -> expert mapping under a budget, and the Pareto frontier")
+    p.add_argument("--budget", type=_budget_arg, help="average active parameters, e.g. 300M, 1.5B, auto")
+    p.add_argument("--no-engine", action="store_true", help="skip the engine (all experts available)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mapping)
+
+    p = subparsers.add_parser("eval-experts", help="measure the expert score table on assets/eval/<category>.jsonl")
+    p.add_argument("--experts", help="comma-separated subset (default: every expert of the profile)")
+    p.add_argument("--eval-dir", default="assets/eval")
+    p.add_argument("--limit", type=int, default=None, help="first N pairs per category (quick look)")
+    p.add_argument("--force", action="store_true", help="re-measure cached values too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_experts)
+
+
+def _budget_arg(value: str) -> str:
+    if value.strip().lower() != "auto":
+        try:
+            parse_size(value, "budget")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
