@@ -137,7 +137,8 @@ class CoE:
                                  "(limits.max_prompt_chars): shorten it or start a new chat")
         return clean
 
-    def _params(self, max_new_tokens, temperature, top_p, stop, expert: str) -> GenerationParams:
+    def _params(self, max_new_tokens, temperature, top_p, stop, expert: str, min_new_tokens: int = 0
+                ) -> GenerationParams:
         lim = self.config.limits
         max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if not 1 <= max_new <= lim.max_new_tokens_cap:
@@ -149,12 +150,13 @@ class CoE:
         if not 0 < tp <= 1:
             raise InvalidRequest("top_p must be in (0, 1]")
         stops = tuple(self.config.experts[expert].stop) + tuple(stop or ())
-        return GenerationParams(max_new, temp, tp, stops)
+        return GenerationParams(max_new, temp, tp, stops, min(max(int(min_new_tokens), 0), max_new))
 
     def chat(self, messages: list[dict] | str, overrides: dict | None = None, *,
              max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
              stop: list[str] | None = None, cancel: threading.Event | None = None, client: str = "cli",
-             session_id: str | None = None, conversation_id: int | None = None) -> Iterator[Event]:
+             session_id: str | None = None, conversation_id: int | None = None,
+             min_new_tokens: int = 0) -> Iterator[Event]:
         """Run one turn, yielding its events. Closing the iterator cancels generation (logged as cancelled).
 
         Bad requests raise ``InvalidRequest`` before anything is yielded or logged. Expert failures end the turn
@@ -165,7 +167,7 @@ class CoE:
         started_at = _now()
         decision = self.route(messages, overrides)
         route_end = time.perf_counter() - start
-        params = self._params(max_new_tokens, temperature, top_p, stop, decision.expert)
+        params = self._params(max_new_tokens, temperature, top_p, stop, decision.expert, min_new_tokens)
         cancel = cancel or threading.Event()
         stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
         swaps: list[SwapEvent] = []

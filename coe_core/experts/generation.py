@@ -16,6 +16,8 @@ class GenerationParams:
     temperature: float = 0.7
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
+    #: generate at least this many tokens (ignores EOS before): for benchmarks and reproducible lengths
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -82,6 +84,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens or None,
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

@@ -457,14 +457,23 @@ class TierManager:
             self._emit(SwapEvent(slot.id, "cpu", "disk", slot.bytes, time.perf_counter() - start, "eviction"))
 
     def evict(self, expert_id: str, tier: str = "cpu") -> None:
-        """Evict an expert from ``tier`` now (refused while it generates)."""
+        """Evict an expert from ``tier`` now (refused while it generates).
+
+        Its CPU buffer goes to the pool for the next load of the same size; the pool counts against the cpu
+        budget and is freed first when room is needed (``release_pool`` frees it now).
+        """
         slot = self._slot(expert_id)
         with self._lock:
             if slot.pins:
                 raise TierBusy(f"{expert_id} is generating; it cannot be evicted now")
             self._evict_locked(slot, tier)
-            if tier == "cpu":
-                self._trim_pool(0)
+
+    def release_pool(self) -> int:
+        """Free every pooled CPU buffer now; returns the bytes freed."""
+        with self._lock:
+            freed = sum(b.numel() for b in self._pool)
+            self._pool.clear()
+            return freed
 
     def _pop_pooled(self, nbytes: int) -> torch.Tensor | None:
         """A freed buffer of exactly ``nbytes`` from the pool, if there is one."""
