@@ -1,0 +1,76 @@
+"""Start the playground: ``python -m app`` (or ``coe serve``, or ``python app/__main__.py`` on a Space).
+
+Before the server starts, the engine materialises and verifies the experts and loads (on a fresh data
+directory: trains) the router, printing its progress; the UI's status line then says what is ready.
+Defaults: 127.0.0.1:7860, no share link (``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` change the
+defaults, as on a Hugging Face Space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if not __package__:  # run as a file (a Space's app_file): make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coe_core.config import CoEConfig, ConfigError, load_config  # noqa: E402
+
+
+def _say(message: str) -> None:
+    print(f"[coe] {message}", flush=True)
+
+
+def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> int:
+    """Prepare the engine, build the app, serve until interrupted. Returns an exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from app.ui import build_app, launch_kwargs
+    from coe_core.engine import CoE
+
+    start = time.perf_counter()
+    _say(f"{config.name}: profile {config.profile}, data directory {config.data_path}")
+    _say("preparing: materialising and verifying experts, loading the router "
+         "(the first start also converts the experts and trains the router: a minute or more)")
+    coe = CoE(config, progress=True)
+    try:
+        problems = coe.prepare()
+        for expert, problem in problems.items():
+            _say(f"  {expert}: {'ready' if problem is None else 'UNAVAILABLE: ' + problem}")
+        if all(problems.values()):
+            _say("no expert is available: the app starts, but chat will fail until one is (see the reasons above)")
+        _say(f"ready in {time.perf_counter() - start:.1f} s; starting the app on http://{host}:{port}")
+        demo = build_app(coe, problems=problems)
+        try:
+            demo.launch(server_name=host, server_port=port, share=share, **launch_kwargs())
+        except OSError as exc:
+            print(f"error: cannot serve on {host}:{port}: {exc}. Pick another port with --port.", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coe.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Start the CoE Playground (Gradio).")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 to serve your network)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--config", help="path of spaces.yaml (default: ./spaces.yaml or $COE_CONFIG)")
+    parser.add_argument("--data-dir", help="data directory (overrides spaces.yaml and $COE_DATA_DIR)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, **({"data_dir": args.data_dir} if args.data_dir else {}))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return serve(config, host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Analytics tab: what the interaction log says: turns over time by category, expert usage, fallback and
+feedback rates, time to first token and swap times by tier pair; recent turns; export (admin)."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app import plots
+from app.context import AppContext, user_message
+
+RECENT_COLUMNS = ["#", "started (UTC)", "client", "category", "conf.", "expert", "reason", "status",
+                  "first token (s)", "tokens/s", "feedback", "prompt"]
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{unit}"
+
+
+def summary_markdown(stats: dict) -> str:
+    fb = stats.get("feedback") or {}
+    return "\n".join([
+        "| turns | fallback rate | 👍 | 👎 | wrong category (corrected) | first token p50 / p95 | routing p50 / p95 |",
+        "|---|---|---|---|---|---|---|",
+        f"| {stats.get('turns', 0)} | {stats.get('fallback_rate', 0):.1%} | {fb.get('like', 0)} | "
+        f"{fb.get('dislike', 0)} | {fb.get('wrong_category', 0)} ({fb.get('corrected', 0)}) | "
+        f"{_fmt(stats.get('ttft_p50_s'), '.2f', ' s')} / {_fmt(stats.get('ttft_p95_s'), '.2f', ' s')} | "
+        f"{_fmt(stats.get('route_latency_p50_ms'), '.0f', ' ms')} / "
+        f"{_fmt(stats.get('route_latency_p95_ms'), '.0f', ' ms')} |",
+    ])
+
+
+def recent_rows(interactions: list[dict]) -> list[list[Any]]:
+    rows = []
+    for r in interactions:
+        fb = r.get("feedback") or {}
+        kind = fb.get("kind") or ""
+        if fb.get("corrected_category"):
+            kind += f" → {fb['corrected_category']}"
+        prompt = " ".join((r.get("prompt") or "").split())
+        rows.append([r["id"], (r.get("started_at") or "")[:19].replace("T", " "), r.get("client"),
+                     r.get("category"), None if r.get("confidence") is None else round(r["confidence"], 2),
+                     r.get("expert"), r.get("reason"), r.get("status"),
+                     None if r.get("ttft_s") is None else round(r["ttft_s"], 2),
+                     None if r.get("tokens_per_s") is None else round(r["tokens_per_s"], 1), kind,
+                     prompt[:120]])
+    return rows
+
+
+class AnalyticsTab:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def build(self) -> None:
+        with gr.Row():
+            self.refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=100)
+            self.summary = gr.Markdown("Open this tab to load the analytics.", elem_classes=["coe-stats"])
+        with gr.Row(equal_height=False):
+            self.over_time = gr.Plot(label="Turns over time", elem_classes=["coe-plot"])
+        with gr.Row(equal_height=False):
+            self.usage = gr.Plot(label="Expert usage", elem_classes=["coe-plot"])
+            self.rates = gr.Plot(label="Fallback and feedback", elem_classes=["coe-plot"])
+        with gr.Row(equal_height=False):
+            self.ttft = gr.Plot(label="Time to first token", elem_classes=["coe-plot"])
+            self.swaps = gr.Plot(label="Swap times", elem_classes=["coe-plot"])
+        self.recent = gr.Dataframe(headers=RECENT_COLUMNS, label="Recent turns (newest first)", interactive=False,
+                                   wrap=True)
+        with gr.Accordion("Export the log", open=False):
+            with gr.Row(equal_height=True):
+                self.fmt = gr.Radio(["jsonl", "csv"], value="jsonl", label="Format", scale=1)
+                self.export_btn = gr.Button("Export", scale=1)
+            self.export_file = gr.File(label="Download", interactive=False)
+
+    def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
+        private: dict[str, Any] = {"api_visibility": "private"}
+        view = [self.summary, self.over_time, self.usage, self.rates, self.ttft, self.swaps, self.recent]
+        tab.select(self.refresh, None, view, **private)
+        self.refresh_btn.click(self.refresh, None, view, **private)
+        self.export_btn.click(self.export, [self.ctx.admin_state, self.fmt], self.export_file, **private)
+
+    def refresh(self) -> tuple[Any, ...]:
+        store = self.ctx.coe.store
+        if store is None:
+            msg = "This app runs without an interaction store: nothing is logged."
+            return (msg,) + (plots.empty_figure("no store"),) * 5 + ([],)
+        try:
+            stats = store.stats()
+            recent = store.recent_interactions(50)
+        except (ValueError, RuntimeError, OSError) as exc:
+            gr.Warning(f"Cannot read the log: {user_message(exc)}")
+            return (f"⚠️ {user_message(exc)}",) + (gr.update(),) * 6
+        colors = self.ctx.colors
+        return (summary_markdown(stats),
+                plots.turns_over_time_figure(stats.get("turns_by_day_category") or [], colors),
+                plots.expert_usage_figure(stats.get("by_expert") or {}),
+                plots.rates_figure(stats.get("fallback_rate") or 0.0, stats.get("feedback_rates") or {}),
+                plots.ttft_figure(stats.get("ttft_values") or []),
+                plots.swap_times_figure(stats.get("swap_seconds") or {}),
+                recent_rows(recent))
+
+    def export(self, unlocked: bool, fmt: str) -> str:
+        self.ctx.gate.require(unlocked, "Exporting the log")
+        store = self.ctx.coe.store
+        if store is None:
+            raise gr.Error("This app runs without an interaction store: there is nothing to export.")
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        path = Path(tempfile.mkdtemp(prefix="coe-export-")) / f"coe-log-{stamp}.{fmt}"
+        try:
+            with path.open("w", encoding="utf-8", newline="") as out:
+                count = store.export(fmt, out)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise gr.Error(f"Export failed: {user_message(exc)}") from None
+        gr.Info(f"Exported {count} turns.")
+        return str(path)

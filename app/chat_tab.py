@@ -1,0 +1,345 @@
+"""Chat tab: streaming multi-turn chat with the routing shown live beside it.
+
+Per browser session (``gr.State``): the session id the engine logs, the cancel flag of the running
+turn, and which chat messages belong to which logged turn (for feedback). Nothing of one user's
+turn lives in a global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from app import plots
+from app.chat_messages import (
+    engine_messages,
+    notice_message,
+    resident_message,
+    routing_message,
+    stats_line,
+    swap_message,
+)
+from app.context import AppContext, user_message
+from coe_core.engine import InvalidRequest
+from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
+
+AUTO = "auto"
+FEEDBACK_WRONG = "Wrong category"
+#: turns that may generate at once (per app); further turns wait in the queue. CPU generation
+#: shares the cores, so more at once only makes each slower.
+GENERATION_CONCURRENCY = 2
+
+
+@dataclass
+class TurnRef:
+    """Which chat messages belong to a logged turn."""
+
+    interaction_id: int | None
+    first_index: int
+    last_index: int
+    prompt: str
+    category: str
+
+
+@dataclass
+class ChatSession:
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    turns: list[TurnRef] = field(default_factory=list)
+
+    def turn_at(self, index: int) -> TurnRef | None:
+        for turn in self.turns:
+            if turn.first_index <= index <= turn.last_index:
+                return turn
+        return None
+
+    def by_id(self, interaction_id: int) -> TurnRef | None:
+        return next((t for t in self.turns if t.interaction_id == interaction_id), None)
+
+
+def turn_choices(session: ChatSession) -> list[tuple[str, int]]:
+    """(label, interaction id) of this session's logged turns, newest first."""
+    out = []
+    for t in reversed(session.turns):
+        if t.interaction_id is None:
+            continue
+        prompt = " ".join(t.prompt.split())
+        prompt = prompt if len(prompt) <= 48 else prompt[:47] + "…"
+        out.append((f"#{t.interaction_id} · {t.category} · {prompt}", t.interaction_id))
+    return out
+
+
+def residency_summary(snapshot: dict) -> str:
+    parts = []
+    for eid, e in snapshot.get("experts", {}).items():
+        state = e.get("state", "?")
+        busy = " ▶ generating" if e.get("pinned") else ""
+        reason = f" ({e['reason']})" if not e.get("available", True) and e.get("reason") else ""
+        parts.append(f"`{eid}`: **{state}**{busy}{reason}")
+    return " · ".join(parts)
+
+
+class ChatTab:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.coe = ctx.coe
+        limits = self.coe.config.limits
+        self.default_tokens = min(limits.max_new_tokens, limits.max_new_tokens_cap)
+
+    # -- layout ----------------------------------------------------------------------------------------
+    def build(self) -> None:
+        ctx, limits = self.ctx, self.coe.config.limits
+        self.session = gr.State(None)
+        self.pending = gr.State("")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=340):
+                self.chatbot = gr.Chatbot(
+                    elem_id="coe-chatbot", label="Chat", height=560, buttons=["copy"],
+                    feedback_options=("Like", "Dislike", FEEDBACK_WRONG),
+                    placeholder="Ask anything: the router picks a category, the mapping picks an expert, "
+                                "and you see each step here.",
+                )
+                with gr.Row(equal_height=True):
+                    self.prompt = gr.Textbox(placeholder="Type a prompt and press Enter", show_label=False,
+                                             scale=6, lines=1, max_lines=8, elem_id="coe-prompt", autofocus=True)
+                    self.send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="coe-send")
+                    self.stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="coe-stop")
+                with gr.Row():
+                    self.new_chat = gr.Button("New chat", size="sm", variant="secondary")
+                with gr.Accordion("Controls", open=False):
+                    with gr.Row():
+                        self.force_category = gr.Dropdown(
+                            [("auto (router decides)", AUTO)] + [(c, c) for c in ctx.all_categories], value=AUTO,
+                            label="Force category", info="off by default: the router decides")
+                        self.force_expert = gr.Dropdown(
+                            [("auto (mapping decides)", AUTO)] + [(e, e) for e in ctx.experts], value=AUTO,
+                            label="Force expert", info="off by default: the mapping decides")
+                    with gr.Row():
+                        self.max_tokens = gr.Slider(1, limits.max_new_tokens_cap, value=self.default_tokens, step=1,
+                                                    label="Max new tokens (tokens)")
+                        self.temperature = gr.Slider(0.0, 2.0, value=limits.temperature, step=0.05,
+                                                     label="Temperature (0 = greedy)")
+                with gr.Accordion("Wrong category? Correct the router", open=False) as self.correct_box:
+                    gr.Markdown("Pick the answer and the category it should have had; the router learns "
+                                "from corrections at its next retrain. 👍/👎 on each answer are stored too.")
+                    with gr.Row():
+                        self.correct_turn = gr.Dropdown([], label="Answer", scale=2)
+                        self.correct_category = gr.Dropdown(ctx.all_categories, label="Correct category",
+                                                            scale=1)
+                    self.correct_send = gr.Button("Send correction", size="sm")
+            with gr.Column(scale=2, min_width=300):
+                self.decision_md = gr.Markdown("Routing appears here when you send a prompt.",
+                                               elem_id="coe-decision")
+                self.prob_plot = gr.Plot(plots.probabilities_figure({}, ctx.colors), label="Category probabilities",
+                                         elem_id="coe-prob-plot", elem_classes=["coe-plot"])
+                self.residency_plot = gr.Plot(label="Tier residency (live)", elem_id="coe-residency-plot",
+                                              elem_classes=["coe-plot"])
+                self.residency_md = gr.Markdown(elem_classes=["coe-stats"])
+                self.timeline_plot = gr.Plot(plots.timeline_figure([]), label="This turn's timeline",
+                                             elem_id="coe-timeline-plot", elem_classes=["coe-plot"])
+                self.turn_md = gr.Markdown(elem_classes=["coe-stats"], elem_id="coe-turn-stats")
+        self.timer = gr.Timer(1.0, active=False)
+
+    # -- events ----------------------------------------------------------------------------------------
+    def wire(self, demo: gr.Blocks) -> None:
+        private: dict[str, Any] = {"api_visibility": "private"}
+        demo.load(self.new_session, None, self.session, **private)
+        demo.load(self.residency, None, [self.residency_plot, self.residency_md], **private)
+        turn_inputs = [self.pending, self.chatbot, self.session, self.force_category, self.force_expert,
+                       self.max_tokens, self.temperature]
+        turn_outputs = [self.chatbot, self.prob_plot, self.timeline_plot, self.decision_md, self.turn_md,
+                        self.correct_turn, self.session]
+        for trigger in (self.prompt.submit, self.send.click):
+            (trigger(self.start_turn, [self.prompt, self.session],
+                     [self.prompt, self.pending, self.session, self.timer, self.send], queue=False, **private)
+             .then(self.respond, turn_inputs, turn_outputs, concurrency_limit=GENERATION_CONCURRENCY,
+                   concurrency_id="generation", show_progress="hidden", **private)
+             .then(self.end_turn, None, [self.prompt, self.timer, self.send, self.residency_plot,
+                                         self.residency_md], **private))
+        self.stop.click(self.stop_turn, self.session, None, queue=False, **private)
+        self.timer.tick(self.residency, None, [self.residency_plot, self.residency_md], show_progress="hidden",
+                        **private)
+        self.chatbot.like(self.on_feedback, self.session, [self.correct_turn, self.correct_box], **private)
+        self.correct_send.click(self.on_correction, [self.session, self.correct_turn, self.correct_category], None,
+                                **private)
+        self.new_chat.click(self.clear, self.session,
+                            [self.chatbot, self.session, self.correct_turn, self.decision_md, self.turn_md],
+                            queue=False, **private)
+
+    # -- handlers --------------------------------------------------------------------------------------
+    def new_session(self, request: gr.Request | None = None) -> ChatSession:
+        sid = getattr(request, "session_hash", None) if request is not None else None
+        return ChatSession(session_id=sid or uuid.uuid4().hex)
+
+    def residency(self) -> tuple[Any, str]:
+        snap = self.coe.tiers.snapshot()
+        return plots.residency_figure(snap), residency_summary(snap)
+
+    def start_turn(self, prompt: str, session: ChatSession | None) -> tuple[Any, ...]:
+        session = session or self.new_session()
+        session.cancel = threading.Event()  # a fresh flag per turn; Stop sets it
+        if not (prompt or "").strip():
+            gr.Warning("Type a prompt first.")
+            return gr.update(), "", session, gr.Timer(active=False), gr.update()
+        return (gr.update(value="", interactive=False), prompt, session, gr.Timer(active=True),
+                gr.update(interactive=False))
+
+    def end_turn(self) -> tuple[Any, ...]:
+        fig, md = self.residency()
+        return gr.update(interactive=True), gr.Timer(active=False), gr.update(interactive=True), fig, md
+
+    def stop_turn(self, session: ChatSession | None) -> None:
+        if session is not None:
+            session.cancel.set()
+
+    def clear(self, session: ChatSession | None) -> tuple[Any, ...]:
+        session = session or self.new_session()
+        session.turns.clear()
+        return [], session, gr.update(choices=[], value=None), "Routing appears here when you send a prompt.", ""
+
+    def respond(self, prompt: str, history: list[dict] | None, session: ChatSession | None, force_category: str,
+                force_expert: str, max_new_tokens: float, temperature: float) -> Iterator[dict]:
+        """One turn: stream the engine's events into the chat and the plots beside it."""
+        if not (prompt or "").strip():
+            return
+        session = session or self.new_session()
+        history = list(history or [])
+        messages = engine_messages(history, prompt)
+        overrides = {k: v for k, v in (("category", force_category), ("expert", force_expert))
+                     if v and v != AUTO}
+        history.append({"role": "user", "content": prompt})
+        first_index = len(history)
+        route_id = f"route-{uuid.uuid4().hex[:8]}"
+        events = self.coe.chat(messages, overrides or None, max_new_tokens=int(max_new_tokens),
+                               temperature=float(temperature), cancel=session.cancel, client="app",
+                               session_id=session.session_id)
+        route_msg: dict | None = None
+        answer: dict | None = None
+        decision: RouteDecision | None = None
+        swaps: list[SwapEvent] = []
+        with contextlib.closing(events):
+            try:
+                for event in events:
+                    if isinstance(event, RouteDecision):
+                        decision = event
+                        route_msg = routing_message(event, route_id)
+                        history.append(route_msg)
+                        yield {self.chatbot: history, self.decision_md: f"**{event.explanation}**",
+                               self.prob_plot: plots.probabilities_figure(
+                                   event.probabilities, self.ctx.colors, threshold=event.threshold,
+                                   chosen=event.category, fallback=event.fallback),
+                               self.timeline_plot: plots.timeline_figure([]), self.turn_md: "routing done; "
+                               "making the expert resident…"}
+                    elif isinstance(event, SwapEvent):
+                        swaps.append(event)
+                        history.append(swap_message(event, route_id))
+                        yield {self.chatbot: history}
+                    elif isinstance(event, Notice):
+                        history.append(notice_message(event, route_id))
+                        yield {self.chatbot: history}
+                    elif isinstance(event, TextChunk):
+                        if answer is None:
+                            answer = self._start_answer(history, route_msg, swaps, decision, route_id)
+                        answer["content"] += event.text
+                        yield {self.chatbot: history}
+                    elif isinstance(event, TurnDone):
+                        yield self._finish(event, history, route_msg, answer, swaps, session, prompt,
+                                           first_index, decision)
+            except (InvalidRequest, ValueError, KeyError, RuntimeError) as exc:
+                # a request the engine refused before anything ran (empty prompt, too long, bad override,
+                # no score table...): say so, keep the conversation as it was
+                gr.Warning(user_message(exc))
+                if route_msg is None:
+                    history = history[:first_index - 1]
+                    yield {self.chatbot: history, self.turn_md: f"⚠️ {user_message(exc)}"}
+                else:
+                    history.append({"role": "assistant", "content": f"⚠️ {user_message(exc)}"})
+                    yield {self.chatbot: history, self.turn_md: f"⚠️ {user_message(exc)}"}
+
+    def _start_answer(self, history: list[dict], route_msg: dict | None, swaps: list[SwapEvent],
+                      decision: RouteDecision | None, route_id: str) -> dict:
+        if route_msg is not None:
+            if not swaps and decision is not None:
+                history.append(resident_message(decision.expert, self.coe.tiers.exec_tier, route_id))
+            route_msg["metadata"]["status"] = "done"
+        answer = {"role": "assistant", "content": ""}
+        history.append(answer)
+        return answer
+
+    def _finish(self, done: TurnDone, history: list[dict], route_msg: dict | None, answer: dict | None,
+                swaps: list[SwapEvent], session: ChatSession, prompt: str, first_index: int,
+                decision: RouteDecision | None) -> dict:
+        stats = done.stats
+        if route_msg is not None:
+            route_msg["metadata"]["status"] = "done"
+            if stats.timeline:
+                route_msg["metadata"]["duration"] = round(max(end for _, _, end in stats.timeline[:2]), 2)
+        if answer is None:
+            answer = {"role": "assistant", "content": ""}
+            history.append(answer)
+        if stats.status == "cancelled":
+            answer["content"] += "\n\n_(stopped)_" if answer["content"] else "_(stopped before the first token)_"
+        elif stats.status == "error":
+            answer["content"] += f"\n\n⚠️ {stats.expert} failed: {stats.error}. Other experts keep serving."
+        elif not answer["content"].strip():
+            answer["content"] = "_(the expert returned no text)_"
+        session.turns.append(TurnRef(stats.interaction_id, first_index, len(history) - 1, prompt,
+                                     decision.category if decision else "?"))
+        if stats.interaction_id is None:
+            gr.Warning("This turn could not be logged yet, so it cannot take feedback.")
+        timeline = plots.timeline_figure(stats.timeline, [s.to_dict() for s in swaps],
+                                         tokens_per_s=stats.tokens_per_s, new_tokens=stats.new_tokens)
+        choices = turn_choices(session)
+        return {self.chatbot: history, self.timeline_plot: timeline, self.turn_md: stats_line(stats),
+                self.correct_turn: gr.update(choices=choices, value=choices[0][1] if choices else None),
+                self.session: session}
+
+    # -- feedback --------------------------------------------------------------------------------------
+    def _store_feedback(self, interaction_id: int, kind: str, corrected: str | None = None) -> bool:
+        try:
+            self.coe.feedback(interaction_id, kind, corrected)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            gr.Warning(f"Feedback not stored: {user_message(exc)}")
+            return False
+        return True
+
+    def on_feedback(self, session: ChatSession | None, data: gr.LikeData) -> tuple[Any, Any]:
+        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+        turn = session.turn_at(int(index)) if session else None
+        if turn is None or turn.interaction_id is None:
+            gr.Warning("That message is not a logged answer, so feedback cannot be stored for it.")
+            return gr.update(), gr.update()
+        liked = data.liked
+        if liked is True:
+            kind, text = "like", "👍 stored"
+        elif liked is False:
+            kind, text = "dislike", "👎 stored"
+        elif liked == FEEDBACK_WRONG:
+            kind, text = "wrong_category", "Marked as wrong category: pick the right one below"
+        else:  # un-voting sends an empty value
+            kind, text = "retracted", "Feedback retracted"
+        if self._store_feedback(turn.interaction_id, kind):
+            gr.Info(f"{text} (turn #{turn.interaction_id}).")
+        if kind == "wrong_category":
+            return gr.update(choices=turn_choices(session), value=turn.interaction_id), gr.Accordion(open=True)
+        return gr.update(), gr.update()
+
+    def on_correction(self, session: ChatSession | None, interaction_id: int | None, category: str | None) -> None:
+        if interaction_id is None:
+            gr.Warning("Pick the answer to correct first (send a prompt if there is none).")
+            return
+        if not category:
+            gr.Warning("Pick the category the prompt should have had.")
+            return
+        if session is None or session.by_id(int(interaction_id)) is None:
+            gr.Warning("You can only correct answers from this chat.")
+            return
+        if self._store_feedback(int(interaction_id), "wrong_category", category):
+            gr.Info(f"Correction stored: turn #{interaction_id} should be {category}. "
+                    "It counts at the router's next retrain.")

@@ -1,0 +1,228 @@
+"""Router tab: the active version and its held-out metrics, version history, retrain, promote/rollback,
+and the fallback threshold with its effect on the held-out set shown before it is applied."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from app import plots
+from app.context import AppContext, user_message
+
+F1_COLUMNS = ["category", "precision", "recall", "F1", "held-out prompts"]
+VERSION_COLUMNS = ["version", "trained (UTC)", "classifier", "macro-F1", "accuracy", "samples", "parent",
+                   "active", "comparison"]
+
+
+def f1_rows(metrics: dict) -> list[list[Any]]:
+    return [[c, m["precision"], m["recall"], m["f1"], m["n"]] for c, m in (metrics.get("per_category") or {}).items()]
+
+
+def version_rows(versions: list[dict]) -> list[list[Any]]:
+    rows = []
+    for v in sorted(versions, key=lambda m: m.get("trained_at") or "", reverse=True):
+        metrics = v.get("metrics") or {}
+        comparison = v.get("comparison") or {}
+        verdict = ""
+        if comparison:
+            verdict = ("promoted: " if comparison.get("promoted") else "kept the active one: ") + \
+                str(comparison.get("why", ""))
+        rows.append([v["id"], (v.get("trained_at") or "")[:19].replace("T", " "),
+                     (v.get("classifier") or {}).get("name", ""), metrics.get("macro_f1"), metrics.get("accuracy"),
+                     (v.get("samples") or {}).get("total"), v.get("parent") or "", "✓" if v.get("active") else "",
+                     verdict])
+    return rows
+
+
+def effect_text(now: dict, new: dict) -> str:
+    """The threshold's effect on held-out prompts, now vs with the new value."""
+    def line(name: str, key: str) -> str:
+        return f"| {name} | {now[key]:.1%} | {new[key]:.1%} |"
+    return "\n".join([
+        f"On **{now['n']}** held-out prompts of the active version:",
+        "",
+        f"| | now (threshold {now['threshold']:.2f}) | with {new['threshold']:.2f} |",
+        "|---|---|---|",
+        line("routed precision", "precision"),
+        line("coverage (routed, not fallback)", "coverage"),
+        line("fallback rate", "fallback_rate"),
+    ])
+
+
+class RouterTab:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.routing = ctx.coe.routing
+
+    def build(self) -> None:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                self.active_md = gr.Markdown("Open this tab to load the router's metrics.")
+                self.f1_table = gr.Dataframe(headers=F1_COLUMNS, label="Per-category quality (held-out)",
+                                             interactive=False)
+            with gr.Column(scale=3, min_width=320):
+                self.confusion_plot = gr.Plot(label="Confusion matrix", elem_classes=["coe-plot"])
+        with gr.Accordion("Fallback threshold", open=True):
+            gr.Markdown("Prompts whose confidence is below the threshold go to the fallback category. "
+                        "Move the slider to see the effect on held-out prompts **before** applying it.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=280):
+                    self.threshold = gr.Slider(0.0, 1.0, step=0.01, value=self.ctx.coe.config.router.threshold,
+                                               label="Fallback threshold (confidence, 0–1)")
+                    self.effect_md = gr.Markdown()
+                    self.apply_threshold = gr.Button("Apply threshold", variant="primary")
+                with gr.Column(scale=3, min_width=300):
+                    self.threshold_plot = gr.Plot(label="Precision and coverage vs threshold",
+                                                  elem_classes=["coe-plot"])
+        with gr.Accordion("Versions, retrain, promote / rollback", open=True):
+            self.versions = gr.Dataframe(headers=VERSION_COLUMNS, label="Version history (newest first)",
+                                         interactive=False, wrap=True)
+            with gr.Row(equal_height=True):
+                self.version_pick = gr.Dropdown([], label="Version", scale=3)
+                self.activate = gr.Button("Activate this version", scale=1)
+            with gr.Row(equal_height=True):
+                self.force = gr.Checkbox(False, label="Promote even if held-out macro-F1 is worse", scale=2)
+                self.retrain = gr.Button("Retrain from seed set + feedback", variant="primary", scale=1)
+            self.action_md = gr.Markdown()
+
+    def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
+        private: dict[str, Any] = {"api_visibility": "private"}
+        view = [self.active_md, self.f1_table, self.confusion_plot, self.versions, self.version_pick,
+                self.threshold, self.effect_md, self.threshold_plot]
+        tab.select(self.refresh, None, view, **private)
+        self.threshold.release(self.preview_threshold, self.threshold, [self.effect_md, self.threshold_plot],
+                               show_progress="hidden", **private)
+        admin = self.ctx.admin_state
+        self.apply_threshold.click(self.set_threshold, [admin, self.threshold], self.action_md, **private) \
+            .then(self.refresh, None, view, **private)
+        self.activate.click(self.activate_version, [admin, self.version_pick], self.action_md, **private) \
+            .then(self.refresh, None, view, **private)
+        self.retrain.click(self.run_retrain, [admin, self.force], self.action_md, concurrency_limit=1,
+                           concurrency_id="retrain", **private).then(self.refresh, None, view, **private)
+
+    # -- views -----------------------------------------------------------------------------------------
+    def current_threshold(self, meta: dict) -> float:
+        t = meta.get("threshold")
+        return float(t) if t is not None else float(self.ctx.coe.config.router.threshold)
+
+    def threshold_curve(self) -> list[dict]:
+        return [self.routing.threshold_effect(float(t)) for t in np.linspace(0, 1, 51)]
+
+    def refresh(self) -> tuple[Any, ...]:
+        try:
+            meta = self.routing.active_version()
+            versions = self.routing.list_versions()
+        except (ValueError, OSError, RuntimeError) as exc:
+            gr.Warning(f"No router: {user_message(exc)}")
+            msg = f"⚠️ No router: {user_message(exc)}"
+            return (msg,) + (gr.update(),) * 7
+        metrics = meta.get("metrics") or {}
+        current = self.current_threshold(meta)
+        classifier = meta.get("classifier") or {}
+        samples = meta.get("samples") or {}
+        md = "\n".join([
+            f"### Active router `{meta['id']}`",
+            f"- trained **{(meta.get('trained_at') or '?')[:19].replace('T', ' ')} UTC** on "
+            f"**{samples.get('total', '?')}** prompts ({samples.get('train', '?')} train, "
+            f"{samples.get('heldout', '?')} held out; by source {samples.get('by_source', {})})",
+            f"- classifier **{classifier.get('name', '?')}**: {classifier.get('why', '')}",
+            f"- held-out **macro-F1 {metrics.get('macro_f1', 0):.3f}**, accuracy {metrics.get('accuracy', 0):.1%} "
+            f"on {metrics.get('n', 0)} prompts",
+            f"- fallback threshold **{current:.2f}** ({meta.get('threshold_set_by') or 'spaces.yaml'}), "
+            f"embedder `{meta.get('embedder', '?')}`",
+        ])
+        effect_md, curve_fig = self._threshold_view(current, current)
+        choices = [(f"{v['id']}{' (active)' if v.get('active') else ''}", v["id"]) for v in
+                   sorted(versions, key=lambda m: m.get("trained_at") or "", reverse=True)]
+        return (md, f1_rows(metrics), plots.confusion_figure(metrics.get("confusion") or {}), version_rows(versions),
+                gr.update(choices=choices, value=meta["id"]), gr.update(value=current), effect_md, curve_fig)
+
+    def _threshold_view(self, current: float, candidate: float) -> tuple[str, Any]:
+        try:
+            now, new = self.routing.threshold_effect(current), self.routing.threshold_effect(candidate)
+            curve = self.threshold_curve()
+        except (ValueError, OSError) as exc:
+            return f"⚠️ {user_message(exc)}", plots.empty_figure(user_message(exc))
+        return effect_text(now, new), plots.threshold_figure(curve, current=current, candidate=candidate)
+
+    def preview_threshold(self, candidate: float) -> tuple[str, Any]:
+        try:
+            current = self.current_threshold(self.routing.active_version())
+        except (ValueError, OSError) as exc:
+            return f"⚠️ {user_message(exc)}", gr.update()
+        return self._threshold_view(current, float(candidate))
+
+    # -- actions (admin) -------------------------------------------------------------------------------
+    def set_threshold(self, unlocked: bool, value: float) -> str:
+        self.ctx.gate.require(unlocked, "Changing the threshold")
+        try:
+            meta = self.routing.set_threshold(float(value), source="app")
+        except (ValueError, OSError) as exc:
+            raise gr.Error(user_message(exc)) from None
+        gr.Info(f"Fallback threshold is now {float(value):.2f} for router {meta.get('id', '')}.")
+        return f"✓ Fallback threshold set to **{float(value):.2f}**; it applies to the next prompt."
+
+    def activate_version(self, unlocked: bool, version_id: str | None) -> str:
+        self.ctx.gate.require(unlocked, "Activating a router version")
+        if not version_id:
+            raise gr.Error("Pick a version first.")
+        try:
+            self.routing.activate(version_id)
+        except (ValueError, OSError, KeyError) as exc:
+            raise gr.Error(f"Cannot activate {version_id}: {user_message(exc)}") from None
+        self._record_active(version_id)
+        gr.Info(f"Router {version_id} is active now.")
+        return f"✓ Router **{version_id}** is active; the next prompt uses it."
+
+    def _record_active(self, version_id: str) -> None:
+        store = self.ctx.coe.store
+        if store is None:
+            return
+        try:
+            store.set_active_router_version(version_id)
+        except (ValueError, RuntimeError):  # StoreError is a RuntimeError
+            pass  # a version trained outside the app and never recorded in the log: the artifact is what counts
+
+    def run_retrain(self, unlocked: bool, force: bool, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 (gradio injects it)
+        """What `coe retrain` does: seed set + labelled feedback from the log -> candidate -> promote if not worse."""
+        self.ctx.gate.require(unlocked, "Retraining the router")
+        coe, cfg = self.ctx.coe, self.ctx.coe.config
+        progress(0.05, desc="collecting labelled feedback from the log")
+        extra = []
+        if coe.store is not None:
+            from coe_core.store.queries import labelled_prompts
+
+            extra = labelled_prompts(coe.store, cfg.categories)
+        progress(0.2, desc=f"training a candidate on the seed set + {len(extra)} feedback prompts "
+                           "(embedding, comparing classifiers)")
+        try:
+            result = self.routing.retrain(extra, force=bool(force))
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise gr.Error(f"Retraining failed: {user_message(exc)}") from None
+        progress(0.9, desc="recording the version")
+        self._record_version(result)
+        cand = result["candidate_metrics"]
+        act = result.get("active_metrics")
+        verdict = "**promoted**" if result["promoted"] else "**not promoted**"
+        lines = [f"Candidate `{result['candidate']}` {verdict}: {result['why']}",
+                 f"- {len(extra)} labelled prompts from feedback; samples by source {result['samples']['by_source']}",
+                 f"- held-out ({result['heldout_n']} prompts): candidate macro-F1 **{cand['macro_f1']:.3f}**"
+                 + (f" vs active {act['macro_f1']:.3f}" if act else "")]
+        gr.Info(f"Candidate {result['candidate']} {'promoted' if result['promoted'] else 'not promoted'}.")
+        return "\n".join(lines)
+
+    def _record_version(self, result: dict) -> None:
+        store = self.ctx.coe.store
+        if store is None:
+            return
+        meta = next((m for m in self.routing.list_versions() if m["id"] == result["candidate"]), None)
+        if meta is None:
+            return
+        try:
+            store.record_router_version(meta["id"], result["artifact_path"], metrics=meta.get("metrics"),
+                                        sample_counts=(meta.get("samples") or {}).get("by_source"),
+                                        parent_id=meta.get("parent"), active=result["promoted"])
+        except (ValueError, RuntimeError) as exc:
+            gr.Warning(f"The version was trained but not recorded in the log: {user_message(exc)}")
