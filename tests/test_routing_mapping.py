@@ -91,8 +91,11 @@ def test_frontier_is_monotone_and_equals_brute_force_pareto_set():
     assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
     assert scores == sorted(scores, reverse=True)
     everything = _brute_force(problem, None)
-    pareto = {(round(s, 5), round(c)) for s, c in everything
-              if not any((s2 >= s and c2 < c) or (s2 > s and c2 <= c) for s2, c2 in everything)}
+    pareto = {
+        (round(s, 5), round(c))
+        for s, c in everything
+        if not any((s2 >= s and c2 < c) or (s2 > s and c2 <= c) for s2, c2 in everything)
+    }
     assert {(round(p["expected_score"], 5), round(p["avg_active_params"])) for p in points} == pareto
 
 

@@ -79,8 +79,13 @@ def new_version_id(data_hash: str) -> str:
     return f"r{stamp}-{data_hash[:6]}"
 
 
-def save_artifact(data_dir: Path, meta: dict[str, Any], classifier: Any,
-                  heldout: list[dict[str, str]], heldout_proba: np.ndarray) -> RouterArtifact:
+def save_artifact(
+    data_dir: Path,
+    meta: dict[str, Any],
+    classifier: Any,
+    heldout: list[dict[str, str]],
+    heldout_proba: np.ndarray,
+) -> RouterArtifact:
     path = router_dir(data_dir) / meta["id"]
     path.mkdir(parents=True, exist_ok=False)
     joblib.dump(classifier, path / "classifier.joblib")
@@ -103,14 +108,18 @@ def read_meta(data_dir: Path, version_id: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise RouterArtifactError(f"{path} is damaged ({exc}); delete that folder and run `coe train-router`") from None
+        raise RouterArtifactError(
+            f"{path} is damaged ({exc}); delete that folder and run `coe train-router`"
+        ) from None
 
 
 def check_compatible(meta: dict[str, Any], embedder: str, categories: list[str]) -> None:
     """Raise RouterArtifactError saying exactly what differs between a version and the config."""
     problems = []
     if meta.get("embedder") != embedder:
-        problems.append(f"it was trained with embedder {meta.get('embedder')!r} but router.embedder is {embedder!r}")
+        problems.append(
+            f"it was trained with embedder {meta.get('embedder')!r} but router.embedder is {embedder!r}"
+        )
     trained = list(meta.get("categories", []))
     if trained != list(categories):
         missing = [c for c in categories if c not in trained]
@@ -122,8 +131,10 @@ def check_compatible(meta: dict[str, Any], embedder: str, categories: list[str])
             detail.append(f"not in spaces.yaml {extra}")
         if not missing and not extra:
             detail.append("same categories in another order")
-        problems.append(f"its categories {trained} differ from spaces.yaml categories {list(categories)} "
-                        f"({'; '.join(detail)})")
+        problems.append(
+            f"its categories {trained} differ from spaces.yaml categories {list(categories)} "
+            f"({'; '.join(detail)})"
+        )
     if problems:
         raise RouterArtifactError(
             f"router version {meta.get('id')!r} does not fit this config: {' and '.join(problems)}. "
@@ -171,8 +182,10 @@ def read_active(data_dir: Path) -> str | None:
 
 def write_active(data_dir: Path, version_id: str) -> None:
     read_meta(data_dir, version_id)  # raises when it does not exist
-    _write_json_atomic(router_dir(data_dir) / "active.json",
-                       {"version": version_id, "activated_at": datetime.now(UTC).isoformat()})
+    _write_json_atomic(
+        router_dir(data_dir) / "active.json",
+        {"version": version_id, "activated_at": datetime.now(UTC).isoformat()},
+    )
 
 
 def update_meta(data_dir: Path, version_id: str, **changes: Any) -> dict[str, Any]:

@@ -15,8 +15,11 @@ TARGETS = {"p50_ms": 15.0, "p95_ms": 25.0, "prompts_per_s_batch": 200.0}
 
 
 def _percentiles(ms: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
-            "mean_ms": round(float(np.mean(ms)), 3)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "mean_ms": round(float(np.mean(ms)), 3),
+    }
 
 
 def _timed(fn, items) -> list[float]:
@@ -53,7 +56,9 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
     decide_cached_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
     model = router.embedder._model
     baseline = prompts[: min(50, n)]
-    encode_ms = _timed(lambda p: model.encode([p], normalize_embeddings=True, show_progress_bar=False), baseline)
+    encode_ms = _timed(
+        lambda p: model.encode([p], normalize_embeddings=True, show_progress_bar=False), baseline
+    )
 
     start = time.perf_counter()
     service.route_many(prompts)
@@ -61,9 +66,11 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
 
     single = _percentiles(classify_ms)
     result: dict[str, Any] = {
-        "p50_ms": single["p50_ms"], "p95_ms": single["p95_ms"],
+        "p50_ms": single["p50_ms"],
+        "p95_ms": single["p95_ms"],
         "prompts_per_s_batch": round(n / batch_s, 1),
-        "what": "p50/p95: warm embed+classify of one prompt, embedding cache off; batch: route_many of n prompts",
+        "what": "p50/p95: warm embed+classify of one prompt, embedding cache off; "
+        "batch: route_many of n prompts",
         "n": n,
         "embed_classify_uncached": single,
         "decide_uncached": _percentiles(decide_ms),

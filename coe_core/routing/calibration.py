@@ -37,7 +37,9 @@ def pick_threshold(conf: np.ndarray, correct: np.ndarray, target_precision: floa
     """
     conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
     if len(conf) == 0:
-        raise ValueError("no held-out predictions to calibrate on: train the router with more labelled prompts")
+        raise ValueError(
+            "no held-out predictions to calibrate on: train the router with more labelled prompts"
+        )
     candidates = np.unique(np.concatenate([[0.0], conf]))
     effects = [threshold_effect(conf, correct, t) for t in candidates]
     for effect in effects:

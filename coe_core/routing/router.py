@@ -30,8 +30,15 @@ class Router:
     of spaces.yaml once it is set; ``threshold_source`` says which one is in force.
     """
 
-    def __init__(self, artifact: RouterArtifact, embedder: Embedder, *, config_threshold: float,
-                 confidence_kind: str, fallback_category: str) -> None:
+    def __init__(
+        self,
+        artifact: RouterArtifact,
+        embedder: Embedder,
+        *,
+        config_threshold: float,
+        confidence_kind: str,
+        fallback_category: str,
+    ) -> None:
         self.artifact = artifact
         self.embedder = embedder
         self.config_threshold = config_threshold
@@ -69,10 +76,15 @@ class Router:
         for row, c in zip(np.atleast_2d(proba), conf, strict=True):
             top = cats[int(np.argmax(row))]
             fallback = bool(c < threshold)
-            out.append(Classification(
-                category=self.fallback_category if fallback else top, top_category=top,
-                probabilities={cat: round(float(p), 4) for cat, p in zip(cats, row, strict=True)},
-                confidence=round(float(c), 4), fallback=fallback))
+            out.append(
+                Classification(
+                    category=self.fallback_category if fallback else top,
+                    top_category=top,
+                    probabilities={cat: round(float(p), 4) for cat, p in zip(cats, row, strict=True)},
+                    confidence=round(float(c), 4),
+                    fallback=fallback,
+                )
+            )
         return out
 
     def classify(self, texts: Sequence[str], *, use_cache: bool = True) -> list[Classification]:

@@ -76,10 +76,15 @@ def _text_of(content: Any) -> str:
 
 
 class RoutingService:
-    def __init__(self, config: CoEConfig, *, available_experts: Callable[[], set[str]] | None = None,
-                 expert_params: Callable[[], dict[str, int]] | None = None,
-                 progress: Callable[[str], None] | None = None,
-                 traffic_distribution: Callable[[], dict[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        config: CoEConfig,
+        *,
+        available_experts: Callable[[], set[str]] | None = None,
+        expert_params: Callable[[], dict[str, int]] | None = None,
+        progress: Callable[[str], None] | None = None,
+        traffic_distribution: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.config = config
         self._available_experts = available_experts
         self._expert_params = expert_params
@@ -110,9 +115,13 @@ class RoutingService:
         router.embedder.embed(["warm up"], use_cache=False)
 
     def _make_router(self, artifact: store.RouterArtifact) -> Router:
-        return Router(artifact, self.embedder, config_threshold=self.config.router.threshold,
-                      confidence_kind=self.config.router.confidence,
-                      fallback_category=self.config.fallback_category)
+        return Router(
+            artifact,
+            self.embedder,
+            config_threshold=self.config.router.threshold,
+            confidence_kind=self.config.router.confidence,
+            fallback_category=self.config.fallback_category,
+        )
 
     def _active_file_mtime(self) -> float | None:
         try:
@@ -147,8 +156,10 @@ class RoutingService:
             self._progress(f"router: activating {meta['id']}, the newest version that fits this config")
             store.write_active(self.data_dir, meta["id"])
             return self._make_router(self._load(meta["id"]))
-        self._progress("router: no trained router for this config yet; training one from the seed set "
-                       f"({cfg.router.seed_data}), this takes a few seconds")
+        self._progress(
+            "router: no trained router for this config yet; training one from the seed set "
+            f"({cfg.router.seed_data}), this takes a few seconds"
+        )
         try:
             examples = self.seed_labelled()
         except (FileNotFoundError, ValueError) as exc:
@@ -161,8 +172,9 @@ class RoutingService:
         return self._make_router(artifact)
 
     def _load(self, version_id: str) -> store.RouterArtifact:
-        return store.load_artifact(self.data_dir, version_id, embedder=self.config.router.embedder,
-                                   categories=self.config.categories)
+        return store.load_artifact(
+            self.data_dir, version_id, embedder=self.config.router.embedder, categories=self.config.categories
+        )
 
     # -- seed data -------------------------------------------------------------------------------
     def _seed_path(self) -> Path:
@@ -190,10 +202,14 @@ class RoutingService:
             return None
         unknown_keys = set(overrides) - {"category", "expert"}
         if unknown_keys:
-            raise ValueError(f"unknown override {sorted(unknown_keys)}: use {{'category': c}} or {{'expert': e}}")
+            raise ValueError(
+                f"unknown override {sorted(unknown_keys)}: use {{'category': c}} or {{'expert': e}}"
+            )
         cat, expert = overrides.get("category"), overrides.get("expert")
         if cat is not None and cat not in self.config.all_categories:
-            raise ValueError(f"unknown category {cat!r}; valid categories: {', '.join(self.config.all_categories)}")
+            raise ValueError(
+                f"unknown category {cat!r}; valid categories: {', '.join(self.config.all_categories)}"
+            )
         if expert is not None and expert not in self.config.experts:
             raise ValueError(f"unknown expert {expert!r}; valid experts: {', '.join(self.config.experts)}")
         return {k: v for k, v in overrides.items() if v is not None}
@@ -220,15 +236,24 @@ class RoutingService:
         router = self._ensure_router()
         results = router.classify(clean)
         mapping = self.current_mapping()
-        decisions = [self._decision(router, cls, text, None, mapping, None) for cls, text in zip(results, clean,
-                                                                                               strict=True)]
+        decisions = [
+            self._decision(router, cls, text, None, mapping, None)
+            for cls, text in zip(results, clean, strict=True)
+        ]
         per = (time.perf_counter() - start) * 1000 / len(decisions)
         for d in decisions:
             d.latency_ms = round(per, 3)
         return decisions
 
-    def _decision(self, router: Router, cls: Classification, text: str, forced: dict[str, str] | None,
-                  mapping: MappingResult, start: float | None) -> RouteDecision:
+    def _decision(
+        self,
+        router: Router,
+        cls: Classification,
+        text: str,
+        forced: dict[str, str] | None,
+        mapping: MappingResult,
+        start: float | None,
+    ) -> RouteDecision:
         cfg = self.config
         category = (forced or {}).get("category", cls.category)
         expert = mapping.assignment.get(category, cfg.active_profile.default_expert)
@@ -241,9 +266,11 @@ class RoutingService:
             why = f"category {category} chosen by the user (router said {top}) -> {expert}"
         elif cls.fallback:
             reason = "fallback"
-            why = (f"unsure: {top}, confidence {cls.confidence:.2f} < threshold {router.threshold:.2f} "
-                   f"({router.threshold_source}) -> {category} -> {expert} "
-                   f"({mapping.reasons.get(category, 'default expert')})")
+            why = (
+                f"unsure: {top}, confidence {cls.confidence:.2f} < threshold {router.threshold:.2f} "
+                f"({router.threshold_source}) -> {category} -> {expert} "
+                f"({mapping.reasons.get(category, 'default expert')})"
+            )
         elif mapping.reasons.get(category) == "mapping-override":
             reason = "mapping-override"
             why = f"{top} -> {expert}: set by mapping.overrides in spaces.yaml"
@@ -251,19 +278,34 @@ class RoutingService:
             reason = "mapped"
             why = f"{top} -> {expert}: {mapping.reasons.get(category, 'default expert')}"
         return RouteDecision(
-            category=category, expert=expert, reason=reason, probabilities=cls.probabilities,
-            confidence=cls.confidence, fallback=cls.fallback and not forced,
+            category=category,
+            expert=expert,
+            reason=reason,
+            probabilities=cls.probabilities,
+            confidence=cls.confidence,
+            fallback=cls.fallback and not forced,
             latency_ms=round((time.perf_counter() - start) * 1000, 3) if start is not None else 0.0,
-            threshold=router.threshold, override=forced, router_version=router.version_id, routed_text=text,
-            explanation=why)
+            threshold=router.threshold,
+            override=forced,
+            router_version=router.version_id,
+            routed_text=text,
+            explanation=why,
+        )
 
-    def _default_decision(self, text: str, forced: dict[str, str] | None, why: str, start: float) -> RouteDecision:
+    def _default_decision(
+        self, text: str, forced: dict[str, str] | None, why: str, start: float
+    ) -> RouteDecision:
         cfg = self.config
         expert = (forced or {}).get("expert", cfg.active_profile.default_expert)
         return RouteDecision(
-            category=(forced or {}).get("category", cfg.fallback_category), expert=expert, reason="default",
-            override=forced, routed_text=text, latency_ms=round((time.perf_counter() - start) * 1000, 3),
-            explanation=f"no router yet ({why}); served by the default expert {expert}")
+            category=(forced or {}).get("category", cfg.fallback_category),
+            expert=expert,
+            reason="default",
+            override=forced,
+            routed_text=text,
+            latency_ms=round((time.perf_counter() - start) * 1000, 3),
+            explanation=f"no router yet ({why}); served by the default expert {expert}",
+        )
 
     def runner_up(self, decision: RouteDecision) -> str | None:
         """The expert of the second most likely category when it is within ``router.prefetch_margin``
@@ -327,8 +369,9 @@ class RoutingService:
             counts = self._traffic[1]
             total = sum(counts.values())
             if total >= self.config.mapping.min_traffic and total > 0:
-                return {c: counts.get(c, 0) / total for c in self.config.all_categories}, \
-                    f"logged traffic ({total} turns)"
+                return {
+                    c: counts.get(c, 0) / total for c in self.config.all_categories
+                }, f"logged traffic ({total} turns)"
         try:
             seed = Counter(ex.category for ex in self.seed_labelled())
             total = sum(seed.values())
@@ -346,17 +389,27 @@ class RoutingService:
         notes = []
         scores = {e: row for e, row in (table.scores if table else {}).items() if e in cfg.experts}
         if table is None:
-            notes.append("no score table: every category goes to the default expert (run `coe eval-experts`)"
-                         + (f"; {self._score_table_error}" if self._score_table_error else ""))
+            notes.append(
+                "no score table: every category goes to the default expert (run `coe eval-experts`)"
+                + (f"; {self._score_table_error}" if self._score_table_error else "")
+            )
         for e in cfg.experts:
             if table is not None and e not in table.scores:
                 notes.append(f"expert {e} has no scores in {table.path}: not mapped (run `coe eval-experts`)")
             if e not in costs:
                 notes.append(f"expert {e} has no parameter count: not mapped")
         problem = MappingProblem(
-            cfg.categories, cfg.fallback_category, scores, costs, dist, overrides=dict(cfg.mapping.overrides),
-            generalists={e for e, x in cfg.experts.items() if x.generalist}, unavailable=unavailable,
-            default_expert=cfg.active_profile.default_expert, notes=notes)
+            cfg.categories,
+            cfg.fallback_category,
+            scores,
+            costs,
+            dist,
+            overrides=dict(cfg.mapping.overrides),
+            generalists={e for e, x in cfg.experts.items() if x.generalist},
+            unavailable=unavailable,
+            default_expert=cfg.active_profile.default_expert,
+            notes=notes,
+        )
         return problem, source, table
 
     def current_mapping(self) -> MappingResult:
@@ -405,16 +458,25 @@ class RoutingService:
             self._router, self._active_mtime = router, self._active_file_mtime()
         return dict(router.artifact.meta)
 
-    def train(self, extra_examples: list[LabelledPrompt] | None = None, activate: bool = True) -> dict[str, Any]:
+    def train(
+        self, extra_examples: list[LabelledPrompt] | None = None, activate: bool = True
+    ) -> dict[str, Any]:
         """Train a new version on the seed set plus ``extra_examples`` (which win on duplicates)."""
         parent = store.read_active(self.data_dir)
-        artifact = train_router(self.config, self.seed_labelled() + list(extra_examples or []), parent=parent,
-                                progress=self._progress, seed_file=self._seed_file_info())
+        artifact = train_router(
+            self.config,
+            self.seed_labelled() + list(extra_examples or []),
+            parent=parent,
+            progress=self._progress,
+            seed_file=self._seed_file_info(),
+        )
         if activate:
             self.activate(artifact.version_id)
         return dict(artifact.meta)
 
-    def retrain(self, extra_examples: list[LabelledPrompt] | None = None, *, force: bool = False) -> dict[str, Any]:
+    def retrain(
+        self, extra_examples: list[LabelledPrompt] | None = None, *, force: bool = False
+    ) -> dict[str, Any]:
         """Train a candidate; evaluate it and the active version on the candidate's held-out set; promote
         the candidate only if its macro-F1 there is not worse (or ``force``)."""
         try:
@@ -423,8 +485,10 @@ class RoutingService:
             active = None
         meta = self.train(extra_examples, activate=False)
         candidate = self._make_router(self._load(meta["id"]))
-        heldout = [LabelledPrompt(r["prompt"], r["category"], r.get("source", ""), r.get("group", ""))
-                   for r in candidate.artifact.heldout()[0]]
+        heldout = [
+            LabelledPrompt(r["prompt"], r["category"], r.get("source", ""), r.get("group", ""))
+            for r in candidate.artifact.heldout()[0]
+        ]
         if not heldout:
             raise ValueError("the candidate has no held-out prompts to compare on: add more labelled prompts")
         cand_metrics = evaluate(candidate, heldout)
@@ -432,13 +496,29 @@ class RoutingService:
         promoted, why = should_promote(cand_metrics, active_metrics, force=force)
         if promoted:
             self.activate(meta["id"])
-        store.update_meta(self.data_dir, meta["id"], comparison={
-            "against": active.version_id if active else None, "candidate": _summary(cand_metrics),
-            "active": _summary(active_metrics) if active_metrics else None, "promoted": promoted, "why": why})
-        return {"candidate": meta["id"], "active_before": active.version_id if active else None,
-                "promoted": promoted, "why": why, "heldout_n": len(heldout),
-                "candidate_metrics": cand_metrics, "active_metrics": active_metrics,
-                "samples": meta["samples"], "artifact_path": str(candidate.artifact.path), "parent": meta["parent"]}
+        store.update_meta(
+            self.data_dir,
+            meta["id"],
+            comparison={
+                "against": active.version_id if active else None,
+                "candidate": _summary(cand_metrics),
+                "active": _summary(active_metrics) if active_metrics else None,
+                "promoted": promoted,
+                "why": why,
+            },
+        )
+        return {
+            "candidate": meta["id"],
+            "active_before": active.version_id if active else None,
+            "promoted": promoted,
+            "why": why,
+            "heldout_n": len(heldout),
+            "candidate_metrics": cand_metrics,
+            "active_metrics": active_metrics,
+            "samples": meta["samples"],
+            "artifact_path": str(candidate.artifact.path),
+            "parent": meta["parent"],
+        }
 
     # -- threshold -------------------------------------------------------------------------------
     def _heldout_scores(self, router: Router) -> tuple[np.ndarray, np.ndarray]:
@@ -446,7 +526,9 @@ class RoutingService:
         if cached is None:
             examples, proba = router.artifact.heldout()
             if not examples:
-                raise ValueError(f"router {router.version_id} has no held-out prompts: retrain with more data")
+                raise ValueError(
+                    f"router {router.version_id} has no held-out prompts: retrain with more data"
+                )
             pred = [router.categories[i] for i in proba.argmax(axis=1)]
             correct = np.array([p == ex["category"] for p, ex in zip(pred, examples, strict=True)])
             cached = (confidence(proba, router.confidence_kind), correct)
@@ -458,7 +540,9 @@ class RoutingService:
         conf, correct = self._heldout_scores(self._ensure_router())
         return _threshold_effect(conf, correct, t)
 
-    def set_threshold(self, t: float, *, source: str = "manual", calibration: dict | None = None) -> dict[str, Any]:
+    def set_threshold(
+        self, t: float, *, source: str = "manual", calibration: dict | None = None
+    ) -> dict[str, Any]:
         """Persist ``t`` into the active version's metadata (it then wins over spaces.yaml)."""
         if not isinstance(t, (int, float)) or not 0 <= t <= 1:
             raise ValueError(f"threshold must be a number between 0 and 1, not {t!r}")

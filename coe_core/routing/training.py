@@ -70,14 +70,17 @@ class LabelledFile:
     sha256: str
 
 
-def load_labelled_jsonl(path: str | Path, categories: list[str], *, source: str = "seed",
-                        keep_labels: Iterable[str] = ()) -> LabelledFile:
+def load_labelled_jsonl(
+    path: str | Path, categories: list[str], *, source: str = "seed", keep_labels: Iterable[str] = ()
+) -> LabelledFile:
     """Read ``{"prompt", "category"}`` lines. Labels outside ``categories`` (+ ``keep_labels``) are
     counted, not loaded; a malformed line is an error naming the line."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"labelled prompt file {path} does not exist: write one JSON object "
-                                '{"prompt": ..., "category": ...} per line')
+        raise FileNotFoundError(
+            f"labelled prompt file {path} does not exist: write one JSON object "
+            '{"prompt": ..., "category": ...} per line'
+        )
     allowed = set(categories) | set(keep_labels)
     raw = path.read_bytes()
     examples: list[LabelledPrompt] = []
@@ -88,10 +91,15 @@ def load_labelled_jsonl(path: str | Path, categories: list[str], *, source: str 
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}); each line must be "
-                             '{"prompt": "...", "category": "..."}') from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
-                row.get("category"), str):
+            raise ValueError(
+                f"{path}:{number} is not valid JSON ({exc.msg}); each line must be "
+                '{"prompt": "...", "category": "..."}'
+            ) from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("category"), str)
+        ):
             raise ValueError(f'{path}:{number} needs string fields "prompt" and "category"')
         if not row["prompt"].strip():
             raise ValueError(f"{path}:{number} has an empty prompt")
@@ -138,14 +146,17 @@ def data_hash(examples: Iterable[LabelledPrompt]) -> str:
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
 
 
-def prepare(config: CoEConfig, examples: Iterable[LabelledPrompt]) -> tuple[list[LabelledPrompt], dict[str, int]]:
+def prepare(
+    config: CoEConfig, examples: Iterable[LabelledPrompt]
+) -> tuple[list[LabelledPrompt], dict[str, int]]:
     """Keep examples of the taxonomy's routed categories (others counted by label), deduplicated,
     text capped like routed text; raise when a category has too few examples."""
     kept, skipped = [], Counter()
     for ex in examples:
         if ex.category in config.categories and ex.prompt.strip():
-            kept.append(LabelledPrompt(ex.prompt[: config.router.context_chars], ex.category, ex.source,
-                                       ex.group))
+            kept.append(
+                LabelledPrompt(ex.prompt[: config.router.context_chars], ex.category, ex.source, ex.group)
+            )
         else:
             skipped[ex.category] += 1
     kept = dedupe(kept)
@@ -153,16 +164,23 @@ def prepare(config: CoEConfig, examples: Iterable[LabelledPrompt]) -> tuple[list
     short = {c: counts.get(c, 0) for c in config.categories if counts.get(c, 0) < MIN_PER_CATEGORY}
     if short:
         raise ValueError(
-            f"too few labelled prompts to train the router: {short} (need >= {MIN_PER_CATEGORY} per category). "
-            f"Add {{\"prompt\", \"category\"}} lines for them to {config.router.seed_data} "
+            f"too few labelled prompts to train the router: {short} "
+            f"(need >= {MIN_PER_CATEGORY} per category). "
+            f'Add {{"prompt", "category"}} lines for them to {config.router.seed_data} '
             "or remove those categories from spaces.yaml"
         )
     return kept, dict(skipped)
 
 
-def train_router(config: CoEConfig, examples: list[LabelledPrompt], *, parent: str | None = None,
-                 embedder: Embedder | None = None, progress: Progress | None = print_progress,
-                 seed_file: dict[str, Any] | None = None) -> RouterArtifact:
+def train_router(
+    config: CoEConfig,
+    examples: list[LabelledPrompt],
+    *,
+    parent: str | None = None,
+    embedder: Embedder | None = None,
+    progress: Progress | None = print_progress,
+    seed_file: dict[str, Any] | None = None,
+) -> RouterArtifact:
     """Train, evaluate on the held-out groups and save a new router version (not activated)."""
     say = progress or (lambda _m: None)
     embedder = embedder or get_embedder(config.router.embedder, config.router.max_seq_tokens)
@@ -175,8 +193,9 @@ def train_router(config: CoEConfig, examples: list[LabelledPrompt], *, parent: s
     x_test = x[[index[id(ex)] for ex in test]] if test else np.zeros((0, x.shape[1]), dtype=x.dtype)
     y_train = np.array([ex.category for ex in train])
     say(f"router: comparing classifiers {config.router.classifiers} on {len(train)} training prompts")
-    selection = select_and_fit(x_train, y_train, np.array([group_of(ex) for ex in train]),
-                               list(config.router.classifiers))
+    selection = select_and_fit(
+        x_train, y_train, np.array([group_of(ex) for ex in train]), list(config.router.classifiers)
+    )
     classes = list(selection.model.classes_)
     proba = np.zeros((len(test), len(config.categories)))
     if test:
@@ -187,8 +206,11 @@ def train_router(config: CoEConfig, examples: list[LabelledPrompt], *, parent: s
     y_pred = [config.categories[i] for i in proba.argmax(axis=1)] if test else []
     metrics = classification_metrics(y_test, y_pred, config.categories)
     correct = np.array([t == p for t, p in zip(y_test, y_pred, strict=True)], dtype=bool)
-    metrics["at_threshold"] = threshold_effect(confidence(proba, config.router.confidence), correct,
-                                               config.router.threshold) if test else None
+    metrics["at_threshold"] = (
+        threshold_effect(confidence(proba, config.router.confidence), correct, config.router.threshold)
+        if test
+        else None
+    )
     digest = data_hash(kept)
     meta: dict[str, Any] = {
         "id": new_version_id(digest),
@@ -204,7 +226,9 @@ def train_router(config: CoEConfig, examples: list[LabelledPrompt], *, parent: s
         "metrics": metrics,
         "trained_at": datetime.now(UTC).isoformat(),
         "samples": {
-            "total": len(kept), "train": len(train), "heldout": len(test),
+            "total": len(kept),
+            "train": len(train),
+            "heldout": len(test),
             "by_source": dict(Counter(ex.source for ex in kept)),
             "by_category": {c: sum(ex.category == c for ex in kept) for c in config.categories},
             "skipped_labels": skipped,
@@ -213,11 +237,15 @@ def train_router(config: CoEConfig, examples: list[LabelledPrompt], *, parent: s
         "parent": parent,
         "seed_file": seed_file,
     }
-    heldout = [{"prompt": ex.prompt, "category": ex.category, "source": ex.source, "group": group_of(ex)}
-               for ex in test]
+    heldout = [
+        {"prompt": ex.prompt, "category": ex.category, "source": ex.source, "group": group_of(ex)}
+        for ex in test
+    ]
     artifact = save_artifact(config.data_path, meta, selection.model, heldout, proba)
-    say(f"router: saved version {meta['id']} ({selection.name}, held-out macro-F1 {metrics['macro_f1']:.3f} "
-        f"on {len(test)} prompts)")
+    say(
+        f"router: saved version {meta['id']} ({selection.name}, held-out macro-F1 {metrics['macro_f1']:.3f} "
+        f"on {len(test)} prompts)"
+    )
     return artifact
 
 
@@ -237,12 +265,14 @@ def evaluate(router: Any, examples: list[LabelledPrompt], *, with_fallback: bool
     metrics = classification_metrics(y_true, y_pred, order)
     metrics["fallback_rate"] = round(float(np.mean([r.fallback for r in results])), 4)
     metrics["accuracy_without_fallback"] = round(
-        float(np.mean([r.top_category == t for r, t in zip(results, y_true, strict=True)])), 4)
+        float(np.mean([r.top_category == t for r, t in zip(results, y_true, strict=True)])), 4
+    )
     return metrics
 
 
-def should_promote(candidate: dict[str, Any], active: dict[str, Any] | None, *,
-                   force: bool = False) -> tuple[bool, str]:
+def should_promote(
+    candidate: dict[str, Any], active: dict[str, Any] | None, *, force: bool = False
+) -> tuple[bool, str]:
     """A candidate replaces the active version only if its held-out macro-F1 is not worse."""
     if force:
         return True, "forced"
@@ -251,4 +281,7 @@ def should_promote(candidate: dict[str, Any], active: dict[str, Any] | None, *,
     c, a = candidate["macro_f1"], active["macro_f1"]
     if c >= a:
         return True, f"held-out macro-F1 {c:.4f} >= active {a:.4f}"
-    return False, f"held-out macro-F1 {c:.4f} < active {a:.4f}: kept the active version (use --force to promote)"
+    return (
+        False,
+        f"held-out macro-F1 {c:.4f} < active {a:.4f}: kept the active version (use --force to promote)",
+    )
