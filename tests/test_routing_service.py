@@ -291,3 +291,38 @@ def test_switching_versions_reaches_a_running_process(trained):
     assert service.decide(_ask("Recipe for pancakes")).router_version == new_meta["id"]
     service.activate(old)
     assert service.decide(_ask("Recipe for pancakes")).router_version == old
+
+
+def test_cli_route_and_eval_router_json(trained, tmp_path, capsys):
+    from coe_core.cli import main
+
+    tmp, service, _ = trained
+    raw = yaml.safe_load((PACKAGE_ROOT / "spaces.yaml").read_text())
+    raw.update(categories=list(SEED), data_dir=str(tmp / "data"))
+    raw["router"]["seed_data"] = service.config.router.seed_data
+    raw["profiles"]["offline"]["scores"] = service.config.active_profile.scores
+    config_path = tmp_path / "spaces.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(config_path), "route", "--no-engine", "--json", "Recipe for apple pie"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shape = {"category", "probabilities", "confidence", "fallback", "expert", "reason", "latency_ms"}
+    assert set(out) >= shape
+    assert out["category"] == "cooking"
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "How do I bake bread?", "category": "cooking"},
+        {"prompt": "Write a Go HTTP server", "category": "code"},
+        {"prompt": "Who won the 1998 World Cup?", "category": "sports"},
+        {"prompt": "hmm", "category": "general"},
+    ]))
+    assert main(["--config", str(config_path), "eval-router", "--json", str(eval_file)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 3 and out["outside_taxonomy"] == {"sports": 1}
+    assert set(out) >= {"accuracy", "macro_f1", "per_category", "confusion", "fallback_rate"}
+    assert out["per_category"]["cooking"]["n"] == 1
+    # a fallback is its own predicted label (general): right only for prompts labelled general
+    labels, matrix = out["confusion"]["labels"], out["confusion"]["matrix"]
+    assert out["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(labels))) / 3, abs=1e-3)
+    assert main(["--config", str(config_path), "eval-router", str(tmp_path / "nope.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
