@@ -94,22 +94,24 @@ class Embedder:
         return np.asarray(out, dtype=np.float32)
 
     def _embed_one(self, text: str, use_cache: bool) -> np.ndarray:
-        if use_cache and (hit := self._cache.get(text)) is not None:
-            self._cache.move_to_end(text)
-            return hit
         torch = self._torch
-        with self._lock, torch.inference_mode():
-            features = self._model.preprocess([text])
-            vec = self._model(features)["sentence_embedding"]
-            vec = torch.nn.functional.normalize(vec, dim=-1)[0].numpy().astype(np.float32, copy=True)
-        if use_cache and self._cache_size:
-            self._cache[text] = vec
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        with self._lock:  # also guards the LRU dict (decide() may run on several threads)
+            if use_cache and (hit := self._cache.get(text)) is not None:
+                self._cache.move_to_end(text)
+                return hit
+            with torch.inference_mode():
+                features = self._model.preprocess([text])
+                vec = self._model(features)["sentence_embedding"]
+                vec = torch.nn.functional.normalize(vec, dim=-1)[0].numpy().astype(np.float32, copy=True)
+            if use_cache and self._cache_size:
+                self._cache[text] = vec
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return vec
 
     def cache_clear(self) -> None:
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
 
 
 _CACHE: dict[tuple[str, int], Embedder] = {}
