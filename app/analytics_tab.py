@@ -60,13 +60,13 @@ class AnalyticsTab:
             self.refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=100)
             self.summary = gr.Markdown("Open this tab to load the analytics.", elem_classes=["coe-stats"])
         with gr.Row(equal_height=False):
-            self.over_time = gr.Plot(label="Turns over time", elem_classes=["coe-plot"])
+            self.over_time = gr.Plot(label="Turns over time", elem_classes=["coe-plot"], show_label=False)
         with gr.Row(equal_height=False):
-            self.usage = gr.Plot(label="Expert usage", elem_classes=["coe-plot"])
-            self.rates = gr.Plot(label="Fallback and feedback", elem_classes=["coe-plot"])
+            self.usage = gr.Plot(label="Expert usage", elem_classes=["coe-plot"], show_label=False)
+            self.rates = gr.Plot(label="Fallback and feedback", elem_classes=["coe-plot"], show_label=False)
         with gr.Row(equal_height=False):
-            self.ttft = gr.Plot(label="Time to first token", elem_classes=["coe-plot"])
-            self.swaps = gr.Plot(label="Swap times", elem_classes=["coe-plot"])
+            self.ttft = gr.Plot(label="Time to first token", elem_classes=["coe-plot"], show_label=False)
+            self.swaps = gr.Plot(label="Swap times", elem_classes=["coe-plot"], show_label=False)
         self.recent = gr.Dataframe(headers=RECENT_COLUMNS, label="Recent turns (newest first)", interactive=False,
                                    wrap=True)
         with gr.Accordion("Export the log", open=False):

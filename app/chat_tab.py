@@ -82,7 +82,7 @@ def residency_summary(snapshot: dict) -> str:
         busy = " ▶ generating" if e.get("pinned") else ""
         reason = f" ({e['reason']})" if not e.get("available", True) and e.get("reason") else ""
         parts.append(f"`{eid}`: **{state}**{busy}{reason}")
-    return " · ".join(parts)
+    return " · ".join(parts) + "  \n_Each row is one tier; the dashed line is its budget when it is in view._"
 
 
 class ChatTab:
@@ -100,7 +100,7 @@ class ChatTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=340):
                 self.chatbot = gr.Chatbot(
-                    elem_id="coe-chatbot", label="Chat", height=560, buttons=["copy"],
+                    elem_id="coe-chatbot", label="Chat", show_label=False, height=500, buttons=["copy"],
                     feedback_options=("Like", "Dislike", FEEDBACK_WRONG),
                     placeholder="Ask anything: the router picks a category, the mapping picks an expert, "
                                 "and you see each step here.",
@@ -137,12 +137,12 @@ class ChatTab:
                 self.decision_md = gr.Markdown("Routing appears here when you send a prompt.",
                                                elem_id="coe-decision")
                 self.prob_plot = gr.Plot(plots.probabilities_figure({}, ctx.colors), label="Category probabilities",
-                                         elem_id="coe-prob-plot", elem_classes=["coe-plot"])
+                                         elem_id="coe-prob-plot", elem_classes=["coe-plot"], show_label=False)
                 self.residency_plot = gr.Plot(label="Tier residency (live)", elem_id="coe-residency-plot",
-                                              elem_classes=["coe-plot"])
+                                              elem_classes=["coe-plot"], show_label=False)
                 self.residency_md = gr.Markdown(elem_classes=["coe-stats"])
                 self.timeline_plot = gr.Plot(plots.timeline_figure([]), label="This turn's timeline",
-                                             elem_id="coe-timeline-plot", elem_classes=["coe-plot"])
+                                             elem_id="coe-timeline-plot", elem_classes=["coe-plot"], show_label=False)
                 self.turn_md = gr.Markdown(elem_classes=["coe-stats"], elem_id="coe-turn-stats")
         self.timer = gr.Timer(1.0, active=False)
 

@@ -59,7 +59,7 @@ class ExplorerTab:
             with gr.Column(scale=3, min_width=320):
                 self.map_plot = gr.Plot(plots.empty_figure("the map appears when you route prompts",
                                                            plots.HEIGHT_LARGE),
-                                        label="Routing map", elem_classes=["coe-plot"])
+                                        label="Routing map", elem_classes=["coe-plot"], show_label=False)
         self.table = gr.Dataframe(headers=COLUMNS, label="Routing decisions", wrap=True, interactive=False)
 
     def wire(self, demo: gr.Blocks) -> None:

@@ -75,7 +75,7 @@ class MappingTab:
                 self.result_md = gr.Markdown()
             with gr.Column(scale=3, min_width=320):
                 self.frontier_plot = gr.Plot(label="Pareto frontier", elem_id="coe-frontier-plot",
-                                             elem_classes=["coe-plot"])
+                                             elem_classes=["coe-plot"], show_label=False)
         with gr.Row(equal_height=False):
             with gr.Column(min_width=300):
                 self.mapping_table = gr.Dataframe(headers=MAPPING_COLUMNS, label="Category → expert (live)",

@@ -44,9 +44,9 @@ def params_m(n: float) -> str:
 
 
 def _layout(fig: go.Figure, height: int, **kwargs: Any) -> go.Figure:
+    kwargs.setdefault("margin", {"l": 10, "r": 20, "t": 40, "b": 10})
     fig.update_layout(height=height, autosize=True, template="plotly_white",
-                      font={"family": FONT, "size": 12},
-                      margin={"l": 10, "r": 20, "t": 40, "b": 10}, **kwargs)
+                      font={"family": FONT, "size": 12}, **kwargs)
     return fig
 
 
@@ -89,11 +89,12 @@ def probabilities_figure(probabilities: Mapping[str, float], colors: Mapping[str
 
 
 def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
-    """Bytes of every expert in each tier (gpu, cpu, disk), stacked per tier, with the tier budget as a line.
+    """Bytes of every expert in each tier (gpu, cpu, disk): one stacked bar per tier, the tier budget as a line.
 
     ``snapshot`` is ``TierManager.snapshot()``: {"tiers": {name: {exists, budget, used, ...}},
     "experts": {id: {"tiers": {tier: bytes}, "state", "pinned", ...}}, "exec_tier"}.
-    A tier that does not exist on this machine is drawn as an empty row marked absent.
+    A tier that does not exist on this machine gets a thin row marked absent. Each row is scaled to what it
+    holds, so small experts stay readable; a budget far beyond that is written at the row's end instead.
     """
     tiers = snapshot.get("tiers", {})
     experts = snapshot.get("experts", {})
@@ -101,22 +102,22 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
     names = [t for t in TIER_ORDER if t in tiers]
     if not names:
         return empty_figure("no tier information")
-    titles = []
+    titles, heights = [], []
     for t in names:
         info = tiers[t]
         role = "executes" if t == exec_tier else ("staging" if t == "cpu" else "capacity")
         if not info.get("exists", True):
-            titles.append(f"<b>{t}</b> — absent on this machine")
+            why = str(info.get("budget_source") or "not detected").removeprefix("absent: ")
+            titles.append(f"<b>{t}</b> — absent on this machine ({why})")
+            heights.append(0.12)
         else:
-            titles.append(f"<b>{t}</b> ({role}) — {gb(info.get('used', 0))} used of {gb(info.get('budget', 0))}")
-    fig = make_subplots(rows=len(names), cols=1, subplot_titles=titles, vertical_spacing=0.16)
+            titles.append(f"<b>{t}</b> ({role}): {gb(info.get('used', 0))} used of {gb(info.get('budget', 0))}")
+            heights.append(1.0)
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=titles, vertical_spacing=0.2,
+                        row_heights=heights)
     for row, t in enumerate(names, start=1):
         info = tiers[t]
-        axis = "x" if row == 1 else f"x{row}"
         if not info.get("exists", True):
-            fig.add_annotation(text=info.get("budget_source") or "absent", x=0.5, y=0.5, showarrow=False,
-                               xref=f"{axis} domain", yref=f"{'y' if row == 1 else f'y{row}'} domain",
-                               font={"color": "#6B7280"})
             fig.update_xaxes(visible=False, row=row, col=1)
             fig.update_yaxes(visible=False, row=row, col=1)
             continue
@@ -128,27 +129,32 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
             total += nbytes
             busy = e.get("pinned", 0) > 0 and t == exec_tier
             loading = e.get("state") == "loading"
-            label = f"{eid}{' ▶' if busy else ''}"
             fig.add_trace(go.Bar(
                 x=[nbytes / GB], y=[t], orientation="h", name=eid,
                 marker={"color": TIER_COLORS.get(t, UNKNOWN_COLOR),
                         "line": {"color": "#111827" if busy else "white", "width": 3 if busy else 2},
                         "pattern": {"shape": "/" if loading else ""}},
-                text=[label], textposition="inside", insidetextanchor="middle",
+                text=[f"{eid}{' ▶' if busy else ''} {gb(nbytes)}"], textposition="inside",
+                insidetextanchor="middle", textfont={"color": "white"},
                 hovertemplate=f"{eid} in {t}: {gb(nbytes)} (state {e.get('state')})<extra></extra>",
             ), row=row, col=1)
         budget = float(info.get("budget") or 0)
-        span = max(budget, total, 1.0) / GB * 1.1
-        if budget > 0:
+        span = max(total * 1.3, 0.25 * GB)
+        if 0 < budget <= span * 1.5:
+            span = max(span, budget * 1.05)
             fig.add_vline(x=budget / GB, line={"color": "#DC2626", "dash": "dash", "width": 2}, row=row, col=1)
         if total == 0:
-            fig.add_annotation(text="empty", x=0.5, y=0.5, showarrow=False, xref=f"{axis} domain",
-                               yref=f"{'y' if row == 1 else f'y{row}'} domain", font={"color": "#6B7280"})
-        fig.update_xaxes(range=[0, span], title_text="GB", title_standoff=2, row=row, col=1)
+            yref = "y domain" if row == 1 else f"y{row} domain"
+            xref = "x domain" if row == 1 else f"x{row} domain"
+            fig.add_annotation(text="empty", x=0.02, y=0.5, xref=xref, yref=yref, xanchor="left", showarrow=False,
+                               font={"color": "#6B7280"})
+        fig.update_xaxes(range=[0, span / GB], ticksuffix=" GB", row=row, col=1)
         fig.update_yaxes(showticklabels=False, row=row, col=1)
     fig.update_annotations(font_size=12)
-    return _layout(fig, HEIGHT + 20, barmode="stack", showlegend=False, bargap=0.25,
-                   margin={"l": 10, "r": 20, "t": 30, "b": 10})
+    return _layout(fig, HEIGHT, barmode="stack", showlegend=False, bargap=0.15,
+                   title={"text": "Tier residency (▶ = generating)",
+                          "font": {"size": 13}},
+                   margin={"l": 10, "r": 20, "t": 64, "b": 10})
 
 
 def timeline_figure(timeline: Sequence[Sequence[Any]], swaps: Sequence[Mapping[str, Any]] = (), *,
@@ -268,7 +274,8 @@ def threshold_figure(curve: Sequence[Mapping[str, float]], *, current: float | N
                       annotation_text=f"new {candidate:.2f}", annotation_position="top right")
     fig.update_xaxes(title_text="fallback threshold (confidence, 0–1)", range=[0, 1])
     fig.update_yaxes(title_text="share of held-out prompts", tickformat=".0%", range=[0, 1.02])
-    return _layout(fig, HEIGHT, legend={"orientation": "h", "y": -0.25})
+    return _layout(fig, HEIGHT, title={"text": "Held-out precision and coverage vs threshold", "font": {"size": 13}},
+                   legend={"orientation": "h", "y": -0.25})
 
 
 # -- mapping tab -----------------------------------------------------------------------------------------
@@ -288,7 +295,7 @@ def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[s
     for s in singles:
         fig.add_trace(go.Scatter(
             x=[s["avg_active_params"] / 1e6], y=[s["expected_score"]], mode="markers+text",
-            name=f"only {s['expert']}", text=[s["expert"]], textposition="bottom center",
+            name=f"only {s['expert']}", text=[s["expert"]], textposition="top center", cliponaxis=False,
             marker={"size": 11, "symbol": "diamond", "color": "#9CA3AF", "line": {"color": "#374151", "width": 1}},
             hovertemplate=f"every category → {s['expert']}: " + "%{x:.0f}M params, score %{y:.3f}<extra></extra>"))
     if preview is not None and (current is None or preview != current):
@@ -308,22 +315,8 @@ def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[s
                       annotation_text=f"budget {budget / 1e6:.0f}M", annotation_position="top left")
     fig.update_xaxes(title_text="average active parameters per prompt (millions)")
     fig.update_yaxes(title_text="expected score (traffic-weighted)")
-    return _layout(fig, HEIGHT_LARGE - 40, legend={"orientation": "h", "y": -0.22})
-
-
-def mapping_figure(assignment: Mapping[str, str], distribution: Mapping[str, float],
-                   colors: Mapping[str, str]) -> go.Figure:
-    """Which expert serves each category, bar length = share of traffic."""
-    if not assignment:
-        return empty_figure("no mapping")
-    cats = list(assignment)
-    fig = go.Figure(go.Bar(
-        x=[distribution.get(c, 0.0) for c in cats], y=[f"{c} → {assignment[c]}" for c in cats], orientation="h",
-        marker={"color": [color_of(c, colors) for c in cats]},
-        hovertemplate="%{y}: %{x:.1%} of traffic<extra></extra>"))
-    fig.update_xaxes(title_text="share of traffic (%)", tickformat=".0%")
-    fig.update_yaxes(autorange="reversed", automargin=True)
-    return _layout(fig, HEIGHT, showlegend=False)
+    return _layout(fig, HEIGHT_LARGE - 40, legend={"orientation": "h", "y": -0.22},
+                   title={"text": "Expected score vs cost: the Pareto frontier of mappings", "font": {"size": 13}})
 
 
 # -- analytics tab ---------------------------------------------------------------------------------------
@@ -342,7 +335,8 @@ def turns_over_time_figure(rows: Sequence[Mapping[str, Any]], colors: Mapping[st
                              hovertemplate=f"{cat}: " + "%{y} turns on %{x}<extra></extra>"))
     fig.update_xaxes(title_text="day (UTC)", type="category")
     fig.update_yaxes(title_text="turns")
-    return _layout(fig, HEIGHT, barmode="stack", title={"text": "Turns over time by category", "font": {"size": 13}},
+    return _layout(fig, HEIGHT, barmode="stack", bargap=0.7 if len(days) < 4 else 0.2,
+                   title={"text": "Turns over time by category", "font": {"size": 13}},
                    legend={"orientation": "h", "y": -0.25})
 
 

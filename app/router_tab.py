@@ -17,7 +17,8 @@ VERSION_COLUMNS = ["version", "trained (UTC)", "classifier", "macro-F1", "accura
 
 
 def f1_rows(metrics: dict) -> list[list[Any]]:
-    return [[c, m["precision"], m["recall"], m["f1"], m["n"]] for c, m in (metrics.get("per_category") or {}).items()]
+    return [[c, round(m["precision"], 3), round(m["recall"], 3), round(m["f1"], 3), m["n"]]
+            for c, m in (metrics.get("per_category") or {}).items()]
 
 
 def version_rows(versions: list[dict]) -> list[list[Any]]:
@@ -63,7 +64,7 @@ class RouterTab:
                 self.f1_table = gr.Dataframe(headers=F1_COLUMNS, label="Per-category quality (held-out)",
                                              interactive=False)
             with gr.Column(scale=3, min_width=320):
-                self.confusion_plot = gr.Plot(label="Confusion matrix", elem_classes=["coe-plot"])
+                self.confusion_plot = gr.Plot(label="Confusion matrix", elem_classes=["coe-plot"], show_label=False)
         with gr.Accordion("Fallback threshold", open=True):
             gr.Markdown("Prompts whose confidence is below the threshold go to the fallback category. "
                         "Move the slider to see the effect on held-out prompts **before** applying it.")
@@ -75,7 +76,7 @@ class RouterTab:
                     self.apply_threshold = gr.Button("Apply threshold", variant="primary")
                 with gr.Column(scale=3, min_width=300):
                     self.threshold_plot = gr.Plot(label="Precision and coverage vs threshold",
-                                                  elem_classes=["coe-plot"])
+                                                  elem_classes=["coe-plot"], show_label=False)
         with gr.Accordion("Versions, retrain, promote / rollback", open=True):
             self.versions = gr.Dataframe(headers=VERSION_COLUMNS, label="Version history (newest first)",
                                          interactive=False, wrap=True)

@@ -70,7 +70,10 @@ def gradio_theme() -> gr.themes.Base:
 
 
 CSS = """
-.gradio-container { max-width: 1400px !important; margin: 0 auto; }
+.gradio-container { max-width: 1400px !important; width: 100% !important; margin: 0 auto; }
+/* keep one width on every tab (flex containers otherwise shrink to the tab's content) */
+.gradio-container > .main, .gradio-container main.contain, .gradio-container .wrap:has(> main) {
+  width: 100% !important; max-width: 1400px !important; }
 #coe-header h1 { margin-bottom: 0; font-size: 1.6rem; }
 #coe-header p { margin-top: 0.2rem; opacity: 0.8; }
 #coe-status { font-size: 0.9rem; padding: 0.3rem 0.6rem; border-radius: 8px;
