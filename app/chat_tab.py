@@ -122,7 +122,7 @@ class ChatTab:
                             label="Force expert", info="off by default: the mapping decides")
                     with gr.Row():
                         self.max_tokens = gr.Slider(1, limits.max_new_tokens_cap, value=self.default_tokens, step=1,
-                                                    label="Max new tokens (tokens)")
+                                                    label="Max new tokens (tokens)", elem_id="coe-max-tokens")
                         self.temperature = gr.Slider(0.0, 2.0, value=limits.temperature, step=0.05,
                                                      label="Temperature (0 = greedy)")
                 with gr.Accordion("Wrong category? Correct the router", open=False) as self.correct_box:

@@ -45,7 +45,8 @@ def params_m(n: float) -> str:
 
 def _layout(fig: go.Figure, height: int, **kwargs: Any) -> go.Figure:
     kwargs.setdefault("margin", {"l": 10, "r": 20, "t": 40, "b": 10})
-    fig.update_layout(height=height, autosize=True, template="plotly_white",
+    # a vertical mode bar stays clear of the titles (a horizontal one covers their right end)
+    fig.update_layout(height=height, autosize=True, template="plotly_white", modebar={"orientation": "v"},
                       font={"family": FONT, "size": 12}, **kwargs)
     return fig
 
