@@ -108,16 +108,41 @@ def tiny_config(tiny_sources, tmp_path):
     return build
 
 
-@pytest.fixture
-def real_config(tmp_path):
-    """The packaged default (spaces.yaml) in a test data dir whose disk tier is shared across tests."""
+def packaged_config(data_dir: Path):
+    """The packaged default (spaces.yaml) in ``data_dir``, whose disk tier is shared across tests."""
     from coe_core.config import load_config
 
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
+    data_dir.mkdir(parents=True, exist_ok=True)
     SHARED_EXPERTS.mkdir(parents=True, exist_ok=True)
-    (data_dir / "experts").symlink_to(SHARED_EXPERTS, target_is_directory=True)
+    if not (data_dir / "experts").exists():
+        (data_dir / "experts").symlink_to(SHARED_EXPERTS, target_is_directory=True)
     return load_config(REPO / "spaces.yaml", env=False, data_dir=str(data_dir))
+
+
+@pytest.fixture
+def real_config(tmp_path):
+    """The packaged default in a fresh test data dir (experts shared, no router yet, own SQLite)."""
+    return packaged_config(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def seed_router_dir(tmp_path_factory) -> Path:
+    """A router trained once per test session on the shipped seed set (training costs ~30 s of CPU)."""
+    from coe_core.routing.service import RoutingService
+
+    data_dir = tmp_path_factory.mktemp("seed-router")
+    RoutingService(packaged_config(data_dir), progress=lambda msg: None).warm_up()
+    return data_dir / "router"
+
+
+@pytest.fixture
+def routed_config(tmp_path, seed_router_dir):
+    """The packaged default with the session's seed-trained router copied in (own SQLite, own versions)."""
+    import shutil
+
+    config = packaged_config(tmp_path / "data")
+    shutil.copytree(seed_router_dir, config.data_path / "router")
+    return config
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -1,0 +1,62 @@
+"""The real packaged experts, end to end, offline: the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def coe_cli(config, *args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COE_DATA_DIR": str(config.data_path)}
+    return subprocess.run([sys.executable, "-m", "coe_core.cli", "--config", str(REPO / "spaces.yaml"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert", ["smollm2-135m", "gemma3-270m"])
+def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert):
+    done = coe_cli(real_config, "chat", "--json", "--no-router", "--expert", expert, "--max-new-tokens", "12",
+                   "--temperature", "0", "What is the capital of France?")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["expert"] == expert and out["status"] == "ok"
+    assert out["response"].strip() and 0 < out["new_tokens"] <= 12
+    assert out["ttft_s"] > 0 and out["tokens_per_s"] > 0 and out["interaction_id"] >= 1
+    assert out["swaps"] and out["swaps"][0]["src"] == "disk" and out["swaps"][0]["dst"] == "cpu"
+    if expert == "smollm2-135m":
+        assert "paris" in out["response"].lower()
+
+
+@pytest.mark.slow
+def test_routed_chat_and_experts_listing(routed_config):
+    done = coe_cli(routed_config, "chat", "--json", "--max-new-tokens", "8", "--temperature", "0",
+                   "Write a Python function that reverses a string.")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["route"]["category"] == "coding" and out["route"]["reason"] in {"mapped", "mapping-override"}
+    assert out["expert"] in {"smollm2-135m", "gemma3-270m"}
+    listing = json.loads(coe_cli(routed_config, "experts", "--json").stdout)
+    assert {e["id"] for e in listing["experts"]} == {"smollm2-135m", "gemma3-270m"}
+    assert all(e["params"] > 1e8 and e["available"] for e in listing["experts"])
+    assert listing["tiers"]["gpu"]["exists"] is False and listing["tiers"]["cpu"]["budget"] > 0
+
+
+def test_cli_errors_are_one_clear_line(real_config, tmp_path):
+    empty = coe_cli(real_config, "chat", "--no-router", "   ")
+    assert empty.returncode == 2 and "empty prompt" in empty.stderr and "Traceback" not in empty.stderr
+    unknown = coe_cli(real_config, "chat", "--no-router", "--expert", "gpt-17", "hi")
+    assert unknown.returncode == 2 and "unknown expert 'gpt-17'" in unknown.stderr
+    huge = coe_cli(real_config, "chat", "--no-router", "x" * 40_000)
+    assert huge.returncode == 2 and "more than the limit" in huge.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profiles:\n  offline:\n    experts: {}\n    default_expert: x\n    colour: red\n")
+    broken = subprocess.run([sys.executable, "-m", "coe_core.cli", "--config", str(bad), "experts"],
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 2 and "profiles.offline.colour: unknown key" in broken.stderr
+    assert "Traceback" not in broken.stderr
