@@ -326,3 +326,14 @@ def test_cli_route_and_eval_router_json(trained, tmp_path, capsys):
     assert out["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(labels))) / 3, abs=1e-3)
     assert main(["--config", str(config_path), "eval-router", str(tmp_path / "nope.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_route_reports_latency_and_throughput(trained):
+    from coe_core.routing.cli import bench_route
+
+    _, service, _ = trained
+    result = bench_route(service.config, n=10)
+    assert set(result) >= {"p50_ms", "p95_ms", "prompts_per_s_batch", "decide_cached", "meets_targets"}
+    assert 0 < result["p50_ms"] <= result["p95_ms"] and result["prompts_per_s_batch"] > 0
+    with pytest.raises(ValueError, match="n >= 10"):
+        bench_route(service.config, n=3)

@@ -50,7 +50,18 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
     for p in prompts[:5]:  # warm the kernels for these shapes
         router.classify([p], use_cache=False)
 
-    classify_ms = _timed(lambda p: router.classify([p], use_cache=False), prompts)
+    # default torch threads vs one thread, interleaved so both see the same machine load: on a shared
+    # 2-core box under load, one thread avoids OpenMP barrier stalls and has a far better tail
+    default_threads = torch.get_num_threads()
+    classify_ms, one_thread_ms = [], []
+    try:
+        for i, p in enumerate(prompts):
+            for threads in (default_threads, 1) if i % 2 else (1, default_threads):
+                torch.set_num_threads(threads)
+                ms = _timed(lambda q: router.classify([q], use_cache=False), [p])[0]
+                (classify_ms if threads == default_threads else one_thread_ms).append(ms)
+    finally:
+        torch.set_num_threads(default_threads)
     router.embedder.cache_clear()
     decide_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
     decide_cached_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
@@ -73,6 +84,7 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
         "batch: route_many of n prompts",
         "n": n,
         "embed_classify_uncached": single,
+        "embed_classify_uncached_1_thread": _percentiles(one_thread_ms),
         "decide_uncached": _percentiles(decide_ms),
         "decide_cached": _percentiles(decide_cached_ms),
         "baseline_sentence_transformers_encode": _percentiles(encode_ms),
@@ -81,7 +93,7 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
         "embedder": config.router.embedder,
         "max_seq_tokens": config.router.max_seq_tokens,
         "mean_prompt_chars": round(float(np.mean([len(p) for p in prompts])), 1),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": default_threads,
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "targets": TARGETS,
