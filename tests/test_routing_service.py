@@ -249,8 +249,13 @@ def test_corrections_change_the_route_and_a_worse_candidate_is_not_promoted(tmp_
     service = RoutingService(_config(tmp_path), progress=messages.append)
     service.warm_up()
     first = service.active_version()["id"]
+    service.calibrate(0.6)  # a calibrated threshold is recalibrated for every new version
     probe = "Find me the best street food stalls in Bangkok"
-    before = service.decide(_ask(probe)).category
+    def top(text: str) -> str:  # the classifier's winner (fallback aside)
+        probs = service.decide(_ask(text)).probabilities
+        return max(probs, key=probs.get)
+
+    before = top(probe)
     target = "cooking" if before != "cooking" else "travel"
     cities = ["Hanoi", "Mexico City", "Istanbul", "Penang", "Marrakesh"]
     corrections = [
@@ -261,7 +266,8 @@ def test_corrections_change_the_route_and_a_worse_candidate_is_not_promoted(tmp_
     assert result["promoted"], result["why"]
     assert result["samples"]["by_source"] == {"seed": 42, "feedback-corrected": 5}
     assert result["parent"] == first and service.active_version()["id"] == result["candidate"]
-    assert service.decide(_ask(probe)).category == target
+    assert top(probe) == target
+    assert service.active_version()["threshold_set_by"] == "recalibration after retrain (target 0.6)"
 
     # poisoned labels (every training prompt twice more with a wrong label) make a worse candidate
     good = service.active_version()["id"]

@@ -470,9 +470,39 @@ class RoutingService:
             progress=self._progress,
             seed_file=self._seed_file_info(),
         )
+        self._carry_threshold(parent, artifact)
         if activate:
             self.activate(artifact.version_id)
         return dict(artifact.meta)
+
+    def _carry_threshold(self, parent: str | None, artifact: store.RouterArtifact) -> None:
+        """A new version keeps its parent's fallback policy: a calibrated threshold is recalibrated on
+        the new version's held-out set (same precision target), a hand-set one is inherited. Without
+        this a retrain would silently fall back to spaces.yaml's threshold."""
+        if parent is None:
+            return
+        try:
+            parent_meta = store.read_meta(self.data_dir, parent)
+        except store.RouterArtifactError:
+            return
+        if parent_meta.get("threshold") is None:
+            return
+        changes = {"threshold": parent_meta["threshold"], "threshold_set_by": f"inherited from {parent}"}
+        calibration = parent_meta.get("calibration")
+        if calibration:
+            target = calibration.get("target_precision", self.config.router.target_precision)
+            try:
+                conf, correct = self._heldout_scores(self._make_router(artifact))
+                result = pick_threshold(conf, correct, target)
+                changes = {
+                    "threshold": result["threshold"],
+                    "calibration": result,
+                    "threshold_set_by": f"recalibration after retrain (target {target})",
+                }
+            except ValueError:
+                pass  # no held-out prompts to recalibrate on: keep the parent's value
+        store.update_meta(self.data_dir, artifact.version_id, **changes)
+        artifact.meta.update(changes)
 
     def retrain(
         self, extra_examples: list[LabelledPrompt] | None = None, *, force: bool = False
