@@ -50,6 +50,15 @@ def parse_size(value: int | float | str, what: str = "size") -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+def parse_params(value: int | float | str, what: str = "parameter count") -> int:
+    """Parameter counts: '300M', '1.5B' (B = billion here, not bytes), '7G', 12345 -> number."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[bB]\s*", value)
+        if match:
+            return int(float(match.group(1)) * 10**9)
+    return parse_size(value, what)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -171,7 +180,7 @@ class MappingConfig(_Strict):
     def _norm(cls, v: Any) -> Any:
         if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
             return "auto"
-        return parse_size(v, "mapping budget")
+        return parse_params(v, "mapping budget")
 
 
 class StoreConfig(_Strict):

@@ -106,3 +106,12 @@ def test_score_table_errors_say_what_to_fix(tmp_path):
     bad.write_text(json.dumps({"scores": {"a": {"coding": "high"}}}))
     with pytest.raises(ScoreTableError, match="not a number"):
         load_score_table(bad)
+
+
+def test_budget_suffix_b_means_billion_parameters_not_bytes():
+    from coe_core.config import load_config, parse_params
+
+    assert parse_params("1.5B") == 1_500_000_000 and parse_params("300M") == 300_000_000
+    assert load_config(env=False, mapping__budget="1B").mapping.budget == 1_000_000_000
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_params("lots")

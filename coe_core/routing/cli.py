@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from coe_core.config import CoEConfig, parse_size
+from coe_core.config import CoEConfig, parse_params
 from coe_core.routing.bench import bench_route
 from coe_core.routing.metrics import format_confusion
 
@@ -411,7 +411,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _budget_arg(value: str) -> str:
     if value.strip().lower() != "auto":
         try:
-            parse_size(value, "budget")
+            parse_params(value, "budget")
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return value

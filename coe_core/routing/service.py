@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from coe_core.config import CoEConfig, parse_size
+from coe_core.config import CoEConfig, parse_params
 from coe_core.events import RouteDecision
 from coe_core.routing import artifact as store
 from coe_core.routing.calibration import pick_threshold
@@ -432,7 +432,7 @@ class RoutingService:
         if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
             self._budget = None
         else:
-            self._budget = parse_size(budget, "mapping budget")
+            self._budget = parse_params(budget, "mapping budget")
         return self.current_mapping()
 
     @property
