@@ -108,6 +108,10 @@ def cmd_bench(args, config) -> int:
 
         result = bench_swap(config, synthetic_gb=args.synthetic_gb, repeats=args.repeats,
                             cold=not args.no_cold, generation_tokens=args.tokens)
+    elif args.what == "store":
+        from coe_core.bench.store import bench_store
+
+        result = bench_store(n=args.n)
     else:
         from coe_core.routing.cli import bench_route
 
@@ -148,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (JSON figures, not tests)")
-    p.add_argument("what", choices=["swap", "route"])
+    p.add_argument("what", choices=["swap", "route", "store"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--synthetic-gb", type=float, default=1.0, help="swap: size of the synthetic checkpoint")
     p.add_argument("--repeats", type=int, default=5, help="swap: repeats per measurement")
     p.add_argument("--tokens", type=int, default=64, help="swap: tokens for the generation comparison")
     p.add_argument("--no-cold", action="store_true", help="swap: skip the cold page-cache runs")
-    p.add_argument("-n", type=int, default=200, help="route: prompts to time")
+    p.add_argument("-n", type=int, default=200, help="route: prompts to time; store: turns to log")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="start the Gradio playground (same as python -m app)")
