@@ -182,7 +182,9 @@ class RoutingService:
 
     def _seed_file_info(self) -> dict[str, Any]:
         path = self._seed_path()
-        return {"path": str(path), "sha256": load_labelled_jsonl(path, self.config.categories).sha256}
+        data = load_labelled_jsonl(path, self.config.categories)
+        # labels of the file that are not categories of spaces.yaml (a taxonomy typo shows up here)
+        return {"path": str(path), "sha256": data.sha256, "outside_taxonomy": data.outside_taxonomy}
 
     def seed_labelled(self) -> list[LabelledPrompt]:
         if self._seed is None:
