@@ -59,7 +59,7 @@ class MappingTab:
 
     def build(self) -> None:
         params = self._params() or {"": 1e9}
-        lo = max(1, int(min(params.values()) / 1e6) - 10)
+        # from 0: a budget below the cheapest mapping is allowed (the optimiser then says so and uses the cheapest)
         hi = int(max(params.values()) / 1e6) + 10
         current = self.routing.budget
         gr.Markdown("Each prompt runs **one** expert, so a mapping's cost is the **average active parameters per "
@@ -67,7 +67,7 @@ class MappingTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
                 self.no_limit = gr.Checkbox(current is None, label="No budget limit")
-                self.budget = gr.Slider(lo, hi, step=1, value=(current / 1e6) if current else hi,
+                self.budget = gr.Slider(0, hi, step=1, value=(current / 1e6) if current else hi,
                                         label="Budget: average active parameters per prompt (millions)",
                                         elem_id="coe-budget")
                 self.preview_md = gr.Markdown()
@@ -88,8 +88,11 @@ class MappingTab:
         private: dict[str, Any] = {"api_visibility": "private"}
         view = [self.frontier_plot, self.preview_md, self.mapping_table, self.scores, self.scores_md]
         tab.select(self.refresh, [self.budget, self.no_limit], view, **private)
-        for trigger in (self.budget.release, self.no_limit.change):
-            trigger(self.refresh, [self.budget, self.no_limit], view, show_progress="hidden", **private)
+        # moving the slider means "this budget": it unticks "No budget limit"
+        self.budget.change(self.preview_budget, self.budget, [*view, self.no_limit], show_progress="hidden",
+                          trigger_mode="always_last", **private)
+        self.no_limit.input(self.refresh, [self.budget, self.no_limit], view, show_progress="hidden",
+                            trigger_mode="always_last", **private)
         self.apply.click(self.apply_budget, [self.ctx.admin_state, self.budget, self.no_limit], self.result_md,
                          **private).then(self.refresh, [self.budget, self.no_limit], view, **private)
 
@@ -129,6 +132,9 @@ class MappingTab:
         scores_md = f"Source: `{table.get('path')}`" + (f" — {method.get('kind')}" if method.get("kind") else "")
         return (fig, "\n\n".join(lines), mapping_rows(mapping.assignment, mapping.reasons, mapping.distribution),
                 gr.update(value=score_rows, headers=["expert", "params"] + cats), scores_md)
+
+    def preview_budget(self, budget_m: float) -> tuple[Any, ...]:
+        return (*self.refresh(budget_m, False), False)
 
     def apply_budget(self, unlocked: bool, budget_m: float, no_limit: bool) -> str:
         self.ctx.gate.require(unlocked, "Changing the mapping")

@@ -299,7 +299,10 @@ def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[s
             name=f"only {s['expert']}", text=[s["expert"]], textposition="top center", cliponaxis=False,
             marker={"size": 11, "symbol": "diamond", "color": "#9CA3AF", "line": {"color": "#374151", "width": 1}},
             hovertemplate=f"every category → {s['expert']}: " + "%{x:.0f}M params, score %{y:.3f}<extra></extra>"))
-    if preview is not None and (current is None or preview != current):
+    same = current is not None and preview is not None and \
+        abs(preview["avg_active_params"] - current["avg_active_params"]) < 1 and \
+        abs(preview["expected_score"] - current["expected_score"]) < 1e-9
+    if preview is not None and not same:
         fig.add_trace(go.Scatter(
             x=[preview["avg_active_params"] / 1e6], y=[preview["expected_score"]], mode="markers",
             name="with the new budget", marker={"size": 16, "symbol": "star-open", "color": "#DC2626",
