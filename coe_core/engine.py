@@ -18,6 +18,7 @@ from coe_core.config import CoEConfig, load_config
 from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
 from coe_core.experts.generation import GenerationParams, GenerationResult, reference_logprob, stream_generate
 from coe_core.experts.prompt_format import format_prompt, reference_ids
+from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers.manager import TierBusy, TierManager
 
@@ -28,6 +29,10 @@ ROLES = {"system", "user", "assistant"}
 
 class InvalidRequest(ValueError):
     """The request itself is wrong (empty prompt, bad messages, unknown expert); nothing is logged."""
+
+
+class PromptTooLong(InvalidRequest):
+    """The conversation is longer than ``limits.max_prompt_chars``."""
 
 
 def _now() -> datetime:
@@ -82,8 +87,10 @@ class CoE:
                 "id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
                 "params": info["params"] or None, "bytes": info["bytes"] or None, "dtype": info["dtype"],
                 "state": info["state"], "tiers": info["tiers"], "available": info["available"],
-                "reason": info["reason"] or (None if info["bytes"] else "not materialised yet (first use does it)"),
+                "reason": info["reason"] or (None if info["bytes"] or cfg.is_remote
+                                             else "not materialised yet (first use does it)"),
                 "generalist": cfg.generalist,
+                **({"remote": info["remote"]} if "remote" in info else {}),
             })
         tiers = {name: {k: t[k] for k in ("exists", "budget", "used", "free", "budget_source")}
                  for name, t in snap["tiers"].items()}
@@ -133,7 +140,7 @@ class CoE:
         total = sum(len(m["content"]) for m in clean)
         limit = self.config.limits.max_prompt_chars
         if total > limit:
-            raise InvalidRequest(f"the conversation has {total} characters, more than the limit of {limit} "
+            raise PromptTooLong(f"the conversation has {total} characters, more than the limit of {limit} "
                                  "(limits.max_prompt_chars): shorten it or start a new chat")
         return clean
 
@@ -184,7 +191,7 @@ class CoE:
             raise
         except (ExpertUnavailable, TierBusy, RuntimeError, OSError, ValueError) as exc:
             log.warning("turn on %s failed: %s", stats.expert, exc)
-            stats.status, stats.error = "error", str(exc)
+            stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
         self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
                      conversation_id, wait=True)
         yield TurnDone(stats)
@@ -194,8 +201,24 @@ class CoE:
         if expert not in self.available_experts():
             replacement = self._replacement(expert)
             yield Notice(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}); "
-                         f"{replacement} serves this turn instead.", kind="warning")
+                         f"{replacement} serves this turn instead.", kind="warning", expert=replacement)
             expert = stats.expert = replacement
+        remote = self.tiers.remote(expert)
+        if remote is not None:
+            try:
+                yield from self._serve_remote(remote, messages, params, cancel, start, stats, swaps, pieces)
+                return
+            except RemoteExpertError as exc:
+                if pieces:  # it broke off mid-answer: a clean fallback is no longer possible
+                    raise
+                replacement = self._local_fallback(expert, decision.category, exc)
+                yield Notice(f"{exc}; {replacement} serves this turn instead.", kind="warning", expert=replacement)
+                decision.reason = "remote-fallback"
+                decision.explanation += f"; {expert} did not answer, {replacement} served instead"
+                expert = stats.expert = replacement
+        yield from self._serve_local(expert, messages, params, cancel, start, stats, swaps, pieces)
+
+    def _serve_local(self, expert, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
         t_acquire = time.perf_counter() - start
         with self.tiers.acquire(expert) as lease:
             for event in lease.events:
@@ -227,6 +250,56 @@ class CoE:
             end = time.perf_counter() - start
             if stats.ttft_s is not None:
                 stats.timeline.append(("generate", stats.ttft_s, end))
+
+    def _serve_remote(self, remote: RemoteExpert, messages, params, cancel, start, stats, swaps, pieces
+                      ) -> Iterator[Event]:
+        """A remote expert: no tiers to fill; the connection's timings stand in for the swap."""
+        down = remote.down_reason()
+        if down:
+            raise RemoteExpertError(f"{remote.describe()} is down ({down})")
+        t_open = time.perf_counter() - start
+        reply = remote.open(messages, params, cancel)
+        try:
+            t = reply.timings
+            event = SwapEvent(remote.id, "remote", "connect", 0, t.first_byte_s, started_at=t_open,
+                              phases={"connect": round(t.connect_s, 4), "headers": round(t.headers_s, 4),
+                                      "first_byte": round(t.first_byte_s, 4)})
+            swaps.append(event)
+            yield event
+            t_gen = time.perf_counter() - start
+            stats.timeline.append(("connect", t_open, t_gen))
+            for piece in reply.text(cancel):
+                if stats.ttft_s is None:
+                    stats.ttft_s = time.perf_counter() - start
+                    stats.timeline.append(("prefill", t_gen, stats.ttft_s))
+                pieces.append(piece)
+                yield TextChunk(piece)
+            stats.new_tokens, stats.prompt_tokens = reply.new_tokens, reply.prompt_tokens or 0
+            stats.status = "cancelled" if reply.cancelled else "ok"
+            if stats.ttft_s is not None:
+                stats.timeline.append(("generate", stats.ttft_s, time.perf_counter() - start))
+        finally:
+            reply.close()
+
+    def _local_fallback(self, expert: str, category: str, problem: Exception) -> str:
+        """The best available local expert for ``category`` (highest score in the score table; ties and
+        experts without scores in the order default, generalists, the rest)."""
+        local = [e for e in self.available_experts() if e != expert and self.tiers.remote(e) is None]
+        if not local:
+            raise ExpertUnavailable(f"{problem}; no local expert is available to stand in")
+        scores: dict = {}
+        if hasattr(self.routing, "score_table"):
+            with contextlib.suppress(Exception):  # the score table only orders candidates
+                scores = self.routing.score_table().get("scores", {})
+        cfgs = self.config.experts
+        preference = [self.config.active_profile.default_expert,
+                      *[e for e, c in cfgs.items() if c.generalist], *cfgs]
+
+        def rank(e: str) -> tuple[float, int]:
+            score = scores.get(e, {}).get(category)
+            return (float("-inf") if score is None else float(score), -preference.index(e))
+
+        return max(local, key=rank)
 
     def _replacement(self, expert: str) -> str:
         """Who serves when the mapped expert is unavailable: the default expert, else any generalist/expert."""
@@ -304,6 +377,7 @@ class CoE:
         if self._closed:
             return
         self._closed = True
+        self.tiers.close()
         if self.turn_logger is not None:
             self.turn_logger.close()
         if self.store is not None:

@@ -73,6 +73,8 @@ class Notice:
 
     message: str
     kind: str = "info"
+    #: set when the notice says another expert serves the turn (the mapped one is unavailable or down)
+    expert: str | None = None
 
 
 @dataclass
@@ -81,6 +83,8 @@ class TurnStats:
     response: str
     status: Literal["ok", "cancelled", "error"] = "ok"
     error: str | None = None
+    #: class of the exception that failed the turn (ExpertUnavailable, TierBusy, RemoteExpertError, ...)
+    error_type: str | None = None
     ttft_s: float | None = None
     total_s: float = 0.0
     prompt_tokens: int = 0

@@ -35,7 +35,7 @@ def test_bad_values_say_how_to_fix_them():
     with pytest.raises(ConfigError) as err:
         config_from_dict(raw, env=False)
     text = str(err.value)
-    assert "profiles.offline.experts.gemma3-270m.source" in text and "hf:, dir:, gguf: or package:" in text
+    assert "profiles.offline.experts.gemma3-270m.source" in text and "hf:, dir:, gguf:, package: or openai:" in text
     assert "tiers.cpu.budget" in text and "512MB" in text
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from coe_core.config import CoEConfig
 from coe_core.events import SwapEvent
 from coe_core.experts.materialize import DiskCopy, expert_folder, materialize, read_disk_copy
+from coe_core.experts.remote import RemoteExpert
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
 from coe_core.tiers.budgets import Tier, detect_tiers
@@ -51,7 +52,9 @@ class ExpertSlot:
     cpu_views: dict[str, torch.Tensor] | None = None
     gpu_buffer: torch.Tensor | None = None
     split: SplitPlacement | None = None
-    placement: str = "disk"  # disk | cpu | gpu | split
+    #: a remote expert (``openai:`` source) has no weights and no tiers here
+    remote: RemoteExpert | None = None
+    placement: str = "disk"  # disk | cpu | gpu | split | remote
     loading: str | None = None  # tier being loaded into
     verified: bool = False
     pins: int = 0
@@ -111,6 +114,10 @@ class TierManager:
         for expert_id, cfg in config.experts.items():
             dtype = compute if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
             slot = ExpertSlot(expert_id, dtype)
+            if cfg.is_remote:
+                slot.remote, slot.placement = RemoteExpert(expert_id, cfg), "remote"
+                self.slots[expert_id] = slot
+                continue
             slot.disk = read_disk_copy(expert_folder(self.data_dir, expert_id, dtype), expert_id)
             if slot.disk and slot.disk.manifest.get("source") != cfg.source:
                 slot.disk = None  # spaces.yaml points elsewhere now: materialise again
@@ -124,6 +131,10 @@ class TierManager:
             return self.slots[expert_id]
         except KeyError:
             raise KeyError(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
+
+    def remote(self, expert_id: str) -> RemoteExpert | None:
+        """The client of a remote expert, None for a local one."""
+        return self._slot(expert_id).remote
 
     def _used(self, tier: str) -> int:
         used = sum(s.bytes_in(tier) for s in self.slots.values())
@@ -161,6 +172,9 @@ class TierManager:
                     "pinned": slot.pins,
                     "last_used": slot.last_used,
                 }
+                if slot.remote:  # no tiers: where it is and whether its endpoint answers (cached check)
+                    experts[eid]["remote"] = {"base_url": slot.remote.base_url, "model": slot.remote.cfg.model,
+                                              "health": slot.remote.health().to_dict()}
             return {"exec_tier": self.exec_tier, "tiers": tiers, "experts": experts,
                     "recent_swaps": [e.to_dict() for e in list(self.history)[-20:]]}
 
@@ -174,6 +188,8 @@ class TierManager:
     def _ensure_disk_locked(self, slot: ExpertSlot, *, force: bool = False) -> DiskCopy:
         if slot.disk and not force:
             return slot.disk
+        if slot.remote:
+            raise ExpertUnavailable(f"{slot.id} is a remote expert ({slot.remote.base_url}): it has no weights here")
         cfg = self.config.experts[slot.id]
         try:
             needed_hint = 0 if slot.disk is None else slot.disk.manifest["file_bytes"]
@@ -202,6 +218,10 @@ class TierManager:
         problems = {}
         for eid in expert_ids or list(self.slots):
             slot = self._slot(eid)
+            if slot.remote:
+                health = slot.remote.check()
+                problems[eid] = None if health.ok else f"remote endpoint {slot.remote.base_url}: {health.error}"
+                continue
             try:
                 with slot.lock:
                     self._ensure_disk_locked(slot)
@@ -501,3 +521,9 @@ class TierManager:
     def disk_folder(self, expert_id: str) -> Path | None:
         slot = self._slot(expert_id)
         return slot.disk.folder if slot.disk else None
+
+    def close(self) -> None:
+        """Close the connection pools of remote experts."""
+        for slot in self.slots.values():
+            if slot.remote:
+                slot.remote.close()

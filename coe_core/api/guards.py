@@ -1,0 +1,78 @@
+"""What stands in front of the ``/v1`` routes: the optional API key, the body size limit, the turn limit."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coe_core.api.errors import APIError
+
+
+class ApiGuard:
+    """ASGI middleware for paths under ``prefix``: a bearer token when ``api_key`` is set (401), and request
+    bodies of at most ``max_body_bytes`` (413), by Content-Length or, for chunked bodies, while reading.
+    Checked before the body is parsed, so a caller without the key learns nothing about the request."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, prefix: str = "/v1"):
+        self.app, self.api_key, self.max_body_bytes, self.prefix = app, api_key, max_body_bytes, prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not (scope["path"] == self.prefix or scope["path"].startswith(self.prefix + "/")):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self._check(headers)
+        if problem is not None:
+            await problem.response()(scope, receive, send)
+            return
+        await self.app(scope, self._counting(receive), send)
+
+    def _check(self, headers: dict[str, str]) -> APIError | None:
+        if self.api_key is not None:
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                what = "no API key given" if not token else "the API key is wrong"
+                return APIError(401, f"{what}: send 'Authorization: Bearer <COE_API_KEY>'",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes (api.max_body_bytes)",
+                        code="request_too_large")
+
+    def _counting(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:  # FastAPI passes HTTPException through body parsing
+                    raise HTTPException(413, self._too_large().message)
+            return message
+
+        return wrapped
+
+
+class TurnSlots:
+    """At most ``limit`` API turns at once; one more is refused (429) rather than queued behind the others."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def take(self) -> None:
+        if not self._free.acquire(blocking=False):
+            raise APIError(429, f"busy: {self.limit} turns are running (api.max_concurrent_turns); retry shortly",
+                           code="busy", headers={"Retry-After": "1"})
+
+    def give_back(self) -> None:
+        self._free.release()

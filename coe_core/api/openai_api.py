@@ -1,0 +1,127 @@
+"""The OpenAI-compatible routes (``/v1``) over a ``CoE``: chat completions, models, route, feedback.
+
+``model`` is ``coe`` (the router picks the expert) or an expert id (that expert serves). Every chat turn is
+logged like any other (``client="api"``); the routing decision, swaps and timings come back in an extra
+``coe`` object and in ``x-coe-*`` headers. Errors are in OpenAI's shape (see ``coe_core/api/errors.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from coe_core.api.errors import APIError
+from coe_core.api.guards import TurnSlots
+from coe_core.api.schemas import (
+    COE_MODEL,
+    ChatCompletionRequest,
+    ChatMessage,
+    FeedbackRequest,
+    ModelCard,
+    ModelList,
+    RouteRequest,
+)
+from coe_core.api.turns import ApiTurn, TurnStream
+from coe_core.engine import CoE, InvalidRequest
+from coe_core.store.errors import StoreError
+
+
+def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    started = int(time.time())
+
+    def overrides(model: str, category: str | None) -> dict[str, str]:
+        found: dict[str, str] = {}
+        if model != COE_MODEL:
+            if model not in coe.config.experts:
+                raise APIError(404, f"model {model!r} does not exist: use '{COE_MODEL}' (routed) or an expert: "
+                               f"{', '.join(coe.config.experts)}", code="model_not_found", param="model")
+            found["expert"] = model
+        if category is not None:
+            if category not in coe.config.all_categories:
+                raise APIError(400, f"unknown category {category!r}: use one of "
+                               f"{', '.join(coe.config.all_categories)}", code="invalid_value", param="category")
+            found["category"] = category
+        return found
+
+    def engine_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+        try:
+            return [m.as_engine_message() for m in messages]
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_value", param="messages") from None
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        """An answer from the routed (``model: coe``) or the named expert, streamed or whole."""
+        forced = overrides(body.model, body.category)
+        messages = engine_messages(body.messages)
+        if not coe.available_experts():
+            raise APIError(503, "no expert is available: see GET /readyz or `coe experts` for the reasons",
+                           code="no_expert_available")
+        cancel = threading.Event()
+        events = coe.chat(messages, forced or None, max_new_tokens=body.new_tokens, temperature=body.temperature,
+                          top_p=body.top_p, stop=body.stop, cancel=cancel, client="api")
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        turn = ApiTurn(events, cancel, slots, include_usage=include_usage,
+                       max_new_tokens=body.new_tokens or coe.config.limits.max_new_tokens)
+        await turn.start()
+        if body.stream:
+            return TurnStream(turn)
+        completion = await turn.complete()
+        return JSONResponse(completion.model_dump(), headers=turn.headers())
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        """``coe`` (routed) and every available expert, with its state and size."""
+        info = await run_in_threadpool(coe.experts_info)
+        available = [e for e in info["experts"] if e["available"]]
+        cards = [ModelCard(id=COE_MODEL, created=started, owned_by="coe",
+                           coe={"routed": True, "experts": [e["id"] for e in available],
+                                "categories": coe.config.all_categories})]
+        for e in available:
+            cards.append(ModelCard(id=e["id"], created=started, owned_by="coe", coe={
+                "routed": False, "display_name": e["display_name"], "state": e["state"], "params": e["params"],
+                "source_kind": coe.config.experts[e["id"]].source.split(":", 1)[0], "generalist": e["generalist"],
+                **({"remote": e["remote"]} if "remote" in e else {})}))
+        return ModelList(data=cards)
+
+    @router.post("/route")
+    async def route(body: RouteRequest) -> dict[str, Any]:
+        """The routing decision only (category, probabilities, confidence, expert and why); nothing runs."""
+        forced = overrides(body.model, body.category)
+        if body.messages:
+            messages = engine_messages(body.messages)
+        elif body.prompt is not None:
+            messages = [{"role": "user", "content": body.prompt}]
+        else:
+            raise APIError(400, "give `messages` (a conversation) or `prompt` (one user message)",
+                           code="invalid_value", param="messages")
+        try:
+            decision = await run_in_threadpool(coe.route, messages, forced or None)
+        except (InvalidRequest, ValueError) as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        return {**decision.to_dict(), "expert_available": decision.expert in coe.available_experts()}
+
+    @router.post("/feedback")
+    async def feedback(body: FeedbackRequest) -> dict[str, Any]:
+        """Like, dislike, wrong_category (with ``corrected_category``) or retracted, on an interaction id."""
+        if coe.store is None:
+            raise APIError(503, "this server runs without a store: feedback cannot be kept", code="no_store")
+        try:
+            await run_in_threadpool(coe.store.get_interaction, body.interaction_id)
+        except StoreError as exc:
+            raise APIError(404, str(exc), code="interaction_not_found", param="interaction_id") from None
+        try:
+            feedback_id = await run_in_threadpool(coe.feedback, body.interaction_id, body.kind,
+                                                  body.corrected_category, body.comment)
+        except StoreError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        return {"id": feedback_id, "interaction_id": body.interaction_id, "kind": body.kind,
+                "corrected_category": body.corrected_category}
+
+    return router

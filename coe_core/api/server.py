@@ -1,0 +1,68 @@
+"""One FastAPI app on one port: the OpenAI-compatible API (``/v1``), health probes and the Gradio playground.
+
+``build_server(coe, blocks)`` mounts the Gradio Blocks at ``/`` after the API routes, so ``/v1/...``,
+``/healthz`` and ``/readyz`` are answered by the API and everything else by the playground.
+``COE_API_KEY`` (when set) guards every ``/v1`` route; the playground keeps its own admin gate.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from coe_core.api.errors import install_error_handlers
+from coe_core.api.guards import ApiGuard, TurnSlots
+from coe_core.api.openai_api import build_router
+from coe_core.engine import CoE
+
+
+def router_state(coe: CoE) -> str:
+    """``loaded``, ``not loaded`` (no prompt routed and no warm-up yet) or ``none`` (the engine runs without a
+    router: the default expert serves)."""
+    if coe.routing is None:
+        return "none"
+    return "loaded" if getattr(coe.routing, "_router", None) is not None else "not loaded"
+
+
+def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None,
+                 **mount_kwargs: Any) -> FastAPI:
+    """The API for ``coe`` and, when ``blocks`` is given, the Gradio app at ``/`` (``mount_kwargs`` go to
+    ``gr.mount_gradio_app``, e.g. theme and css). ``api_key`` defaults to ``$COE_API_KEY``."""
+    api_key = api_key if api_key is not None else (os.environ.get("COE_API_KEY") or None)
+    app = FastAPI(title=f"{coe.config.name} API", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
+                  redoc_url=None)
+    app.state.coe = coe
+    install_error_handlers(app)
+    app.add_middleware(ApiGuard, api_key=api_key, max_body_bytes=coe.config.api.max_body_bytes)
+    app.include_router(build_router(coe, TurnSlots(coe.config.api.max_concurrent_turns)))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: the router is loaded and at least one expert is available (503 otherwise, with why)."""
+        router = router_state(coe)
+        available = sorted(coe.available_experts())
+        ready = router != "not loaded" and bool(available)
+        problems = {e: s.unavailable for e, s in coe.tiers.slots.items() if s.unavailable}
+        body = {"ready": ready, "router": router, "available_experts": available, "unavailable": problems}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    if blocks is not None:
+        import gradio as gr
+
+        app = gr.mount_gradio_app(app, blocks, path="/", **mount_kwargs)
+    return app
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve until interrupted (uvicorn; raises OSError when the port is taken)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,224 @@
+"""One chat completion over the API: drives ``CoE.chat`` in worker threads and speaks OpenAI's format.
+
+The engine's iterator blocks (routing, swaps, generation), so every step runs in starlette's thread pool and
+the event loop never waits on it. ``start`` runs the turn up to its first text: the routing decision, swaps
+and notices are known by then, so they go into the response headers, the ``coe`` object and the first
+stream chunk, and a turn that fails before any text gets a real HTTP error status. Closing the turn (the
+client went away) cancels the compute; the engine logs the turn as cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from coe_core.api.errors import APIError
+from coe_core.api.guards import TurnSlots
+from coe_core.api.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+)
+from coe_core.engine import InvalidRequest, PromptTooLong
+from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
+
+_END = object()
+#: status of a turn that failed before any text, by the engine's exception class
+_ERROR_STATUS = {"TierBusy": (429, "busy"), "ExpertUnavailable": (503, "no_expert_available"),
+                 "RemoteExpertError": (503, "no_expert_available")}
+
+
+class ApiTurn:
+    def __init__(self, events: Iterator[Event], cancel: threading.Event, slots: TurnSlots, *,
+                 max_new_tokens: int, include_usage: bool = False):
+        slots.take()  # 429 when the API is at its turn limit
+        self._events, self._cancel, self._slots = events, cancel, slots
+        self._closed = False
+        self.max_new_tokens, self.include_usage = max_new_tokens, include_usage
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.decision: RouteDecision | None = None
+        self.swaps: list[SwapEvent] = []
+        self.notices: list[Notice] = []
+        self.stats: TurnStats | None = None
+        self._held: list[str] = []  # text read by start(), not sent yet
+
+    # -- driving the engine -----------------------------------------------------------------------
+    async def _next(self) -> Event | object:
+        return await run_in_threadpool(next, self._events, _END)
+
+    def _absorb(self, event: Event) -> str | None:
+        if isinstance(event, RouteDecision):
+            self.decision = event
+        elif isinstance(event, SwapEvent):
+            self.swaps.append(event)
+        elif isinstance(event, Notice):
+            self.notices.append(event)
+        elif isinstance(event, TurnDone):
+            self.stats = event.stats
+        elif isinstance(event, TextChunk):
+            return event.text
+        return None
+
+    async def start(self) -> None:
+        """Run the turn up to its first text. Raises APIError for a bad request or a turn that failed first."""
+        try:
+            while self.stats is None:
+                event = await self._next()
+                if event is _END:
+                    break
+                text = self._absorb(event)
+                if text:
+                    self._held.append(text)
+                    break
+        except PromptTooLong as exc:
+            await self.aclose()
+            raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
+        except (InvalidRequest, ValueError, KeyError) as exc:  # raised before anything is logged
+            await self.aclose()
+            raise APIError(400, str(exc).strip("'\""), code="invalid_value") from None
+        except BaseException:
+            await self.aclose()
+            raise
+        if self.stats is not None and self.stats.status == "error" and not self.stats.response:
+            status, code = _ERROR_STATUS.get(self.stats.error_type or "", (500, "turn_failed"))
+            raise APIError(status, self.stats.error or "the turn failed", code=code,
+                           headers={"Retry-After": "1"} if status == 429 else None)
+
+    def cancel(self) -> None:
+        """Ask the engine to stop generating (the turn ends at the next token)."""
+        self._cancel.set()
+
+    async def aclose(self) -> None:
+        """Stop the compute and end the turn (logged as cancelled unless it had finished); never blocks the
+        event loop, and runs to the end even when the request task is being cancelled. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel.set()
+        try:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(self._events.close)
+        finally:
+            self._slots.give_back()
+
+    # -- what the caller sees -------------------------------------------------------------------------
+    @property
+    def served_by(self) -> str:
+        if self.stats is not None:
+            return self.stats.expert
+        replaced = [n.expert for n in self.notices if n.expert]
+        return replaced[-1] if replaced else self.decision.expert
+
+    def headers(self) -> dict[str, str]:
+        d = self.decision
+        return {"x-coe-category": d.category, "x-coe-expert": self.served_by,
+                "x-coe-confidence": f"{d.confidence:.4f}", "x-coe-reason": d.reason}
+
+    def route_summary(self) -> dict[str, Any]:
+        d = self.decision
+        return {"category": d.category, "expert": self.served_by, "routed_expert": d.expert, "reason": d.reason,
+                "confidence": d.confidence, "fallback": d.fallback, "probabilities": d.probabilities,
+                "router_version": d.router_version, "explanation": d.explanation,
+                "swaps": [s.to_dict() for s in self.swaps],
+                "notices": [{"kind": n.kind, "message": n.message} for n in self.notices]}
+
+    def end_summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {"interaction_id": s.interaction_id, "status": s.status, "error": s.error, "ttft_s": s.ttft_s,
+                "total_s": s.total_s, "tokens_per_s": s.tokens_per_s, "truncated": s.truncated}
+
+    def usage(self) -> Usage:
+        s = self.stats
+        return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.new_tokens,
+                     total_tokens=s.prompt_tokens + s.new_tokens)
+
+    def finish_reason(self) -> str:
+        return "length" if self.stats.new_tokens >= self.max_new_tokens else "stop"
+
+    # -- non-streaming --------------------------------------------------------------------------------
+    async def complete(self) -> ChatCompletion:
+        """Run the rest of the turn and return the whole answer."""
+        try:
+            while self.stats is None:
+                event = await self._next()
+                if event is _END:
+                    break
+                text = self._absorb(event)
+                if text:
+                    self._held.append(text)
+        finally:
+            await self.aclose()
+        if self.stats.status == "error":
+            raise APIError(500, f"the expert failed mid-answer: {self.stats.error}", code="turn_failed")
+        return ChatCompletion(
+            id=self.id, created=self.created, model=self.served_by, usage=self.usage(),
+            choices=[Choice(message=AssistantMessage(content=self.stats.response),
+                            finish_reason=self.finish_reason())],
+            coe={**self.route_summary(), **self.end_summary()})
+
+    # -- streaming ------------------------------------------------------------------------------------
+    def _chunk(self, delta: Delta, **fields: Any) -> str:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.served_by,
+                                    choices=[ChunkChoice(delta=delta, finish_reason=fields.pop("finish", None))],
+                                    **fields)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    async def sse(self) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        try:
+            yield self._chunk(Delta(role="assistant", content=""), coe=self.route_summary())
+            for text in self._held:
+                yield self._chunk(Delta(content=text))
+            self._held.clear()
+            while self.stats is None:
+                event = await self._next()
+                if event is _END:
+                    break
+                text = self._absorb(event)
+                if text:
+                    yield self._chunk(Delta(content=text))
+            if self.stats.status == "error":
+                error = APIError(500, f"the expert failed mid-answer: {self.stats.error}", code="turn_failed")
+                yield f"data: {json.dumps(error.body())}\n\n"
+            else:
+                yield self._chunk(Delta(), finish=self.finish_reason(), coe=self.end_summary())
+                if self.include_usage:
+                    chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.served_by,
+                                                choices=[], usage=self.usage())
+                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnected: stop generating, log the turn as cancelled
+            await self.aclose()
+
+
+class TurnStream(StreamingResponse):
+    """The SSE response of a turn; closes the turn however the response ends (even if never iterated)."""
+
+    def __init__(self, turn: ApiTurn):
+        super().__init__(turn.sse(), media_type="text/event-stream",
+                         headers={**turn.headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.turn = turn
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        self.turn.cancel()  # at once: the worker thread may be waiting for the next token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.turn.aclose()
