@@ -93,12 +93,13 @@ class RoutingService:
         self._budget: int | None = None if config.mapping.budget == "auto" else int(config.mapping.budget)
         self._lock = threading.RLock()
         self._router: Router | None = None
-        self._active_mtime: float | None = None
+        self._active_mtime: tuple[int, int] | None = None
         self._seed: list[LabelledPrompt] | None = None
         self._traffic: tuple[float, dict[str, int]] | None = None
         self._mapping_cache: tuple[Any, MappingResult] | None = None
         self._heldout_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._score_table_error: str | None = None
+        self._seed_distribution: tuple[dict[str, float], str] | None = None
 
     # -- loading ---------------------------------------------------------------------------------
     @property
@@ -123,11 +124,14 @@ class RoutingService:
             fallback_category=self.config.fallback_category,
         )
 
-    def _active_file_mtime(self) -> float | None:
+    def _active_file_mtime(self) -> tuple[int, int] | None:
+        """Signature of active.json: it is replaced atomically (new inode) on every write, so the inode
+        tells two writes apart even within one tick of the file system's clock."""
         try:
-            return os.stat(store.router_dir(self.data_dir) / "active.json").st_mtime_ns
+            st = os.stat(store.router_dir(self.data_dir) / "active.json")
         except FileNotFoundError:
             return None
+        return st.st_ino, st.st_mtime_ns
 
     def _ensure_router(self) -> Router:
         router, mtime = self._router, self._active_file_mtime()
@@ -374,12 +378,15 @@ class RoutingService:
                 return {
                     c: counts.get(c, 0) / total for c in self.config.all_categories
                 }, f"logged traffic ({total} turns)"
-        try:
-            seed = Counter(ex.category for ex in self.seed_labelled())
-            total = sum(seed.values())
-            return {c: seed.get(c, 0) / total for c in self.config.all_categories}, "seed set"
-        except (FileNotFoundError, ValueError):
-            return {c: 1.0 for c in self.config.categories}, "uniform (no seed set)"
+        if self._seed_distribution is None:
+            try:
+                seed = Counter(ex.category for ex in self.seed_labelled())
+                total = sum(seed.values())
+                dist = {c: seed.get(c, 0) / total for c in self.config.all_categories}
+                self._seed_distribution = (dist, "seed set")
+            except (FileNotFoundError, ValueError):
+                self._seed_distribution = ({c: 1.0 for c in self.config.categories}, "uniform (no seed set)")
+        return self._seed_distribution
 
     def _problem(self) -> tuple[MappingProblem, str, ScoreTable | None]:
         cfg = self.config
