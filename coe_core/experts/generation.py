@@ -135,7 +135,8 @@ def reference_logprob(model, prompt_ids: list[int], ref_ids: list[int], device: 
         return 0.0, 0
     ids = torch.tensor([prompt_ids + ref_ids], dtype=torch.long, device=device)
     with torch.inference_mode():
-        logits = model(ids, use_cache=False).logits[0, len(prompt_ids) - 1: -1].float()
+        # Only the positions that predict reference tokens need the (vocabulary-sized) output projection.
+        logits = model(ids, use_cache=False, logits_to_keep=len(ref_ids) + 1).logits[0, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.tensor(ref_ids, device=device)
     return float(logp.gather(1, target[:, None]).sum()), len(ref_ids)
