@@ -30,8 +30,8 @@ def router_state(coe: CoE) -> str:
 def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None,
                  **mount_kwargs: Any) -> FastAPI:
     """The API for ``coe`` and, when ``blocks`` is given, the Gradio app at ``/`` (``mount_kwargs`` go to
-    ``gr.mount_gradio_app``, e.g. theme and css). ``api_key`` defaults to ``$COE_API_KEY``."""
-    api_key = api_key if api_key is not None else (os.environ.get("COE_API_KEY") or None)
+    ``gr.mount_gradio_app``, e.g. theme and css). ``api_key`` defaults to ``$COE_API_KEY``; empty: no key."""
+    api_key = (api_key if api_key is not None else os.environ.get("COE_API_KEY")) or None
     app = FastAPI(title=f"{coe.config.name} API", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
                   redoc_url=None)
     app.state.coe = coe

@@ -94,6 +94,7 @@ class ApiTurn:
             await self.aclose()
             raise
         if self.stats is not None and self.stats.status == "error" and not self.stats.response:
+            await self.aclose()
             status, code = _ERROR_STATUS.get(self.stats.error_type or "", (500, "turn_failed"))
             raise APIError(status, self.stats.error or "the turn failed", code=code,
                            headers={"Retry-After": "1"} if status == 429 else None)
