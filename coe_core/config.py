@@ -196,6 +196,15 @@ class RouterConfig(_Strict):
     #: cap on routed text (characters); the embedder truncates further to max_seq_tokens
     context_chars: int = Field(2000, ge=50)
     max_seq_tokens: int = Field(128, ge=16, le=512)
+    #: torch threads of one embedder forward; auto: all cores (max 4) when the machine is quiet, 1 when busy
+    threads: int | Literal["auto"] = "auto"
+
+    @field_validator("threads")
+    @classmethod
+    def _check_threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("threads must be auto or a number from 1 to 64")
+        return v
     seed_data: str = "assets/router/seed_prompts.jsonl"
     #: prefetch the runner-up expert when its probability is within this margin of the winner
     prefetch_margin: float = Field(0.15, ge=0, le=1)

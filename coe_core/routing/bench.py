@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,6 @@ def _timed(fn, items) -> list[float]:
 def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
     """Warm single-prompt latency of embed+classify (uncached), of a whole ``decide`` (uncached and
     cached), the plain ``SentenceTransformer.encode`` baseline, and batch throughput of ``route_many``."""
-    import torch
-
     from coe_core.routing.service import RoutingService
 
     if n < 10:
@@ -50,18 +49,22 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
     for p in prompts[:5]:  # warm the kernels for these shapes
         router.classify([p], use_cache=False)
 
-    # default torch threads vs one thread, interleaved so both see the same machine load: on a shared
-    # 2-core box under load, one thread avoids OpenMP barrier stalls and has a far better tail
-    default_threads = torch.get_num_threads()
-    classify_ms, one_thread_ms = [], []
+    # the configured thread policy vs a fixed single thread, interleaved so both see the same machine
+    # load (on a busy shared box one thread avoids OpenMP barrier stalls; see embedder.auto_threads)
+    embedder = router.embedder
+    configured = embedder.threads
+    classify_ms, one_thread_ms, threads_used = [], [], []
     try:
         for i, p in enumerate(prompts):
-            for threads in (default_threads, 1) if i % 2 else (1, default_threads):
-                torch.set_num_threads(threads)
+            order = ["configured", "one"] if i % 2 else ["one", "configured"]
+            for which in order if configured != 1 else ["configured"]:
+                embedder.threads = configured if which == "configured" else 1
+                if which == "configured":
+                    threads_used.append(embedder.threads_now())
                 ms = _timed(lambda q: router.classify([q], use_cache=False), [p])[0]
-                (classify_ms if threads == default_threads else one_thread_ms).append(ms)
+                (classify_ms if which == "configured" else one_thread_ms).append(ms)
     finally:
-        torch.set_num_threads(default_threads)
+        embedder.threads = configured
     router.embedder.cache_clear()
     decide_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
     decide_cached_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
@@ -87,16 +90,18 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
         "batch: route_many of n prompts",
         "n": n,
         "embed_classify_uncached": single,
-        "embed_classify_uncached_1_thread": _percentiles(one_thread_ms),
+        "embed_classify_uncached_1_thread": _percentiles(one_thread_ms) if one_thread_ms else None,
         "decide_uncached": _percentiles(decide_ms),
         "decide_cached": _percentiles(decide_cached_ms),
+        # plain SentenceTransformer.encode on the calling thread (torch's default threads there)
         "baseline_sentence_transformers_encode": _percentiles(encode_ms),
         "router_version": router.version_id,
         "classifier": router.artifact.meta["classifier"]["name"],
         "embedder": config.router.embedder,
         "max_seq_tokens": config.router.max_seq_tokens,
         "mean_prompt_chars": round(float(np.mean([len(p) for p in prompts])), 1),
-        "torch_threads": default_threads,
+        "threads_setting": configured,
+        "threads_used": dict(sorted(Counter(threads_used).items())),
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "targets": TARGETS,

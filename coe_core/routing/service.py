@@ -108,12 +108,15 @@ class RoutingService:
 
     @property
     def embedder(self) -> Embedder:
-        return get_embedder(self.config.router.embedder, self.config.router.max_seq_tokens)
+        return get_embedder(
+            self.config.router.embedder, self.config.router.max_seq_tokens, self.config.router.threads
+        )
 
     def warm_up(self) -> None:
         """Load the embedder and the active router (training one from the seed set if there is none)."""
         router = self._ensure_router()
-        router.embedder.embed(["warm up"], use_cache=False)
+        router.classify(["warm up the embedder and the classifier"], use_cache=False)
+        self.current_mapping()  # the first MILP solve is not part of the first prompt's latency
 
     def _make_router(self, artifact: store.RouterArtifact) -> Router:
         return Router(

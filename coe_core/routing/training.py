@@ -183,7 +183,9 @@ def train_router(
 ) -> RouterArtifact:
     """Train, evaluate on the held-out groups and save a new router version (not activated)."""
     say = progress or (lambda _m: None)
-    embedder = embedder or get_embedder(config.router.embedder, config.router.max_seq_tokens)
+    embedder = embedder or get_embedder(
+        config.router.embedder, config.router.max_seq_tokens, config.router.threads
+    )
     kept, skipped = prepare(config, examples)
     train, test = split(kept)
     say(f"router: embedding {len(kept)} labelled prompts with {config.router.embedder}")
