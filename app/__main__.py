@@ -28,6 +28,8 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
     """Prepare the engine, build the app, serve until interrupted. Returns an exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from app.ui import build_app, launch_kwargs
+    from coe_core.api.server import build_server
+    from coe_core.api.server import serve as serve_both
     from coe_core.engine import CoE
 
     start = time.perf_counter()
@@ -44,7 +46,12 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
         _say(f"ready in {time.perf_counter() - start:.1f} s; starting the app on http://{host}:{port}")
         demo = build_app(coe, problems=problems)
         try:
-            demo.launch(server_name=host, server_port=port, share=share, **launch_kwargs())
+            if share:  # a share link tunnels Gradio's own server only: the /v1 API is not served then
+                _say("--share: serving the playground alone (the OpenAI-compatible /v1 API needs no --share)")
+                demo.launch(server_name=host, server_port=port, share=True, **launch_kwargs())
+            else:  # one port: the playground at /, the OpenAI-compatible API at /v1, probes at /healthz /readyz
+                _say(f"OpenAI-compatible API on http://{host}:{port}/v1 (model 'coe' or an expert id)")
+                serve_both(build_server(coe, demo, **launch_kwargs()), host=host, port=port)
         except OSError as exc:
             print(f"error: cannot serve on {host}:{port}: {exc}. Pick another port with --port.", file=sys.stderr)
             return 1

@@ -125,6 +125,10 @@ def cmd_bench(args, config) -> int:
 
 # -- coe serve ------------------------------------------------------------------------------------------
 def cmd_serve(args, config) -> int:
+    if args.no_ui:
+        from coe_core.api.__main__ import serve_api
+
+        return serve_api(config, args.host, args.port)
     from app.__main__ import serve
 
     return serve(config, host=args.host, port=args.port, share=args.share)
@@ -161,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=200, help="route: prompts to time; store: turns to log")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="start the Gradio playground (same as python -m app)")
+    p = sub.add_parser("serve", help="start the playground and the OpenAI-compatible /v1 API on one port "
+                                      "(same as python -m app)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true")
+    p.add_argument("--share", action="store_true", help="also a public gradio.live link (playground only)")
+    p.add_argument("--no-ui", action="store_true", help="serve the /v1 API and probes only (python -m coe_core.api)")
     p.set_defaults(func=cmd_serve)
 
     from coe_core.routing.cli import register as register_routing

@@ -65,7 +65,18 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serve until interrupted (uvicorn; raises OSError when the port is taken)."""
+    """Serve until interrupted (uvicorn). Raises OSError when the address cannot be bound (uvicorn alone
+    would log it and exit)."""
+    import socket
+
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
