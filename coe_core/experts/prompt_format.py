@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from coe_core.config import ExpertConfig
 
 PLAIN_USER, PLAIN_ASSISTANT = "Question:", "Answer:"
+#: One worked example: base models follow a demonstrated Question/Answer turn far better than an instruction
+#: (seen here: without it Gemma 3 270M base sometimes echoed the system text instead of answering).
+PLAIN_EXAMPLE = [
+    {"role": "user", "content": "What gas do plants take in for photosynthesis?"},
+    {"role": "assistant", "content": "Plants take in carbon dioxide (CO2) from the air and, using light, turn it "
+                                     "into sugar, releasing oxygen."},
+]
 
 
 @dataclass
@@ -39,6 +46,8 @@ def with_system(messages: list[dict], cfg: ExpertConfig) -> list[dict]:
 def render_plain(messages: list[dict], *, open_answer: bool = True) -> str:
     """Plain format for base models: the system text, then Question/Answer pairs, ending in an open Answer."""
     parts = []
+    system = [m for m in messages if m["role"] == "system"]
+    messages = system[:1] + PLAIN_EXAMPLE + [m for m in messages if m["role"] != "system"]
     for m in messages:
         if m["role"] == "system":
             parts.append(m["content"].strip())
