@@ -204,3 +204,15 @@ def test_eval_sets_missing_or_malformed_say_what_to_do(tmp_path):
 def test_normalise_keeps_gap_size_with_two_experts():
     out = normalise({"a": {"c": -1.0}, "b": {"c": -1.1}}, ["c"], "general")
     assert out["a"]["c"] == 1.0 and out["b"]["c"] == pytest.approx(math.exp(-0.1), abs=1e-6)
+
+
+def test_auto_threads_uses_one_thread_on_a_busy_machine(monkeypatch):
+    from coe_core.routing import embedder
+
+    monkeypatch.setattr(embedder.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(embedder.os, "getloadavg", lambda: (6.0, 5.0, 5.0))
+    assert embedder.auto_threads() == 1
+    monkeypatch.setattr(embedder.os, "getloadavg", lambda: (0.3, 0.5, 0.5))
+    assert embedder.auto_threads() == 2
+    monkeypatch.setattr(embedder.os, "cpu_count", lambda: 16)
+    assert embedder.auto_threads() == 4
