@@ -43,6 +43,10 @@ def cmd_experts(args, config) -> int:
         print(f"  {e['id']:<28} {e['state']:<12} params {params:<6} {_gb(e['bytes']):<9} {e['source']}")
         if e["reason"]:
             print(f"      {e['reason']}")
+        if e.get("remote"):
+            health = e["remote"]["health"]
+            status = {True: "answering", False: f"DOWN: {health['error']}", None: "not checked yet"}[health["ok"]]
+            print(f"      remote model {e['remote']['model']} at {e['remote']['base_url']}: {status}")
     return 0
 
 

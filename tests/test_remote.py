@@ -261,3 +261,46 @@ def test_a_coe_serves_as_an_expert_of_another_coe(downstream_coe, tiny_sources, 
         assert turn["client"] == "api" and turn["expert"] == "smollm2-135m" and turn["response"] == stats.response
     finally:
         coe.close()
+
+
+def _postgres_url() -> str | None:
+    urls = [u.strip() for u in os.environ.get("COE_TEST_DATABASE_URLS", "").split(",")]
+    return next((u for u in urls if u.startswith("postgresql")), None)
+
+
+@pytest.mark.skipif(_postgres_url() is None, reason="needs a PostgreSQL URL in COE_TEST_DATABASE_URLS (.ci/run)")
+def test_two_coe_servers_share_one_postgresql_log(tiny_sources, tmp_path, monkeypatch):
+    """Routers behind a load balancer: each has its own data dir, both log to one PostgreSQL database, and
+    feedback sent to either one reaches a turn served by the other."""
+    from sqlalchemy import create_engine
+
+    from coe_core.store.models import Base
+
+    url = _postgres_url()
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    monkeypatch.delenv("COE_API_KEY", raising=False)
+    coes = []
+    for name in ("a", "b"):
+        raw = tiny_config_dict(tiny_sources, tmp_path / name)
+        raw["store"] = {"url": url}
+        coes.append(CoE(config_from_dict(raw, env=False), routing=None, progress=False))
+    try:
+        with ServerThread(build_server(coes[0])) as a, ServerThread(build_server(coes[1])) as b:
+            ids = []
+            for server in (a, b, a):
+                answer = httpx.post(f"{server}/v1/chat/completions", timeout=60,
+                                    json={"model": "coe", "messages": HELLO, "max_tokens": 4}).json()
+                ids.append(answer["coe"]["interaction_id"])
+            assert len(set(ids)) == 3  # one sequence of ids across both servers
+            ok = httpx.post(f"{b}/v1/feedback", json={"interaction_id": ids[0], "kind": "like"})
+            assert ok.status_code == 200
+        assert coes[0].store.latest_feedback(ids[0])["kind"] == "like"
+        assert sorted(t["id"] for t in coes[0].store.recent_interactions(10)) == sorted(ids)
+    finally:
+        for coe in coes:
+            coe.close()
+        engine = create_engine(url)
+        Base.metadata.drop_all(engine)
+        engine.dispose()
