@@ -189,41 +189,20 @@ class RouterTab:
     def run_retrain(self, unlocked: bool, force: bool, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 (gradio injects it)
         """What `coe retrain` does: seed set + labelled feedback from the log -> candidate -> promote if not worse."""
         self.ctx.gate.require(unlocked, "Retraining the router")
-        coe, cfg = self.ctx.coe, self.ctx.coe.config
-        progress(0.05, desc="collecting labelled feedback from the log")
-        extra = []
-        if coe.store is not None:
-            from coe_core.store.queries import labelled_prompts
-
-            extra = labelled_prompts(coe.store, cfg.categories)
-        progress(0.2, desc=f"training a candidate on the seed set + {len(extra)} feedback prompts "
+        progress(0.1, desc="training a candidate on the seed set + labelled feedback from the log "
                            "(embedding, comparing classifiers)")
         try:
-            result = self.routing.retrain(extra, force=bool(force))
+            result = self.routing.retrain_from_log(self.ctx.coe.store, force=bool(force))
         except (ValueError, OSError, RuntimeError) as exc:
             raise gr.Error(f"Retraining failed: {user_message(exc)}") from None
-        progress(0.9, desc="recording the version")
-        self._record_version(result)
         cand = result["candidate_metrics"]
         act = result.get("active_metrics")
         verdict = "**promoted**" if result["promoted"] else "**not promoted**"
         lines = [f"Candidate `{result['candidate']}` {verdict}: {result['why']}",
-                 f"- {len(extra)} labelled prompts from feedback; samples by source {result['samples']['by_source']}",
+                 f"- {result['feedback_prompts']} labelled prompts from feedback; "
+                 f"samples by source {result['samples']['by_source']}",
                  f"- held-out ({result['heldout_n']} prompts): candidate macro-F1 **{cand['macro_f1']:.3f}**"
                  + (f" vs active {act['macro_f1']:.3f}" if act else "")]
         gr.Info(f"Candidate {result['candidate']} {'promoted' if result['promoted'] else 'not promoted'}.")
         return "\n".join(lines)
 
-    def _record_version(self, result: dict) -> None:
-        store = self.ctx.coe.store
-        if store is None:
-            return
-        meta = next((m for m in self.routing.list_versions() if m["id"] == result["candidate"]), None)
-        if meta is None:
-            return
-        try:
-            store.record_router_version(meta["id"], result["artifact_path"], metrics=meta.get("metrics"),
-                                        sample_counts=(meta.get("samples") or {}).get("by_source"),
-                                        parent_id=meta.get("parent"), active=result["promoted"])
-        except (ValueError, RuntimeError) as exc:
-            gr.Warning(f"The version was trained but not recorded in the log: {user_message(exc)}")

@@ -106,28 +106,15 @@ def cmd_route(args, config) -> int:
 
 
 # -- coe train-router / retrain --------------------------------------------------------------------------
-def _record(store, meta: dict[str, Any], artifact_path: str, active: bool) -> None:
-    if store is None:
-        return
-    store.record_router_version(
-        meta["id"],
-        artifact_path,
-        metrics=meta["metrics"],
-        sample_counts=meta["samples"]["by_source"],
-        parent_id=meta.get("parent"),
-        active=active,
-    )
-    if active:
-        store.set_active_router_version(meta["id"])
-
-
 def cmd_train_router(args, config) -> int:
+    from coe_core.routing.service import record_version
+
     service, _ = _service(config)
     meta = service.train(activate=True)
     store = _store(config)
     if store is not None:
         try:
-            _record(store, meta, str(config.data_path / "router" / meta["id"]), active=True)
+            record_version(store, meta, str(config.data_path / "router" / meta["id"]), active=True)
         finally:
             store.close()
     out = {
@@ -149,18 +136,8 @@ def cmd_train_router(args, config) -> int:
 def cmd_retrain(args, config) -> int:
     service, _ = _service(config)
     store = _store(config)
-    extra = []
     try:
-        if store is not None:
-            from coe_core.store.queries import labelled_prompts
-
-            extra = labelled_prompts(store, config.categories)
-            _say(f"retrain: {len(extra)} labelled prompts from the log")
-        result = service.retrain(extra, force=args.force)
-        if store is not None:
-            meta = service.list_versions()
-            cand = next(m for m in meta if m["id"] == result["candidate"])
-            _record(store, cand, result["artifact_path"], active=result["promoted"])
+        result = service.retrain_from_log(store, force=args.force)
     finally:
         if store is not None:
             store.close()

@@ -562,6 +562,21 @@ class RoutingService:
             "parent": meta["parent"],
         }
 
+    def retrain_from_log(self, store: Any | None = None, *, force: bool = False) -> dict[str, Any]:
+        """``coe retrain`` and the app's Retrain button: the seed set plus the log's labelled feedback ->
+        a candidate, promoted only if not worse (or ``force``); the version is recorded in ``store``."""
+        extra: list[LabelledPrompt] = []
+        if store is not None:
+            from coe_core.store.queries import labelled_prompts
+
+            extra = labelled_prompts(store, self.config.categories)
+        self._progress(f"retrain: {len(extra)} labelled prompts from the log; training a candidate")
+        result = self.retrain(extra, force=force)
+        result["feedback_prompts"] = len(extra)
+        meta = next(m for m in self.list_versions() if m["id"] == result["candidate"])
+        record_version(store, meta, result["artifact_path"], active=result["promoted"])
+        return result
+
     # -- threshold -------------------------------------------------------------------------------
     def _heldout_scores(self, router: Router) -> tuple[np.ndarray, np.ndarray]:
         cached = self._heldout_cache.get(router.version_id)
@@ -609,3 +624,14 @@ class RoutingService:
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in ("n", "accuracy", "macro_f1")}
+
+
+def record_version(store: Any | None, meta: dict[str, Any], artifact_path: str, active: bool) -> None:
+    """Record a router version in the interaction log (its ``router_versions`` table), if there is one."""
+    if store is None:
+        return
+    store.record_router_version(meta["id"], artifact_path, metrics=meta["metrics"],
+                                sample_counts=meta["samples"]["by_source"], parent_id=meta.get("parent"),
+                                active=active)
+    if active:
+        store.set_active_router_version(meta["id"])
