@@ -149,9 +149,20 @@ def eval_experts(
             es = eval_sets[cat]
             value = mean_token_logprob(reference_logprob, e, es.items, bar)
             raw[e][cat] = {"value": round(value, 6), "eval_sha256": es.sha256, "n": len(es.items)}
+            # written after every category: an interrupted run resumes from here (the service uses the
+            # table only once it covers every expert and category)
+            _write_table(cache_path, _table(raw, experts, eval_sets, fallback, params, todo))
+    table = _table(raw, experts, eval_sets, fallback, params, todo)
+    _write_table(cache_path, table)
+    return table
+
+
+def _table(raw: dict, experts: list[str], eval_sets: dict[str, EvalSet], fallback: str,
+           params: dict[str, int], todo: list[tuple[str, str]]) -> dict[str, Any]:
+    measured = {e: {c: v for c, v in row.items() if v} for e, row in raw.items()}
     categories = list(eval_sets)
     scores = normalise(
-        {e: {c: v["value"] for c, v in row.items()} for e, row in raw.items()}, categories, fallback
+        {e: {c: v["value"] for c, v in row.items()} for e, row in measured.items() if row}, categories, fallback
     )
     table = {
         "scores": scores,
@@ -171,8 +182,11 @@ def eval_experts(
             "raw": raw,
         },
     }
+    return table
+
+
+def _write_table(cache_path: Path, table: dict[str, Any]) -> None:
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=2), encoding="utf-8")
     tmp.replace(cache_path)
-    return table

@@ -337,13 +337,14 @@ class RoutingService:
         return self.data_dir / "scores" / f"{self.config.profile}.json"
 
     def _score_table(self) -> ScoreTable | None:
-        """The measured table of this data dir (``coe eval-experts``) if it covers every expert of the
-        profile, else the profile's ``scores`` file, else None."""
+        """The measured table of this data dir (``coe eval-experts``) if it covers every expert and category
+        of the profile (a run in progress does not), else the profile's ``scores`` file, else None."""
         measured = self.measured_scores_path()
         if measured.exists():
             try:
                 table = load_score_table(measured)
-                if set(self.config.experts) <= set(table.scores):
+                wanted = set(self.config.all_categories)
+                if all(wanted <= set(table.scores.get(e, {})) for e in self.config.experts):
                     return table
             except ScoreTableError as exc:
                 self._progress(f"router: ignoring measured scores: {exc}")
