@@ -56,3 +56,45 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{url}{path} was not ready within {timeout:g} s")
+
+
+def start_process(args: list[str], log_path, cwd) -> subprocess.Popen:
+    """Start ``python ARGS`` with a clean COE_* environment (offline), its output going to ``log_path``."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COE_")} | {"HF_HUB_OFFLINE": "1"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def smollm2_data_dir(base, repo, shared_experts, router_dir):
+    """A spaces.yaml with only the packaged SmolLM2 and a data dir whose disk tier is the shared one and whose
+    router is ``router_dir`` (copied): a server process starts in seconds. Returns (config path, data dir)."""
+    import shutil
+
+    import yaml
+
+    data = base / "data"
+    data.mkdir(parents=True)
+    shared_experts.mkdir(parents=True, exist_ok=True)
+    (data / "experts").symlink_to(shared_experts, target_is_directory=True)
+    shutil.copytree(router_dir, data / "router")
+    raw = yaml.safe_load((repo / "spaces.yaml").read_text())
+    offline = raw["profiles"]["offline"]
+    offline["experts"] = {"smollm2-135m": offline["experts"]["smollm2-135m"]}
+    offline["scores"] = str(repo / offline["scores"])
+    raw["router"]["seed_data"] = str(repo / raw["router"]["seed_data"])
+    raw["profiles"] = {"offline": offline}
+    config = base / "spaces.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config, data

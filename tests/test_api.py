@@ -1,13 +1,12 @@
 """The OpenAI-compatible API, through the real ``openai`` client and raw HTTP against a served app.
 
-Tiny random-weight experts (no router: the default expert serves) where routing is not the point; the packaged
-SmolLM2 with the seed-trained router, with the Gradio playground mounted on the same port, for real calls.
+Tiny random-weight experts (no router: the default expert serves) where routing is not the point; `python -m app`
+(the playground and the API on one port) with the packaged SmolLM2 and the seed-trained router for real calls.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
@@ -18,9 +17,10 @@ import pytest
 from coe_core.api import build_server
 from coe_core.config import config_from_dict
 from coe_core.engine import CoE
-from coe_core.events import RouteDecision, TurnDone, TurnStats
-from tests.conftest import packaged_config, tiny_config_dict
-from tests.http_server import ServerThread
+from coe_core.events import RouteDecision, TextChunk, TurnDone, TurnStats
+from coe_core.store import Store
+from tests.conftest import REPO, SHARED_EXPERTS, tiny_config_dict
+from tests.http_server import ServerThread, free_port, smollm2_data_dir, start_process, stop_process, wait_ready
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -250,25 +250,53 @@ def test_turn_failing_before_text_maps_to_status(tiny_sources, tmp_path, monkeyp
         coe.close()
 
 
-# -- the packaged expert, the router and the playground on one port -----------------------------------------
+def test_failure_after_text_ends_the_stream_with_an_error(tiny_sources, tmp_path, monkeypatch):
+    """Text already streamed cannot be taken back: the stream ends with an error event the client raises."""
+    monkeypatch.delenv("COE_API_KEY", raising=False)
+    coe = make_tiny(tiny_sources, tmp_path)
+
+    def breaking_turn(messages, overrides=None, **kwargs):
+        yield RouteDecision(category="general", expert="small", reason="default")
+        yield TextChunk("Half an")
+        yield TurnDone(TurnStats(expert="small", response="Half an", status="error", error="the GPU fell over",
+                                 error_type="RuntimeError"))
+
+    coe.chat = breaking_turn
+    try:
+        with ServerThread(build_server(coe)) as url:
+            received = []
+            with pytest.raises(openai.APIError, match="the GPU fell over"):
+                for chunk in client(url).chat.completions.create(model="coe", messages=HELLO, stream=True):
+                    received.append(chunk.choices[0].delta.content or "")
+            assert "".join(received) == "Half an"
+            whole = httpx.post(f"{url}/v1/chat/completions", json={"model": "coe", "messages": HELLO}, timeout=60)
+            assert whole.status_code == 500 and whole.json()["error"]["code"] == "turn_failed"
+    finally:
+        coe.close()
+
+
+# -- python -m app: the packaged expert, the router and the playground on one port ----------------------------
 @pytest.fixture(scope="module")
 def playground(tmp_path_factory, seed_router_dir):
-    """The packaged CoE (routed) with the Gradio playground and the API served from one process."""
-    from app.ui import build_app, launch_kwargs
-
-    config = packaged_config(tmp_path_factory.mktemp("playground") / "data")
-    shutil.copytree(seed_router_dir, config.data_path / "router")
-    coe = CoE(config, progress=False)
-    coe.prepare(["smollm2-135m"])
-    server = build_server(coe, build_app(coe), api_key="", **launch_kwargs())
-    with ServerThread(server) as url:
-        yield coe, url
-    coe.close()
+    """``python -m app`` (playground + API on one port) serving the packaged SmolLM2 with the seed router;
+    yields (url, its store)."""
+    base = tmp_path_factory.mktemp("playground")
+    config, data = smollm2_data_dir(base, REPO, SHARED_EXPERTS, seed_router_dir)
+    port = free_port()
+    proc = start_process(["-m", "app", "--port", str(port), "--config", str(config), "--data-dir", str(data)],
+                         base / "app.log", REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=240)
+        with Store(f"sqlite:///{data / 'coe.sqlite3'}") as store:
+            yield url, store
+    finally:
+        stop_process(proc)
 
 
 @pytest.mark.slow
 def test_playground_and_api_share_one_port(playground):
-    coe, url = playground
+    url, _ = playground
     page = httpx.get(url + "/", timeout=60)
     assert page.status_code == 200 and "gradio" in page.text.lower()
     assert "smollm2-135m" in [m.id for m in client(url).models.list().data]
@@ -278,7 +306,7 @@ def test_playground_and_api_share_one_port(playground):
 
 @pytest.mark.slow
 def test_real_expert_routed_through_the_openai_client(playground):
-    coe, url = playground
+    url, store = playground
     raw = client(url).chat.completions.with_raw_response.create(
         model="coe", max_tokens=12, temperature=0,
         messages=[{"role": "user", "content": "Write a Python function that reverses a string."}])
@@ -287,14 +315,15 @@ def test_real_expert_routed_through_the_openai_client(playground):
     assert raw.headers["x-coe-category"] == route["category"] == "coding"
     assert route["router_version"] and route["probabilities"]["coding"] == pytest.approx(route["confidence"])
     assert completion.choices[0].message.content.strip()  # a real answer, not empty
-    assert coe.store.get_interaction(route["interaction_id"])["category"] == "coding"
+    turn = store.get_interaction(route["interaction_id"])
+    assert turn["category"] == "coding" and turn["client"] == "api"
 
 
 @pytest.mark.slow
 def test_client_disconnect_cancels_the_turn(playground):
     """Closing the stream stops the compute: the turn is logged as cancelled, far short of max_tokens."""
-    coe, url = playground
-    before = {t["id"] for t in logged(coe)}
+    url, store = playground
+    before = {t["id"] for t in store.recent_interactions(100)}
     body = {"model": "smollm2-135m", "max_tokens": 400, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
@@ -307,7 +336,7 @@ def test_client_disconnect_cancels_the_turn(playground):
     deadline = time.monotonic() + 30
     new = []
     while not new and time.monotonic() < deadline:
-        new = [t for t in logged(coe) if t["id"] not in before]
+        new = [t for t in store.recent_interactions(100) if t["id"] not in before]
         time.sleep(0.2)
     assert len(new) == 1 and new[0]["status"] == "cancelled" and new[0]["client"] == "api"
     assert new[0]["new_tokens"] < 100

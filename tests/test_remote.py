@@ -8,13 +8,10 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -26,7 +23,7 @@ from coe_core.experts.generation import GenerationParams
 from coe_core.experts.remote import RemoteExpertError
 from coe_core.store import Store
 from tests.conftest import REPO, SHARED_EXPERTS, tiny_config_dict
-from tests.http_server import ServerThread, free_port, wait_ready
+from tests.http_server import ServerThread, free_port, smollm2_data_dir, start_process, stop_process, wait_ready
 
 STUB_PIECES = ["Hello", " from", " the stub"]
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -207,35 +204,16 @@ def test_only_remote_and_down_is_a_clear_503(tiny_sources, tmp_path, monkeypatch
 def downstream_coe(tmp_path_factory, seed_router_dir):
     """A second CoE in its own process (``python -m coe_core.api``) serving the packaged SmolLM2 over /v1."""
     base = tmp_path_factory.mktemp("downstream")
-    data = base / "data"
-    data.mkdir()
-    SHARED_EXPERTS.mkdir(parents=True, exist_ok=True)
-    (data / "experts").symlink_to(SHARED_EXPERTS, target_is_directory=True)  # the shared disk tier
-    shutil.copytree(seed_router_dir, data / "router")
-    raw = yaml.safe_load((REPO / "spaces.yaml").read_text())
-    offline = raw["profiles"]["offline"]
-    offline["experts"] = {"smollm2-135m": offline["experts"]["smollm2-135m"]}
-    offline["scores"] = str(REPO / offline["scores"])
-    raw["router"]["seed_data"] = str(REPO / raw["router"]["seed_data"])
-    raw["profiles"] = {"offline": offline}
-    config = base / "spaces.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config, data = smollm2_data_dir(base, REPO, SHARED_EXPERTS, seed_router_dir)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COE_")} | {"HF_HUB_OFFLINE": "1"}
-    log = open(base / "server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "coe_core.api", "--port", str(port), "--config", str(config),
-                             "--data-dir", str(data)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_process(["-m", "coe_core.api", "--port", str(port), "--config", str(config), "--data-dir",
+                          str(data)], base / "server.log", REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, timeout=240)
         yield url, data
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_process(proc)
 
 
 @pytest.mark.slow
