@@ -160,6 +160,8 @@ class RemoteExpert:
                     error = f"the server does not list model {self.cfg.model!r} (it serves {sorted(served)})"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except RuntimeError as exc:  # the client was closed (the engine shut down) during a background check
+            error = str(exc)
         except (ValueError, AttributeError):
             error = "GET /models did not answer an OpenAI model list"
         health = EndpointHealth(error is None, time.monotonic(), round(time.perf_counter() - start, 4), error)
