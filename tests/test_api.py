@@ -319,24 +319,43 @@ def test_real_expert_routed_through_the_openai_client(playground):
     assert turn["category"] == "coding" and turn["client"] == "api"
 
 
+def _next_logged_turn(store: Store, before: set[int]) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        new = [t for t in store.recent_interactions(100) if t["id"] not in before]
+        if new:
+            assert len(new) == 1
+            return new[0]
+        time.sleep(0.2)
+    raise AssertionError("no turn was logged within 30 s")
+
+
+STORY = {"model": "smollm2-135m", "max_tokens": 400,
+         "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]}
+
+
 @pytest.mark.slow
 def test_client_disconnect_cancels_the_turn(playground):
     """Closing the stream stops the compute: the turn is logged as cancelled, far short of max_tokens."""
     url, store = playground
     before = {t["id"] for t in store.recent_interactions(100)}
-    body = {"model": "smollm2-135m", "max_tokens": 400, "stream": True,
-            "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**STORY, "stream": True}, timeout=60) as response:
         texts = 0
         for line in response.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 texts += 1
             if texts == 2:
                 break  # leaving the block closes the connection
-    deadline = time.monotonic() + 30
-    new = []
-    while not new and time.monotonic() < deadline:
-        new = [t for t in store.recent_interactions(100) if t["id"] not in before]
-        time.sleep(0.2)
-    assert len(new) == 1 and new[0]["status"] == "cancelled" and new[0]["client"] == "api"
-    assert new[0]["new_tokens"] < 100
+    turn = _next_logged_turn(store, before)
+    assert turn["status"] == "cancelled" and turn["client"] == "api" and turn["new_tokens"] < 100
+
+
+@pytest.mark.slow
+def test_client_giving_up_on_a_whole_answer_cancels_the_turn(playground):
+    """A non-streamed request whose client times out (here after 3 s of a ~30 s answer) stops the compute."""
+    url, store = playground
+    before = {t["id"] for t in store.recent_interactions(100)}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=STORY, timeout=httpx.Timeout(60, read=3))
+    turn = _next_logged_turn(store, before)
+    assert turn["status"] == "cancelled" and turn["new_tokens"] < 200

@@ -11,7 +11,8 @@ import threading
 import time
 from typing import Any
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -56,7 +57,7 @@ def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
             raise APIError(400, str(exc), code="invalid_value", param="messages") from None
 
     @router.post("/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """An answer from the routed (``model: coe``) or the named expert, streamed or whole."""
         forced = overrides(body.model, body.category)
         messages = engine_messages(body.messages)
@@ -72,8 +73,11 @@ def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
         await turn.start()
         if body.stream:
             return TurnStream(turn)
-        completion = await turn.complete()
-        return JSONResponse(completion.model_dump(), headers=turn.headers())
+        async with anyio.create_task_group() as watchers:  # a client that gives up stops the compute too
+            watchers.start_soon(_cancel_when_gone, request, turn)
+            await turn.run_to_end()
+            watchers.cancel_scope.cancel()
+        return JSONResponse(turn.completion().model_dump(), headers=turn.headers())
 
     @router.get("/models")
     async def models() -> ModelList:
@@ -125,3 +129,9 @@ def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
                 "corrected_category": body.corrected_category}
 
     return router
+
+
+async def _cancel_when_gone(request: Request, turn: ApiTurn, every_s: float = 0.5) -> None:
+    while not await request.is_disconnected():
+        await anyio.sleep(every_s)
+    turn.cancel()

@@ -151,18 +151,19 @@ class ApiTurn:
         return "length" if self.stats.new_tokens >= self.max_new_tokens else "stop"
 
     # -- non-streaming --------------------------------------------------------------------------------
-    async def complete(self) -> ChatCompletion:
-        """Run the rest of the turn and return the whole answer."""
+    async def run_to_end(self) -> None:
+        """Run the rest of the turn (for a whole, non-streamed answer: see ``completion``)."""
         try:
             while self.stats is None:
                 event = await self._next()
                 if event is _END:
                     break
-                text = self._absorb(event)
-                if text:
-                    self._held.append(text)
+                self._absorb(event)  # the answer is the logged response in the turn's stats
         finally:
             await self.aclose()
+
+    def completion(self) -> ChatCompletion:
+        """The whole answer of a turn that ran to its end; APIError when the expert failed mid-answer."""
         if self.stats.status == "error":
             raise APIError(500, f"the expert failed mid-answer: {self.stats.error}", code="turn_failed")
         return ChatCompletion(
