@@ -199,7 +199,8 @@ class CoE:
     def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
         expert = decision.expert
         if expert not in self.available_experts():
-            replacement = self._replacement(expert)
+            replacement = self._stand_in(expert, decision.category,
+                                         f"{expert} is unavailable ({self.tiers.slots[expert].unavailable})")
             yield Notice(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}); "
                          f"{replacement} serves this turn instead.", kind="warning", expert=replacement)
             expert = stats.expert = replacement
@@ -211,7 +212,7 @@ class CoE:
             except RemoteExpertError as exc:
                 if pieces:  # it broke off mid-answer: a clean fallback is no longer possible
                     raise
-                replacement = self._local_fallback(expert, decision.category, exc)
+                replacement = self._stand_in(expert, decision.category, str(exc), local_only=True)
                 yield Notice(f"{exc}; {replacement} serves this turn instead.", kind="warning", expert=replacement)
                 decision.reason = "remote-fallback"
                 decision.explanation += f"; {expert} did not answer, {replacement} served instead"
@@ -281,12 +282,14 @@ class CoE:
         finally:
             reply.close()
 
-    def _local_fallback(self, expert: str, category: str, problem: Exception) -> str:
-        """The best available local expert for ``category`` (highest score in the score table; ties and
-        experts without scores in the order default, generalists, the rest)."""
-        local = [e for e in self.available_experts() if e != expert and self.tiers.remote(e) is None]
-        if not local:
-            raise ExpertUnavailable(f"{problem}; no local expert is available to stand in")
+    def _stand_in(self, expert: str, category: str, problem: str, *, local_only: bool = False) -> str:
+        """Who serves when ``expert`` cannot: the best available expert for ``category`` (highest score in the
+        score table; ties and experts without scores in the order default, generalists, the rest)."""
+        candidates = [e for e in self.available_experts()
+                      if e != expert and not (local_only and self.tiers.remote(e) is not None)]
+        if not candidates:
+            where = "local expert" if local_only else "other expert"
+            raise ExpertUnavailable(f"{problem}; no {where} is available to stand in")
         scores: dict = {}
         if hasattr(self.routing, "score_table"):
             with contextlib.suppress(Exception):  # the score table only orders candidates
@@ -299,18 +302,7 @@ class CoE:
             score = scores.get(e, {}).get(category)
             return (float("-inf") if score is None else float(score), -preference.index(e))
 
-        return max(local, key=rank)
-
-    def _replacement(self, expert: str) -> str:
-        """Who serves when the mapped expert is unavailable: the default expert, else any generalist/expert."""
-        available = self.available_experts()
-        default = self.config.active_profile.default_expert
-        order = [default] + [e for e, c in self.config.experts.items() if c.generalist] + list(self.config.experts)
-        for candidate in order:
-            if candidate in available and candidate != expert:
-                return candidate
-        raise ExpertUnavailable(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}) and no other "
-                                "expert is available")
+        return max(candidates, key=rank)
 
     def _maybe_prefetch(self, decision: RouteDecision) -> None:
         runner_up = getattr(self.routing, "runner_up", None)
