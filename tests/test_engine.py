@@ -170,3 +170,16 @@ def test_feedback_through_the_engine(coe):
 def test_reference_logprob_is_a_proper_log_likelihood(coe):
     total, n = coe.reference_logprob("small", [{"role": "user", "content": "hi"}], "the quick brown fox")
     assert n > 0 and total < 0
+
+
+def test_incremental_decoding_reassembles_multibyte_text_and_newlines():
+    from coe_core.experts.generation import _IncrementalDecoder
+    from tests.conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()  # byte-level BPE: é, ü and emoji split across several tokens
+    text = "Café crème 🙂\nZürich ☕ line two\n\nend"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = _IncrementalDecoder(tokenizer)
+    pieces = [decoder.feed([i]) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)  # half a character is never shown

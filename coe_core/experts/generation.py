@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import SimpleQueue
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+#: Long-lived generation threads: a thread's first torch op builds its own OpenMP team, so a new thread per
+#: turn cost ~3% tokens/s here (16.5 vs 17.1 tok/s on SmolLM2-135M). Eight bound the turns generating at once;
+#: more wait for a free worker.
+_WORKERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="coe-generate")
 
 
 @dataclass
@@ -74,11 +82,55 @@ class _StopStringFilter:
         return out
 
 
+class _TokenQueue(BaseStreamer):
+    """Hands each new token id to the consumer. Written instead of transformers' TextIteratorStreamer, which
+    decodes inside the generation loop: decoding on the consumer's side keeps it off the critical path
+    (engine 0.97x -> 0.99x of plain ``generate`` tokens/s here)."""
+
+    def __init__(self) -> None:
+        self.queue: SimpleQueue[list[int] | None] = SimpleQueue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate's first put is the prompt
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self.queue.get()) is not None:
+            yield ids
+
+
+class _IncrementalDecoder:
+    """The answer's text as it becomes final: an incomplete UTF-8 sequence waits for its next token."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = 0
+
+    def feed(self, ids: list[int]) -> str:
+        self.tokens += ids
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted:]
+        if text.endswith("\n"):  # start over after a line: decoding cost stays bounded
+            self.tokens, self.emitted = [], 0
+        else:
+            self.emitted = len(text)
+        return piece
+
+
 def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationParams, *,
                     device: torch.device, cancel: threading.Event,
                     result: GenerationResult) -> Iterator[str]:
     """Yield answer text as it is generated; ``result`` holds the token count when the stream ends."""
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _TokenQueue()
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     kwargs = dict(
         input_ids=ids,
@@ -105,13 +157,13 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
             result.error = exc
             streamer.end()
 
-    worker = threading.Thread(target=work, name="coe-generate", daemon=True)
-    worker.start()
+    worker = _WORKERS.submit(work)
+    decoder = _IncrementalDecoder(tokenizer)
     stop_filter = _StopStringFilter(params.stop)
     completed = False
     try:
-        for text in streamer:
-            piece = stop_filter.feed(text)
+        for new_ids in streamer:
+            piece = stop_filter.feed(decoder.feed(new_ids))
             if piece:
                 yield piece
             if stop_filter.stopped:
@@ -124,7 +176,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
         # cancelled: the consumer went away mid-stream, or someone set ``cancel`` (stop button)
         result.cancelled = not completed or (cancel.is_set() and not stop_filter.stopped)
         cancel.set()  # a closed consumer stops the worker too
-        worker.join()
+        worker.result()
     if result.error is not None:
         raise result.error
 
