@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from coe_core.config import CoEConfig, load_config
@@ -20,7 +21,7 @@ from coe_core.experts.generation import GenerationParams, GenerationResult, refe
 from coe_core.experts.prompt_format import format_prompt, reference_ids
 from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
-from coe_core.tiers.manager import TierBusy, TierManager
+from coe_core.tiers.manager import TierManager
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ class CoE:
             from coe_core.store.writer import TurnLogger, default_spool_path
 
             self.store = store
-            self.turn_logger = TurnLogger(store, default_spool_path(self.config))
-            replayed = self.turn_logger.replay_spool()
-            if replayed:
-                log.warning("replayed %d turn(s) that could not be logged earlier", replayed)
+            self.turn_logger = TurnLogger(store, default_spool_path(self.config))  # replays its spool on start
         if routing == "auto":
             from coe_core.routing.service import RoutingService
 
@@ -118,6 +116,8 @@ class CoE:
             raise InvalidRequest(f"unknown expert {expert!r}; experts: {', '.join(self.config.experts)}")
         reason = "override-expert" if overrides.get("expert") else "default"
         category = overrides.get("category") or self.config.fallback_category
+        if category not in self.config.all_categories:
+            raise InvalidRequest(f"unknown category {category!r}; categories: {', '.join(self.config.all_categories)}")
         return RouteDecision(category=category, expert=expert, reason=reason,
                              override=overrides or None, routed_text=messages[-1]["content"],
                              explanation=f"{category} -> {expert}: {reason} (no router)")
@@ -179,17 +179,16 @@ class CoE:
         stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
         swaps: list[SwapEvent] = []
         pieces: list[str] = []
-        yield decision
-        self._maybe_prefetch(decision)
         try:
+            yield decision
             yield from self._serve(decision, messages, params, cancel, start, stats, swaps, pieces)
-        except GeneratorExit:  # the client went away: stop the compute, log what we have
+        except (GeneratorExit, KeyboardInterrupt):  # the client went away (or Ctrl-C): stop, log what we have
             cancel.set()
             stats.status = "cancelled"
             self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
                          conversation_id, wait=False)
             raise
-        except (ExpertUnavailable, TierBusy, RuntimeError, OSError, ValueError) as exc:
+        except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
             log.warning("turn on %s failed: %s", stats.expert, exc)
             stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
         self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
@@ -203,6 +202,7 @@ class CoE:
                                          f"{expert} is unavailable ({self.tiers.slots[expert].unavailable})")
             yield Notice(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}); "
                          f"{replacement} serves this turn instead.", kind="warning", expert=replacement)
+            params = self._restop(params, expert, replacement)
             expert = stats.expert = replacement
         remote = self.tiers.remote(expert)
         if remote is not None:
@@ -212,16 +212,27 @@ class CoE:
             except RemoteExpertError as exc:
                 if pieces:  # it broke off mid-answer: a clean fallback is no longer possible
                     raise
+                if cancel.is_set():  # stopped while connecting: nothing to fall back for
+                    stats.status = "cancelled"
+                    return
                 replacement = self._stand_in(expert, decision.category, str(exc), local_only=True)
                 yield Notice(f"{exc}; {replacement} serves this turn instead.", kind="warning", expert=replacement)
                 decision.reason = "remote-fallback"
                 decision.explanation += f"; {expert} did not answer, {replacement} served instead"
+                params = self._restop(params, expert, replacement)
                 expert = stats.expert = replacement
-        yield from self._serve_local(expert, messages, params, cancel, start, stats, swaps, pieces)
+        yield from self._serve_local(decision, expert, messages, params, cancel, start, stats, swaps, pieces)
 
-    def _serve_local(self, expert, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
+    def _restop(self, params: GenerationParams, old: str, new: str) -> GenerationParams:
+        """The stand-in's own stop strings (a plain-format expert needs its turn markers), plus the caller's."""
+        caller = params.stop[len(self.config.experts[old].stop):]
+        return replace(params, stop=(*self.config.experts[new].stop, *caller))
+
+    def _serve_local(self, decision, expert, messages, params, cancel, start, stats, swaps, pieces
+                     ) -> Iterator[Event]:
         t_acquire = time.perf_counter() - start
         with self.tiers.acquire(expert) as lease:
+            self._maybe_prefetch(decision)  # only now: a prefetch must never take the room this turn needs
             for event in lease.events:
                 event.started_at = (event.started_at - start) if event.started_at else None
                 swaps.append(event)
@@ -237,20 +248,21 @@ class CoE:
                 yield Notice(prompt.notice)
             result = GenerationResult()
             t_gen = time.perf_counter() - start
-            with contextlib.closing(stream_generate(lease.model, lease.tokenizer, prompt.input_ids, params,
-                                                    device=lease.device, cancel=cancel,
-                                                    result=result)) as stream:
-                for piece in stream:
-                    if stats.ttft_s is None:
-                        stats.ttft_s = time.perf_counter() - start
-                        stats.timeline.append(("prefill", t_gen, stats.ttft_s))
-                    pieces.append(piece)
-                    yield TextChunk(piece)
-            stats.new_tokens = result.new_tokens
-            stats.status = "cancelled" if result.cancelled else "ok"
-            end = time.perf_counter() - start
-            if stats.ttft_s is not None:
-                stats.timeline.append(("generate", stats.ttft_s, end))
+            try:
+                with contextlib.closing(stream_generate(lease.model, lease.tokenizer, prompt.input_ids, params,
+                                                        device=lease.device, cancel=cancel,
+                                                        result=result)) as stream:
+                    for piece in stream:
+                        if stats.ttft_s is None:
+                            stats.ttft_s = time.perf_counter() - start
+                            stats.timeline.append(("prefill", t_gen, stats.ttft_s))
+                        pieces.append(piece)
+                        yield TextChunk(piece)
+                stats.status = "cancelled" if result.cancelled else "ok"
+            finally:  # also when the client went away mid-answer: the logged turn keeps its counts
+                stats.new_tokens = result.new_tokens
+                if stats.ttft_s is not None:
+                    stats.timeline.append(("generate", stats.ttft_s, time.perf_counter() - start))
 
     def _serve_remote(self, remote: RemoteExpert, messages, params, cancel, start, stats, swaps, pieces
                       ) -> Iterator[Event]:

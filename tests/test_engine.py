@@ -183,3 +183,23 @@ def test_incremental_decoding_reassembles_multibyte_text_and_newlines():
     pieces = [decoder.feed([i]) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)  # half a character is never shown
+
+
+def test_client_gone_right_after_the_route_is_still_logged_as_cancelled(coe):
+    stream = coe.chat("hello there", temperature=0, max_new_tokens=8)
+    assert isinstance(next(stream), RouteDecision)
+    stream.close()
+    coe.turn_logger.close()
+    rows = coe.store.recent_interactions(5)
+    assert len(rows) == 1 and rows[0]["status"] == "cancelled"
+
+
+def test_a_stand_in_expert_uses_its_own_stop_strings(coe):
+    coe.tiers.slots["small"].unavailable = "weights missing (test)"
+    params = coe._params(8, 0, None, ["END"], "small")
+    assert coe._restop(params, "small", "plain").stop == ("\nQuestion:", "END")
+
+
+def test_unknown_category_override_without_a_router(coe):
+    with pytest.raises(InvalidRequest, match="unknown category 'nonsense'"):
+        run(coe, "hi", overrides={"category": "nonsense"})

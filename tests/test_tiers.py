@@ -212,3 +212,49 @@ def test_evict_frees_the_cpu_copy_but_keeps_disk(tiny_config):
     assert all(p.device.type == "meta" for p in tiers.slots["small"].model.parameters())
     with tiers.acquire("small") as lease:  # and it comes back
         assert lease.events[0].src == "disk"
+
+
+def test_an_expert_larger_than_the_staging_tier_is_never_prefetched(tiny_config):
+    probe = sizes(manager(tiny_config()))
+    tiers = manager(tiny_config(cpu=probe["large"] - 1000))
+    with tiers.acquire("small"):
+        pass
+    assert tiers.prefetch("large") is None  # it would evict everything and still not fit
+    assert tiers.state("small") == "cpu"
+
+
+def test_swaps_under_a_tight_budget_reuse_pooled_buffers(tiny_config, monkeypatch):
+    from coe_core.tiers import loader
+
+    probe = sizes(manager(tiny_config()))
+    tiers = manager(tiny_config(cpu=probe["small"] + 1000))  # room for one: every switch evicts
+    allocations = []
+    real = loader.allocate_buffer
+    monkeypatch.setattr(loader, "allocate_buffer", lambda n, pin: allocations.append(n) or real(n, pin=pin))
+    for expert in ["small", "plain"] * 3:  # same size: the evicted buffer serves the next load
+        with tiers.acquire(expert):
+            pass
+    assert len(allocations) == 1
+    assert tiers.snapshot()["tiers"]["cpu"]["used"] <= probe["small"] + 1000
+
+
+def test_a_turn_waiting_behind_a_prefetch_proceeds_when_the_prefetch_lands(tiny_config, monkeypatch):
+    from coe_core.tiers import loader
+
+    probe = sizes(manager(tiny_config()))
+    tiers = manager(tiny_config(cpu=max(probe["small"], probe["medium"]) + 1000))  # room for one
+    real_read = loader.parallel_read
+
+    def slow_read(*args, **kwargs):
+        time.sleep(1.0)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "parallel_read", slow_read)
+    thread = tiers.prefetch("medium")
+    time.sleep(0.2)  # the prefetch holds the room while it loads
+    started = time.monotonic()
+    with tiers.acquire("small", timeout=30) as lease:
+        assert lease.events[0].evicted == ["medium"]
+    # woken when the load landed (about 1 s), not left asleep until the 30 s timeout
+    assert time.monotonic() - started < 15
+    thread.join(10)

@@ -176,7 +176,8 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
         # cancelled: the consumer went away mid-stream, or someone set ``cancel`` (stop button)
         result.cancelled = not completed or (cancel.is_set() and not stop_filter.stopped)
         cancel.set()  # a closed consumer stops the worker too
-        worker.result()
+        if not worker.cancel():  # still queued for a free worker: never runs; else wait for it to stop
+            worker.result()
     if result.error is not None:
         raise result.error
 

@@ -375,7 +375,11 @@ class RoutingService:
         if self._traffic_distribution is not None:
             now = time.monotonic()
             if self._traffic is None or now - self._traffic[0] > TRAFFIC_TTL_S:
-                self._traffic = (now, dict(self._traffic_distribution() or {}))
+                try:
+                    self._traffic = (now, dict(self._traffic_distribution() or {}))
+                except Exception as exc:  # the log is down: routing keeps serving on the last known counts
+                    self._progress(f"router: traffic counts unavailable ({exc}); using the last known ones")
+                    self._traffic = (now, self._traffic[1] if self._traffic else {})
             counts = self._traffic[1]
             total = sum(counts.values())
             if total >= self.config.mapping.min_traffic and total > 0:

@@ -173,6 +173,8 @@ def copy_to_device(buffer: torch.Tensor, device: torch.device, *, chunk_bytes: i
     """Chunked non-blocking host->device copies on a side stream, synchronised before return."""
     target = torch.empty(buffer.numel(), dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device=device)
+    # the allocator may hand out memory that kernels queued on the current stream still use
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for start in range(0, buffer.numel(), chunk_bytes):
             end = min(start + chunk_bytes, buffer.numel())

@@ -269,8 +269,8 @@ class TierManager:
     def prefetch(self, expert_id: str) -> threading.Thread | None:
         """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn."""
         slot = self._slot(expert_id)
-        if slot.unavailable or slot.placement != "disk" or slot.loading:
-            return None
+        if slot.unavailable or slot.placement != "disk" or slot.loading or slot.bytes > self.tiers["cpu"].budget:
+            return None  # nothing to do, or too big to stage (it will run split when asked for)
 
         def run() -> None:
             try:
@@ -351,6 +351,7 @@ class TierManager:
         with self._lock:
             slot.cpu_buffer, slot.cpu_views = buffer, views
             slot.placement, slot.loading = "cpu", None
+            self._changed.notify_all()  # a waiter in _reserve may now find an evictable expert
         phases.update(alloc=t1 - t0, read=t2 - t1, bind=t3 - t2)
         if warm:
             t4 = time.perf_counter()
@@ -379,6 +380,7 @@ class TierManager:
         with self._lock:
             slot.gpu_buffer = gpu_buffer
             slot.placement, slot.loading = "gpu", None
+            self._changed.notify_all()
         loader.warm_up(slot.model)
         t3 = time.perf_counter()
         phases = {"copy": round(t1 - t0, 4), "bind": round(t2 - t1, 4), "warmup": round(t3 - t2, 4)}
@@ -393,6 +395,9 @@ class TierManager:
             for other in self._lru_candidates(self.exec_tier, exclude=slot):
                 evicted.append(other.id)
                 self._evict_locked(other, self.exec_tier)
+            if slot.placement == "cpu":  # a staged copy (prefetch) is not used by the split placement
+                self._evict_locked(slot, "cpu")
+            self._pool.clear()  # the split placement needs the room, not pooled buffers
             free = {t: max(self.tiers[t].budget - self._used(t), 0) for t in ("gpu", "cpu") if self.tiers[t].exists}
             slot.loading = "split"
         try:
@@ -425,9 +430,12 @@ class TierManager:
         deadline = time.monotonic() + timeout
         evicted: list[str] = []
         with self._lock:
-            if tier == "cpu" and slot.cpu_buffer is None:
-                slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size
+            if need > self.tiers[tier].budget:
+                raise TierBusy(f"{slot.id} needs {need / 1e9:.2f} GB, more than the whole {tier} tier budget "
+                               f"({self.tiers[tier].budget / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
             while True:
+                if tier == "cpu" and slot.cpu_buffer is None:
+                    slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size
                 budget = self.tiers[tier].budget
                 if tier == "cpu":
                     self._trim_pool(budget - need)
