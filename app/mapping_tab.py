@@ -139,7 +139,7 @@ class MappingTab:
     def apply_budget(self, unlocked: bool, budget_m: float, no_limit: bool) -> str:
         self.ctx.gate.require(unlocked, "Changing the mapping")
         try:
-            result = self.routing.set_budget(None if no_limit else int(float(budget_m) * 1e6))
+            result = self.routing.set_budget(None if no_limit else int(float(budget_m) * 1e6), persist=True)
         except (ValueError, RuntimeError) as exc:
             raise gr.Error(f"Cannot apply that budget: {user_message(exc)}") from None
         budget = "no limit" if no_limit else f"{float(budget_m):.0f}M params"

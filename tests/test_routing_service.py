@@ -343,3 +343,15 @@ def test_bench_route_reports_latency_and_throughput(trained):
     assert 0 < result["p50_ms"] <= result["p95_ms"] and result["prompts_per_s_batch"] > 0
     with pytest.raises(ValueError, match="n >= 10"):
         bench_route(service.config, n=3)
+
+
+def test_a_budget_applied_in_the_app_survives_a_restart(tmp_path, monkeypatch):
+    monkeypatch.delenv("COE_MAPPING_BUDGET", raising=False)
+    config = _config(tmp_path)
+    service = RoutingService(config, progress=lambda msg: None)
+    service.set_budget("140M", persist=True)  # the app's "Apply mapping"
+    assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000
+    service.set_budget("200M")  # a what-if (coe mapping --budget) is not kept
+    assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000
+    monkeypatch.setenv("COE_MAPPING_BUDGET", "1B")  # set by the operator: the config's budget wins again
+    assert RoutingService(config, progress=lambda msg: None).budget is None  # (this config ignores env)

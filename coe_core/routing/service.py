@@ -8,6 +8,8 @@ or another process changing ``active.json``) without a restart.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 import time
@@ -91,6 +93,11 @@ class RoutingService:
         self._progress = progress or print_progress
         self._traffic_distribution = traffic_distribution
         self._budget: int | None = None if config.mapping.budget == "auto" else int(config.mapping.budget)
+        if not os.environ.get("COE_MAPPING_BUDGET") and self._applied_budget_path().exists():
+            # a budget applied in the app outlives a restart; COE_MAPPING_BUDGET (the operator's) still wins
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                saved = json.loads(self._applied_budget_path().read_text())["budget"]
+                self._budget = None if saved is None else int(saved)
         self._lock = threading.RLock()
         self._router: Router | None = None
         self._active_mtime: tuple[int, int] | None = None
@@ -444,13 +451,23 @@ class RoutingService:
         self._mapping_cache = (key, result)
         return result
 
-    def set_budget(self, budget: int | str | None) -> MappingResult:
-        """Average active-parameter budget (``300M``, ``1.5B``, a number, or None/``auto`` for no limit)."""
+    def set_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
+        """Average active-parameter budget (``300M``, ``1.5B``, a number, or None/``auto`` for no limit).
+
+        ``persist`` (the app's "Apply mapping") keeps it in the data dir across restarts.
+        """
         if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
             self._budget = None
         else:
             self._budget = parse_params(budget, "mapping budget")
+        if persist:
+            path = self._applied_budget_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"budget": self._budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         return self.current_mapping()
+
+    def _applied_budget_path(self) -> Path:
+        return self.data_dir / "mapping.json"
 
     @property
     def budget(self) -> int | None:
