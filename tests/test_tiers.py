@@ -148,7 +148,7 @@ def test_expert_larger_than_the_execution_tier_runs_split(tiny_config):
     with tiers.acquire("large") as lease:
         assert tiers.state("large") == "split"
         out = lease.model(torch.tensor([[1, 2, 3]])).logits
-        assert out.shape[-1] == lease.tokenizer.vocab_size or out.shape[-1] > 0
+        assert out.shape[:2] == (1, 3) and torch.isfinite(out).all()
     residency = tiers.snapshot()["experts"]["large"]["tiers"]
     assert 0 < residency["cpu"] <= probe["large"] * 0.7 and residency["disk"] > 0
     assert lease.events[0].dst.startswith("split(")

@@ -28,6 +28,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from coe_core.routing.training import iter_jsonl
+
 METRIC = (
     "mean per-token log-likelihood of the reference answer under the expert's own prompt format, "
     "averaged over the category's pairs"
@@ -58,13 +60,7 @@ def load_eval_sets(eval_dir: Path, categories: list[str]) -> dict[str, EvalSet]:
             continue
         raw = path.read_bytes()
         items = []
-        for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+        for number, row in iter_jsonl(raw, path, '{"prompt": "...", "reference": "..."}'):
             if not isinstance(row, dict) or not all(
                 isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "reference")
             ):

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +70,17 @@ class LabelledFile:
     sha256: str
 
 
+def iter_jsonl(raw: bytes, path: Path, line_shape: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; a malformed line is an error naming it."""
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}); each line must be {line_shape}") from None
+
+
 def load_labelled_jsonl(
     path: str | Path, categories: list[str], *, source: str = "seed", keep_labels: Iterable[str] = ()
 ) -> LabelledFile:
@@ -85,16 +96,7 @@ def load_labelled_jsonl(
     raw = path.read_bytes()
     examples: list[LabelledPrompt] = []
     outside: Counter[str] = Counter()
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path}:{number} is not valid JSON ({exc.msg}); each line must be "
-                '{"prompt": "...", "category": "..."}'
-            ) from None
+    for number, row in iter_jsonl(raw, path, '{"prompt": "...", "category": "..."}'):
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("prompt"), str)

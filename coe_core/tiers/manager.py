@@ -488,20 +488,13 @@ class TierManager:
         """Evict an expert from ``tier`` now (refused while it generates).
 
         Its CPU buffer goes to the pool for the next load of the same size; the pool counts against the cpu
-        budget and is freed first when room is needed (``release_pool`` frees it now).
+        budget and is freed first when room is needed.
         """
         slot = self._slot(expert_id)
         with self._lock:
             if slot.pins:
                 raise TierBusy(f"{expert_id} is generating; it cannot be evicted now")
             self._evict_locked(slot, tier)
-
-    def release_pool(self) -> int:
-        """Free every pooled CPU buffer now; returns the bytes freed."""
-        with self._lock:
-            freed = sum(b.numel() for b in self._pool)
-            self._pool.clear()
-            return freed
 
     def _pop_pooled(self, nbytes: int) -> torch.Tensor | None:
         """A freed buffer of exactly ``nbytes`` from the pool, if there is one."""
@@ -522,10 +515,6 @@ class TierManager:
         return event
 
     # -- info --------------------------------------------------------------------------------------
-    def manifest(self, expert_id: str) -> dict | None:
-        slot = self._slot(expert_id)
-        return slot.disk.manifest if slot.disk else None
-
     def disk_folder(self, expert_id: str) -> Path | None:
         slot = self._slot(expert_id)
         return slot.disk.folder if slot.disk else None
