@@ -279,6 +279,25 @@ def threshold_figure(curve: Sequence[Mapping[str, float]], *, current: float | N
                    legend={"orientation": "h", "y": -0.25})
 
 
+def reliability_figure(table: Sequence[Mapping[str, Any]], ece: float | None) -> go.Figure:
+    """Reliability diagram: per confidence bin, how often the router's top choice was right, against the
+    diagonal of perfect calibration; bar labels are the bins' prompt counts."""
+    rows = [r for r in table if r.get("n")]
+    if not rows:
+        return empty_figure("no development-set evaluation for this version (router.dev_data)")
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=[r["confidence"] for r in rows], y=[r["accuracy"] for r in rows], width=0.08,
+                         text=[r["n"] for r in rows], textposition="outside", name="accuracy in bin",
+                         marker={"color": "#0072B2"},
+                         hovertemplate="confidence %{x:.2f}: right %{y:.0%} of %{text} prompts<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                             line={"color": "#6B7280", "dash": "dash"}))
+    fig.update_xaxes(title_text="confidence (mean of the bin)", range=[0, 1.02])
+    fig.update_yaxes(title_text="accuracy of the top choice", tickformat=".0%", range=[0, 1.1])
+    title = "Reliability on the development set" + (f" (ECE {ece:.3f})" if ece is not None else "")
+    return _layout(fig, HEIGHT, title={"text": title, "font": {"size": 13}}, legend={"orientation": "h", "y": -0.25})
+
+
 # -- mapping tab -----------------------------------------------------------------------------------------
 def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[str, float] | None = None,
                     preview: Mapping[str, float] | None = None, singles: Sequence[Mapping[str, Any]] = (),

@@ -42,7 +42,7 @@ def effect_text(now: dict, new: dict) -> str:
     def line(name: str, key: str) -> str:
         return f"| {name} | {now[key]:.1%} | {new[key]:.1%} |"
     return "\n".join([
-        f"On **{now['n']}** held-out prompts of the active version:",
+        f"On **{now['n']}** development-set prompts (held-out prompts when there is no development set):",
         "",
         f"| | now (threshold {now['threshold']:.2f}) | with {new['threshold']:.2f} |",
         "|---|---|---|",
@@ -50,6 +50,36 @@ def effect_text(now: dict, new: dict) -> str:
         line("coverage (routed, not fallback)", "coverage"),
         line("fallback rate", "fallback_rate"),
     ])
+
+
+SLICE_COLUMNS = ["slice", "accuracy", "prompts"]
+
+
+def slice_rows(report: dict) -> list[list[Any]]:
+    return [[name, round(row["accuracy"], 3), row["n"]] for name, row in (report.get("slices") or {}).items()]
+
+
+def dev_summary(report: dict | None) -> str:
+    if not report:
+        return ("This version has no development-set report: set `router.dev_data` in spaces.yaml and "
+                "retrain (or run `coe calibrate-router`).")
+    caught = report.get("wrong_caught_by_fallback")
+    return "\n".join([
+        f"On **{report['n']}** development prompts at threshold **{report['threshold']:.2f}**:",
+        f"- accuracy **{report['accuracy']:.1%}** (fallbacks count as `general`), "
+        f"top choice right {report['accuracy_without_fallback']:.1%}",
+        f"- fallback rate {report['fallback_rate']:.1%}; of the wrong top choices, "
+        f"**{'-' if caught is None else f'{caught:.0%}'}** were caught by the fallback",
+        f"- expected calibration error **{report['ece']:.3f}** (0 = confidence is exactly how often it is right)",
+    ])
+
+
+def category_scopes(config: Any) -> str:
+    """The labelling rule of the categories (``router.scopes``, one Markdown file), shown as written."""
+    path = config.resolve_path(config.router.scopes) if config.router.scopes else None
+    if path is None or not path.exists():
+        return "No category scopes are written for this taxonomy (`router.scopes` in spaces.yaml)."
+    return path.read_text(encoding="utf-8")
 
 
 class RouterTab:
@@ -77,6 +107,20 @@ class RouterTab:
                 with gr.Column(scale=3, min_width=300):
                     self.threshold_plot = gr.Plot(label="Precision and coverage vs threshold",
                                                   elem_classes=["coe-plot"], show_label=False)
+        with gr.Accordion("Development set: accuracy per slice and calibration", open=True):
+            gr.Markdown("Prompts written apart from the training data (`router.dev_data`): languages, casual "
+                        "typing, long pastes, multi-turn follow-ups, chit-chat. The fallback threshold is "
+                        "calibrated here; a fallback counts as right only for prompts labelled `general`.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=280):
+                    self.dev_md = gr.Markdown()
+                    self.slice_table = gr.Dataframe(headers=SLICE_COLUMNS, label="Accuracy per slice",
+                                                    interactive=False)
+                with gr.Column(scale=3, min_width=300):
+                    self.reliability_plot = gr.Plot(label="Reliability", elem_classes=["coe-plot"],
+                                                    show_label=False)
+        with gr.Accordion("What each category covers", open=False):
+            gr.Markdown(category_scopes(self.ctx.coe.config))
         with gr.Accordion("Versions, retrain, promote / rollback", open=True):
             self.versions = gr.Dataframe(headers=VERSION_COLUMNS, label="Version history (newest first)",
                                          interactive=False, wrap=True)
@@ -93,6 +137,7 @@ class RouterTab:
         view = [self.active_md, self.f1_table, self.confusion_plot, self.versions, self.version_pick,
                 self.threshold, self.effect_md, self.threshold_plot]
         tab.select(self.refresh, None, view, **private)
+        tab.select(self.dev_view, None, [self.dev_md, self.slice_table, self.reliability_plot], **private)
         self.threshold.release(self.preview_threshold, self.threshold, [self.effect_md, self.threshold_plot],
                                show_progress="hidden", **private)
         admin = self.ctx.admin_state
@@ -132,13 +177,23 @@ class RouterTab:
             f"- held-out **macro-F1 {metrics.get('macro_f1', 0):.3f}**, accuracy {metrics.get('accuracy', 0):.1%} "
             f"on {metrics.get('n', 0)} prompts",
             f"- fallback threshold **{current:.2f}** ({meta.get('threshold_set_by') or 'spaces.yaml'}), "
-            f"embedder `{meta.get('embedder', '?')}`",
+            f"temperature {meta.get('temperature', 1.0)}, features `{'+'.join(meta.get('features') or [])}`",
         ])
         effect_md, curve_fig = self._threshold_view(current, current)
         choices = [(f"{v['id']}{' (active)' if v.get('active') else ''}", v["id"]) for v in
                    sorted(versions, key=lambda m: m.get("trained_at") or "", reverse=True)]
         return (md, f1_rows(metrics), plots.confusion_figure(metrics.get("confusion") or {}), version_rows(versions),
                 gr.update(choices=choices, value=meta["id"]), gr.update(value=current), effect_md, curve_fig)
+
+    def dev_view(self) -> tuple[Any, ...]:
+        """The active version's development-set report (kept in its metadata when it was calibrated)."""
+        try:
+            meta = self.routing.active_version()
+        except (ValueError, OSError, RuntimeError) as exc:
+            return f"⚠️ No router: {user_message(exc)}", [], plots.empty_figure(user_message(exc))
+        return dev_summary(meta.get("dev_metrics")), slice_rows(meta.get("dev_metrics") or {}), \
+            plots.reliability_figure((meta.get("dev_metrics") or {}).get("reliability") or [],
+                                     (meta.get("dev_metrics") or {}).get("ece"))
 
     def _threshold_view(self, current: float, candidate: float) -> tuple[str, Any]:
         try:
@@ -173,18 +228,8 @@ class RouterTab:
             self.routing.activate(version_id)
         except (ValueError, OSError, KeyError) as exc:
             raise gr.Error(f"Cannot activate {version_id}: {user_message(exc)}") from None
-        self._record_active(version_id)
         gr.Info(f"Router {version_id} is active now.")
         return f"✓ Router **{version_id}** is active; the next prompt uses it."
-
-    def _record_active(self, version_id: str) -> None:
-        store = self.ctx.coe.store
-        if store is None:
-            return
-        try:
-            store.set_active_router_version(version_id)
-        except (ValueError, RuntimeError):  # StoreError is a RuntimeError
-            pass  # a version trained outside the app and never recorded in the log: the artifact is what counts
 
     def run_retrain(self, unlocked: bool, force: bool, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 (gradio injects it)
         """What `coe retrain` does: seed set + labelled feedback from the log -> candidate -> promote if not worse."""

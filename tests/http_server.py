@@ -93,7 +93,8 @@ def smollm2_data_dir(base, repo, shared_experts, router_dir):
     offline = raw["profiles"]["offline"]
     offline["experts"] = {"smollm2-135m": offline["experts"]["smollm2-135m"]}
     offline["scores"] = str(repo / offline["scores"])
-    raw["router"]["seed_data"] = str(repo / raw["router"]["seed_data"])
+    raw["router"]["seed_data"] = [str(repo / p) for p in raw["router"]["seed_data"]]
+    raw["router"]["dev_data"] = [str(repo / p) for p in raw["router"]["dev_data"]]
     raw["profiles"] = {"offline": offline}
     config = base / "spaces.yaml"
     config.write_text(yaml.safe_dump(raw))

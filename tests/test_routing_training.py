@@ -12,7 +12,7 @@ from coe_core.routing.calibration import pick_threshold, threshold_effect
 from coe_core.routing.classifier import confidence
 from coe_core.routing.expert_eval import eval_experts, load_eval_sets, normalise
 from coe_core.routing.metrics import classification_metrics
-from coe_core.routing.service import routed_text
+from coe_core.routing.text import routed_text
 from coe_core.routing.training import (
     LabelledPrompt,
     dedupe,
@@ -80,22 +80,28 @@ def test_split_keeps_a_category_in_training_even_if_all_its_groups_hash_to_heldo
     assert any(ex.category == "rare" for ex in train) and not any(ex.category == "rare" for ex in test)
 
 
-def test_routed_text_puts_latest_turn_first_with_limited_context():
+def test_routed_text_ends_with_the_latest_turn_and_keeps_both_ends_of_a_long_one():
     messages = [
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "answer"},
         {"role": "user", "content": "second"},
         {"role": "user", "content": "latest"},
     ]
-    assert routed_text(messages, 1, 2000) == "latest\nsecond"
-    assert routed_text(messages, 5, 2000) == "latest\nsecond\nfirst"
+    assert routed_text(messages, 1, 2000) == "second\nlatest"
+    assert routed_text(messages, 5, 2000) == "first\nsecond\nlatest"
     assert routed_text(messages, 0, 2000) == "latest"
-    assert routed_text([{"role": "user", "content": "x" * 100}], 1, 50) == "x" * 50
+    # a pasted document with the request at the end: the request survives the cap, and so does the start
+    long = "Summarise this for the board:\n" + "lorem ipsum " * 400 + "\nThree bullets, plain words please."
+    text = routed_text([{"role": "user", "content": long}], 1, 500)
+    assert len(text) == 500 and text.startswith("Summarise this for the board")
+    assert text.endswith("Three bullets, plain words please.") and " … " in text
+    # earlier turns never take more than a fifth of the budget
+    chat = [{"role": "user", "content": "y" * 5000}, {"role": "user", "content": "and in rust?"}]
+    assert routed_text(chat, 1, 500) == "y" * 100 + "\nand in rust?"
     with pytest.raises(ValueError, match="empty prompt"):
         routed_text([{"role": "user", "content": "hi"}, {"role": "user", "content": "   "}], 1, 2000)
     with pytest.raises(ValueError, match="empty prompt"):
         routed_text([{"role": "assistant", "content": "hi"}], 1, 2000)
-
 
 def test_confidence_kinds():
     p = np.array([[0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3]])

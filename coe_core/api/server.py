@@ -24,7 +24,7 @@ def router_state(coe: CoE) -> str:
     router: the default expert serves)."""
     if coe.routing is None:
         return "none"
-    return "loaded" if getattr(coe.routing, "_router", None) is not None else "not loaded"
+    return "loaded" if coe.routing.router_loaded() else "not loaded"
 
 
 def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None,

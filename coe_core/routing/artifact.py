@@ -1,7 +1,8 @@
 """Versioned router artifacts on disk.
 
-``<data_dir>/router/<version_id>/`` holds ``classifier.joblib`` (the fitted sklearn estimator),
-``meta.json`` (id, categories, embedder, classifier kind and why, threshold, held-out metrics,
+``<data_dir>/router/<version_id>/`` holds ``model.joblib`` (the fitted RouterModel: feature state,
+classifier, temperature), ``meta.json`` (id, categories, labels, features, classifier kind and why,
+threshold, held-out and development-set metrics,
 sample counts, data hash, parent, ...) and ``heldout.jsonl`` + ``heldout_proba.npy`` (the held-out
 examples and the classifier's probabilities on them, so calibration and the threshold preview need
 no recomputation). ``<data_dir>/router/active.json`` names the active version.
@@ -40,10 +41,10 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 @dataclass
 class RouterArtifact:
-    """A loaded router version: the fitted classifier plus its metadata."""
+    """A loaded router version: the fitted model (features + classifier + temperature) and its metadata."""
 
     meta: dict[str, Any]
-    classifier: Any
+    model: Any  # coe_core.routing.model.RouterModel
     path: Path
 
     @property
@@ -52,18 +53,30 @@ class RouterArtifact:
 
     @property
     def categories(self) -> list[str]:
-        return list(self.meta["categories"])
+        """The labels the classifier chooses between (the routed categories, and ``general`` when the
+        training data had examples of it), in probability-column order."""
+        return list(self.meta["labels"])
 
-    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
-        """Probabilities with columns in ``self.categories`` order."""
-        raw = self.classifier.predict_proba(embeddings)
-        classes = list(self.classifier.classes_)
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature") or 1.0)
+
+    def raw_proba(self, texts: list[str], resources: Any) -> np.ndarray:
+        """Uncalibrated probabilities with columns in ``self.categories`` order."""
+        raw = self.model.raw_proba(texts, resources)
+        classes = self.model.classes
         if classes == self.categories:
             return raw
-        out = np.zeros((len(embeddings), len(self.categories)), dtype=float)
+        out = np.zeros((len(texts), len(self.categories)), dtype=float)
         for j, c in enumerate(classes):
             out[:, self.categories.index(c)] = raw[:, j]
         return out
+
+    def predict_proba(self, texts: list[str], resources: Any) -> np.ndarray:
+        """Calibrated probabilities (the version's temperature) with columns in ``self.categories`` order."""
+        from coe_core.routing.model import scale_temperature
+
+        return scale_temperature(self.raw_proba(texts, resources), self.temperature)
 
     def heldout(self) -> tuple[list[dict[str, str]], np.ndarray]:
         """The held-out examples and the classifier's probabilities on them."""
@@ -82,19 +95,19 @@ def new_version_id(data_hash: str) -> str:
 def save_artifact(
     data_dir: Path,
     meta: dict[str, Any],
-    classifier: Any,
+    model: Any,
     heldout: list[dict[str, str]],
     heldout_proba: np.ndarray,
 ) -> RouterArtifact:
     path = router_dir(data_dir) / meta["id"]
     path.mkdir(parents=True, exist_ok=False)
-    joblib.dump(classifier, path / "classifier.joblib")
+    joblib.dump(model, path / "model.joblib")
     with open(path / "heldout.jsonl", "w", encoding="utf-8") as fh:
         for ex in heldout:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
     np.save(path / "heldout_proba.npy", np.asarray(heldout_proba, dtype=float))
     _write_json_atomic(path / "meta.json", meta)  # last: a folder with meta.json is complete
-    return RouterArtifact(meta, classifier, path)
+    return RouterArtifact(meta, model, path)
 
 
 def read_meta(data_dir: Path, version_id: str) -> dict[str, Any]:
@@ -113,13 +126,26 @@ def read_meta(data_dir: Path, version_id: str) -> dict[str, Any]:
         ) from None
 
 
-def check_compatible(meta: dict[str, Any], embedder: str, categories: list[str]) -> None:
+def router_signature(router: Any, categories: list[str]) -> dict[str, Any]:
+    """What a router version must have been trained with to serve this config (``router`` is the
+    config's RouterConfig): its features, the resources they read, and the routed categories."""
+    sig: dict[str, Any] = {"features": list(router.features), "categories": list(categories)}
+    if "tokens" in router.features:
+        sig["token_table"] = router.token_table
+    if "sentence" in router.features:
+        sig["embedder"] = router.embedder
+    return sig
+
+
+def check_compatible(meta: dict[str, Any], router: Any, categories: list[str]) -> None:
     """Raise RouterArtifactError saying exactly what differs between a version and the config."""
+    want = router_signature(router, categories)
     problems = []
-    if meta.get("embedder") != embedder:
-        problems.append(
-            f"it was trained with embedder {meta.get('embedder')!r} but router.embedder is {embedder!r}"
-        )
+    if "labels" not in meta or "features" not in meta:
+        problems.append("it was trained by an older version of CoE Playground (no feature blocks)")
+    for key in ("features", "token_table", "embedder"):
+        if key in want and meta.get(key) != want[key]:
+            problems.append(f"it was trained with {key} {meta.get(key)!r} but router.{key} is {want[key]!r}")
     trained = list(meta.get("categories", []))
     if trained != list(categories):
         missing = [c for c in categories if c not in trained]
@@ -142,18 +168,23 @@ def check_compatible(meta: dict[str, Any], embedder: str, categories: list[str])
         )
 
 
-def load_artifact(data_dir: Path, version_id: str, *, embedder: str, categories: list[str]) -> RouterArtifact:
+def load_artifact(data_dir: Path, version_id: str, *, router: Any, categories: list[str]) -> RouterArtifact:
     meta = read_meta(data_dir, version_id)
-    check_compatible(meta, embedder, categories)
+    check_compatible(meta, router, categories)
     path = router_dir(data_dir) / version_id
     try:
-        classifier = joblib.load(path / "classifier.joblib")
+        model = joblib.load(path / "model.joblib")
     except FileNotFoundError:
         raise RouterArtifactError(
-            f"router version {version_id!r} has no classifier.joblib in {path}; delete that folder and "
+            f"router version {version_id!r} has no model.joblib in {path}; delete that folder and "
             "run `coe train-router`"
         ) from None
-    return RouterArtifact(meta, classifier, path)
+    except Exception as exc:  # a truncated or foreign pickle
+        raise RouterArtifactError(
+            f"router version {version_id!r}: {path / 'model.joblib'} cannot be read ({exc}); delete that "
+            "folder and run `coe train-router`"
+        ) from None
+    return RouterArtifact(meta, model, path)
 
 
 def list_versions(data_dir: Path) -> list[dict[str, Any]]:

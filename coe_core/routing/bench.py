@@ -1,4 +1,5 @@
-"""``coe bench route``: routing latency (one prompt, warm) and batch throughput, as JSON figures."""
+"""``coe bench route``: routing latency (one prompt, warm), what each feature block costs, and batch
+throughput, as JSON figures."""
 
 from __future__ import annotations
 
@@ -32,52 +33,63 @@ def _timed(fn, items) -> list[float]:
     return out
 
 
+def _bench_prompts(service, n: int) -> list[str]:
+    """n prompts of the training data, short and long (up to router.context_chars) in its own mix."""
+    seed = [p for p, _ in service.seed_examples()] or ["Explain how a hash map works."]
+    rng = random.Random(0)
+    rng.shuffle(seed)
+    return [seed[i % len(seed)] + ("" if i < len(seed) else f" (variant {i})") for i in range(n)]
+
+
 def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
-    """Warm single-prompt latency of embed+classify (uncached), of a whole ``decide`` (uncached and
-    cached), the plain ``SentenceTransformer.encode`` baseline, and batch throughput of ``route_many``."""
+    """Warm single-prompt latency of features+classify (uncached), of a whole ``decide`` (uncached and
+    cached), what each feature block costs, and batch throughput of ``route_many``."""
     from coe_core.routing.service import RoutingService
 
     if n < 10:
         raise ValueError("bench route needs n >= 10 prompts")
     service = RoutingService(config)
     service.warm_up()
-    router = service._ensure_router()
-    seed = [p for p, _ in service.seed_examples()] or ["Explain how a hash map works."]
-    rng = random.Random(0)
-    rng.shuffle(seed)
-    prompts = [seed[i % len(seed)] + ("" if i < len(seed) else f" (variant {i})") for i in range(n)]
+    router = service.router()
+    prompts = _bench_prompts(service, n)
     for p in prompts[:5]:  # warm the kernels for these shapes
         router.classify([p], use_cache=False)
 
-    # the configured thread policy vs a fixed single thread, interleaved so both see the same machine
-    # load (on a busy shared box one thread avoids OpenMP barrier stalls; see embedder.auto_threads)
-    embedder = router.embedder
-    configured = embedder.threads
+    # the sentence block's thread policy vs a fixed single thread, interleaved so both see the same
+    # machine load (on a busy shared box one thread avoids OpenMP barrier stalls; see embedder.auto_threads)
+    embedder = router.resources.sentence
+    configured = embedder.threads if embedder is not None else 1
     classify_ms, one_thread_ms, threads_used = [], [], []
     try:
         for i, p in enumerate(prompts):
             order = ["configured", "one"] if i % 2 else ["one", "configured"]
-            for which in order if configured != 1 else ["configured"]:
-                embedder.threads = configured if which == "configured" else 1
+            for which in order if embedder is not None and configured != 1 else ["configured"]:
+                if embedder is not None:
+                    embedder.threads = configured if which == "configured" else 1
                 if which == "configured":
-                    threads_used.append(embedder.threads_now())
+                    threads_used.append(embedder.threads_now() if embedder is not None else 1)
                 ms = _timed(lambda q: router.classify([q], use_cache=False), [p])[0]
                 (classify_ms if which == "configured" else one_thread_ms).append(ms)
     finally:
-        embedder.threads = configured
-    router.embedder.cache_clear()
+        if embedder is not None:
+            embedder.threads = configured
+    router.cache_clear()
     decide_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
     decide_cached_ms = _timed(lambda p: service.decide([{"role": "user", "content": p}]), prompts)
-    model = router.embedder._model
-    baseline = prompts[: min(50, n)]
-    encode_ms = _timed(
-        lambda p: model.encode([p], normalize_embeddings=True, show_progress_bar=False), baseline
-    )
+
+    # what each block costs on one prompt (the classifier: the rest of an uncached classify)
+    model = router.artifact.model
+    sample = prompts[: min(50, n)]
+    blocks = {}
+    for block in model.features.blocks:
+        single = type(model.features)(blocks=(block,), weights=model.features.weights, _chars=model.features._chars)
+        blocks[block] = _percentiles(_timed(lambda p, f=single: f.transform([p], router.resources), sample))
 
     start, cpu_start = time.perf_counter(), time.process_time()
     service.route_many(prompts)
     batch_s, batch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
 
+    lengths = [len(p) for p in prompts]
     single = _percentiles(classify_ms)
     result: dict[str, Any] = {
         "p50_ms": single["p50_ms"],
@@ -86,20 +98,18 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
         # CPU seconds the batch got: on a shared machine wall time also counts other people's work
         "batch_cpu_s": round(batch_cpu_s, 3),
         "batch_wall_s": round(batch_s, 3),
-        "what": "p50/p95: warm embed+classify of one prompt, embedding cache off; "
-        "batch: route_many of n prompts",
+        "what": "p50/p95: warm features+classify of one prompt, caches off; batch: route_many of n prompts",
         "n": n,
-        "embed_classify_uncached": single,
-        "embed_classify_uncached_1_thread": _percentiles(one_thread_ms) if one_thread_ms else None,
+        "features_classify_uncached": single,
+        "features_classify_uncached_1_thread": _percentiles(one_thread_ms) if one_thread_ms else None,
+        "per_block": blocks,
         "decide_uncached": _percentiles(decide_ms),
         "decide_cached": _percentiles(decide_cached_ms),
-        # plain SentenceTransformer.encode on the calling thread (torch's default threads there)
-        "baseline_sentence_transformers_encode": _percentiles(encode_ms),
         "router_version": router.version_id,
         "classifier": router.artifact.meta["classifier"]["name"],
-        "embedder": config.router.embedder,
-        "max_seq_tokens": config.router.max_seq_tokens,
-        "mean_prompt_chars": round(float(np.mean([len(p) for p in prompts])), 1),
+        "features": list(model.features.blocks),
+        "prompt_chars": {"mean": round(float(np.mean(lengths)), 1), "max": int(max(lengths)),
+                         "over_1000": int(sum(x > 1000 for x in lengths))},
         "threads_setting": configured,
         "threads_used": dict(sorted(Counter(threads_used).items())),
         "cpu_count": os.cpu_count(),

@@ -1,6 +1,7 @@
 """Category classifiers on unit-length embeddings, chosen by cross-validated macro-F1, and confidence.
 
-Candidates (``router.classifiers``): ``logreg`` (multinomial logistic regression, two strengths
+Candidates (``router.classifiers``): ``linear`` (linear SVM with softmax scores, the default on the
+fused features), ``logreg`` (multinomial logistic regression, two strengths
 of regularisation), ``knn`` (distance-weighted cosine k-nearest neighbours) and ``svm`` (RBF support
 vector machine whose scores become probabilities by temperature scaling, fit on internal folds;
 on the shipped seed set it beat logistic regression by ~0.01-0.02 macro-F1). Each is scored by
@@ -21,12 +22,30 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.svm import SVC
+from sklearn.svm import SVC, LinearSVC
 
 
 def _sklearn_at_least(major: int, minor: int) -> bool:
     parts = sklearn.__version__.split(".")
     return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+class SoftmaxLinearSVC(LinearSVC):
+    """A linear SVM (liblinear, one-vs-rest) whose decision values become probabilities by a softmax.
+
+    On the fused sparse features (~265k columns, a few thousand prompts) it fits in seconds where
+    multinomial logistic regression took minutes here, and it was the more accurate of the two on the
+    development set (routing README). The softmax is only a shape: the router model fits a temperature
+    on held-out prompts, which is what makes the probabilities calibrated.
+    """
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        scores = np.atleast_2d(self.decision_function(x))
+        if scores.shape[1] == 1:  # two classes: one decision value
+            scores = np.hstack([-scores, scores])
+        scores = scores - scores.max(axis=1, keepdims=True)
+        exp = np.exp(scores)
+        return exp / exp.sum(axis=1, keepdims=True)
 
 
 def candidate_models(
@@ -42,6 +61,8 @@ def candidate_models(
             for c in (4.0, 16.0):
                 # newton-cg: same optimum as the default lbfgs, ~10x faster to fit on these 384-d inputs
                 models[f"logreg(C={c:g})"] = LogisticRegression(C=c, solver="newton-cg", max_iter=3000)
+        elif kind == "linear":
+            models["linear(C=3)"] = SoftmaxLinearSVC(C=3.0, max_iter=5000, random_state=0)
         elif kind == "knn":
             k = max(1, min(15, n_train // 10))
             models[f"knn(k={k})"] = KNeighborsClassifier(n_neighbors=k, weights="distance", metric="cosine")
@@ -55,7 +76,9 @@ def candidate_models(
                 SVC(C=1.0, kernel="rbf"), method=method, cv=3, ensemble=False
             )
         else:
-            raise ValueError(f"router.classifiers: unknown classifier {kind!r}; use logreg, knn and/or svm")
+            raise ValueError(
+                f"router.classifiers: unknown classifier {kind!r}; use linear, logreg, knn and/or svm"
+            )
     return models
 
 

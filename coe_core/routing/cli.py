@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from coe_core.config import CoEConfig, parse_params
@@ -27,9 +28,10 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _service(config: CoEConfig, *, engine: bool = False):
+def _service(config: CoEConfig, *, engine: bool = False, store: bool = False):
     """The routing service; with ``engine`` the engine's (it knows which experts are available and
-    their sizes, and the logged traffic). Without it (or if the engine cannot start) a bare one."""
+    their sizes, and the logged traffic). Without it (or if the engine cannot start) a bare one, with
+    the interaction log when ``store`` (versions record themselves there). Returns (service, closer)."""
     from coe_core.routing.service import RoutingService
 
     if engine:
@@ -41,7 +43,8 @@ def _service(config: CoEConfig, *, engine: bool = False):
                 return coe.routing, coe
         except Exception as exc:  # noqa: BLE001 - routing must work even when the engine cannot start
             _say(f"note: engine unavailable ({exc}); routing with the score table's sizes and all experts")
-    return RoutingService(config, progress=_say), None
+    log = _store(config) if store else None
+    return RoutingService(config, progress=_say, store=log), log
 
 
 def _store(config: CoEConfig):
@@ -107,16 +110,12 @@ def cmd_route(args, config) -> int:
 
 # -- coe train-router / retrain --------------------------------------------------------------------------
 def cmd_train_router(args, config) -> int:
-    from coe_core.routing.service import record_version
-
-    service, _ = _service(config)
-    meta = service.train(activate=True)
-    store = _store(config)
-    if store is not None:
-        try:
-            record_version(store, meta, str(config.data_path / "router" / meta["id"]), active=True)
-        finally:
-            store.close()
+    service, log = _service(config, store=True)
+    try:
+        meta = service.train(activate=True)  # records itself in the log
+    finally:
+        if log is not None:
+            log.close()
     out = {
         "version": meta["id"],
         "active": True,
@@ -134,13 +133,12 @@ def cmd_train_router(args, config) -> int:
 
 
 def cmd_retrain(args, config) -> int:
-    service, _ = _service(config)
-    store = _store(config)
+    service, log = _service(config, store=True)
     try:
-        result = service.retrain_from_log(store, force=args.force)
+        result = service.retrain_from_log(force=args.force)
     finally:
-        if store is not None:
-            store.close()
+        if log is not None:
+            log.close()
     if args.json:
         _print_json(result)
         return 0
@@ -157,16 +155,18 @@ def cmd_retrain(args, config) -> int:
 
 # -- coe eval-router -------------------------------------------------------------------------------------
 def cmd_eval_router(args, config) -> int:
-    from coe_core.routing.training import evaluate, load_labelled_jsonl
+    from coe_core.routing.training import evaluate, expand_paths, load_labelled_files
 
     service, _ = _service(config)
-    router = service._ensure_router()
-    data = load_labelled_jsonl(
-        args.file, config.categories, source="eval", keep_labels=[config.fallback_category]
+    router = service.router()
+    r = config.router
+    data = load_labelled_files(
+        expand_paths(args.files, lambda p: Path(p)), config.categories, source="eval",
+        keep_labels=[config.fallback_category], context_turns=r.context_turns, context_chars=r.context_chars,
     )
     if not data.examples:
         raise ValueError(
-            f"{args.file} has no prompts labelled with a category of this taxonomy "
+            f"{' '.join(args.files)} has no prompts labelled with a category of this taxonomy "
             f"({', '.join(config.all_categories)}); labels found: {data.outside_taxonomy}"
         )
     metrics = evaluate(router, data.examples, with_fallback=True)
@@ -174,18 +174,26 @@ def cmd_eval_router(args, config) -> int:
         **metrics,
         "outside_taxonomy": data.outside_taxonomy,
         "router_version": router.version_id,
-        "threshold": router.threshold,
-        "file": args.file,
+        "files": args.files,
     }
     if args.json:
         _print_json(out)
         return 0
     print(
-        f"router {router.version_id} on {args.file} (threshold {router.threshold:.3f}; a fallback to "
+        f"router {router.version_id} on {' '.join(args.files)} (threshold {router.threshold:.3f}; a fallback to "
         f"{config.fallback_category} counts as wrong unless labelled so)"
     )
     print(_metrics_table(out))
-    print(f"accuracy without fallback {out['accuracy_without_fallback']:.3f}")
+    caught = out["wrong_caught_by_fallback"]
+    print(f"accuracy without fallback {out['accuracy_without_fallback']:.3f}  ECE {out['ece']:.3f}  "
+          f"wrong top choices caught by the fallback {'-' if caught is None else f'{caught:.3f}'}")
+    print("slices:")
+    for name, row in out["slices"].items():
+        print(f"  {name:<16} {row['accuracy']:.3f}  (n {row['n']})")
+    print("reliability (confidence bin: n, mean confidence, accuracy):")
+    for row in out["reliability"]:
+        if row["n"]:
+            print(f"  {row['bin']}: {row['n']:>5}  {row['confidence']:.3f}  {row['accuracy']:.3f}")
     if data.outside_taxonomy:
         print(f"skipped labels outside the taxonomy: {data.outside_taxonomy}")
     return 0
@@ -210,17 +218,13 @@ def cmd_calibrate_router(args, config) -> int:
 
 # -- coe router-versions ---------------------------------------------------------------------------------
 def cmd_router_versions(args, config) -> int:
-    service, _ = _service(config)
-    if args.activate:
-        service.activate(args.activate)
-        store = _store(config)
-        if store is not None:
-            try:
-                store.set_active_router_version(args.activate)
-            except (ValueError, KeyError) as exc:
-                _say(f"note: store does not know {args.activate} ({exc})")
-            finally:
-                store.close()
+    service, log = _service(config, store=bool(args.activate))
+    try:
+        if args.activate:
+            service.activate(args.activate)  # records itself in the log
+    finally:
+        if log is not None:
+            log.close()
     versions = [
         {
             "id": m["id"],
@@ -343,8 +347,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retrain)
 
-    p = subparsers.add_parser("eval-router", help="evaluate the active router on a labelled JSONL file")
-    p.add_argument("file", help='JSONL lines {"prompt": ..., "category": ...}')
+    p = subparsers.add_parser("eval-router", help="evaluate the active router on labelled JSONL files")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help='JSONL files or globs: lines {"prompt" | "messages", "category"[, "lang", "style"]}')
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_router)
 

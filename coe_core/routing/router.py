@@ -1,7 +1,9 @@
-"""The in-memory category router: embedder + one artifact + the threshold of the uncertainty fallback."""
+"""The in-memory category router: feature resources + one artifact + the threshold of the uncertainty fallback."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,7 +11,10 @@ import numpy as np
 
 from coe_core.routing.artifact import RouterArtifact
 from coe_core.routing.classifier import confidence
-from coe_core.routing.embedder import Embedder
+from coe_core.routing.features import Resources
+
+#: single texts whose probabilities are remembered (a user who resends, the app's previews)
+CACHE_SIZE = 1024
 
 
 @dataclass
@@ -17,7 +22,7 @@ class Classification:
     """Step 1 of routing for one text."""
 
     category: str  # after the fallback
-    top_category: str  # the classifier's winner, also when it fell back
+    top_category: str  # the classifier's winner (may be the fallback category itself), also when it fell back
     probabilities: dict[str, float]
     confidence: float
     fallback: bool
@@ -33,14 +38,16 @@ class Router:
     def __init__(
         self,
         artifact: RouterArtifact,
-        embedder: Embedder,
+        resources: Resources,
         *,
         config_threshold: float,
         confidence_kind: str,
         fallback_category: str,
     ) -> None:
         self.artifact = artifact
-        self.embedder = embedder
+        self.resources = resources
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self.config_threshold = config_threshold
         self.confidence_kind = confidence_kind
         self.fallback_category = fallback_category
@@ -66,7 +73,24 @@ class Router:
         return "router.threshold in spaces.yaml"
 
     def predict_proba(self, texts: Sequence[str], *, use_cache: bool = True) -> np.ndarray:
-        return self.artifact.predict_proba(self.embedder.embed(texts, use_cache=use_cache))
+        texts = list(texts)
+        if len(texts) != 1 or not use_cache:
+            return self.artifact.predict_proba(texts, self.resources)
+        with self._cache_lock:
+            hit = self._cache.get(texts[0])
+            if hit is not None:
+                self._cache.move_to_end(texts[0])
+                return hit[None, :]
+        row = self.artifact.predict_proba(texts, self.resources)[0]
+        with self._cache_lock:
+            self._cache[texts[0]] = row
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return row[None, :]
+
+    def cache_clear(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
 
     def classify_proba(self, proba: np.ndarray, threshold: float | None = None) -> list[Classification]:
         threshold = self.threshold if threshold is None else threshold

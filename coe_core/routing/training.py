@@ -8,7 +8,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 
 from coe_core.config import CoEConfig
-from coe_core.routing.artifact import RouterArtifact, new_version_id, save_artifact
+from coe_core.routing.artifact import RouterArtifact, new_version_id, router_signature, save_artifact
 from coe_core.routing.calibration import threshold_effect
 from coe_core.routing.classifier import confidence, select_and_fit
-from coe_core.routing.embedder import Embedder, get_embedder
+from coe_core.routing.evaluation import evaluate_proba
+from coe_core.routing.features import FeatureSet, Resources
 from coe_core.routing.metrics import classification_metrics
+from coe_core.routing.model import RouterModel, fit_temperature, scale_temperature
+from coe_core.routing.text import head_tail, routed_text, text_of
 
 #: share of groups held out for evaluation and calibration
 HELDOUT_FRACTION = 0.2
@@ -38,15 +41,21 @@ def print_progress(message: str) -> None:
 class LabelledPrompt:
     """One training example of the router.
 
-    ``source`` says where the label came from (``seed``, ``feedback``, ``correction``, ...);
-    ``group`` keeps examples that must not be split across train and held-out sets together
-    (a conversation id; every seed prompt is its own group).
+    ``prompt`` is the routed text (for a multi-turn row: earlier user turns and the latest one, as
+    :func:`coe_core.routing.text.routed_text` builds it). ``source`` says where the label came from
+    (``seed``, ``feedback``, ``correction``, ...); ``group`` keeps examples that must not be split
+    across train and held-out sets together (a conversation id; every seed prompt is its own group).
+    ``lang``, ``style``, ``turns`` and ``chars`` (length of the latest turn) name its slices.
     """
 
     prompt: str
     category: str
     source: str = "seed"
     group: str = ""
+    lang: str = ""
+    style: str = ""
+    turns: int = 1
+    chars: int = 0
 
 
 def normalise_prompt(text: str) -> str:
@@ -82,10 +91,17 @@ def iter_jsonl(raw: bytes, path: Path, line_shape: str) -> Iterator[tuple[int, A
 
 
 def load_labelled_jsonl(
-    path: str | Path, categories: list[str], *, source: str = "seed", keep_labels: Iterable[str] = ()
+    path: str | Path,
+    categories: list[str],
+    *,
+    source: str = "seed",
+    keep_labels: Iterable[str] = (),
+    context_turns: int = 1,
+    context_chars: int = 2000,
 ) -> LabelledFile:
-    """Read ``{"prompt", "category"}`` lines. Labels outside ``categories`` (+ ``keep_labels``) are
-    counted, not loaded; a malformed line is an error naming the line."""
+    """Read ``{"prompt" | "messages", "category"[, "lang", "style", "group"]}`` lines. A ``messages``
+    row (a conversation ending with the user's turn) becomes its routed text. Labels outside
+    ``categories`` (+ ``keep_labels``) are counted, not loaded; a malformed line is an error naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -96,20 +112,59 @@ def load_labelled_jsonl(
     raw = path.read_bytes()
     examples: list[LabelledPrompt] = []
     outside: Counter[str] = Counter()
-    for number, row in iter_jsonl(raw, path, '{"prompt": "...", "category": "..."}'):
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("prompt"), str)
-            or not isinstance(row.get("category"), str)
-        ):
-            raise ValueError(f'{path}:{number} needs string fields "prompt" and "category"')
-        if not row["prompt"].strip():
-            raise ValueError(f"{path}:{number} has an empty prompt")
+    shape = '{"prompt": "...", "category": "..."} or {"messages": [...], "category": "..."}'
+    for number, row in iter_jsonl(raw, path, shape):
+        if not isinstance(row, dict) or not isinstance(row.get("category"), str):
+            raise ValueError(f'{path}:{number} needs a string field "category" and a "prompt" or "messages"')
+        messages = row.get("messages")
+        if messages is None:
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f'{path}:{number} needs a string field "prompt" (or a "messages" list)')
+            messages = [{"role": "user", "content": row["prompt"]}]
+        try:
+            text = routed_text(messages, context_turns, context_chars)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
         if row["category"] not in allowed:
             outside[row["category"]] += 1
             continue
-        examples.append(LabelledPrompt(row["prompt"], row["category"], source, str(row.get("group", ""))))
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        examples.append(LabelledPrompt(
+            text, row["category"], source, str(row.get("group", "")), lang=str(row.get("lang", "")),
+            style=str(row.get("style", "")), turns=len(users), chars=len(text_of(users[-1].get("content"))),
+        ))
     return LabelledFile(examples, dict(outside), hashlib.sha256(raw).hexdigest())
+
+
+def expand_paths(patterns: Iterable[str], resolve: Callable[[str], Path]) -> list[Path]:
+    """Files named by ``patterns`` (paths or globs, resolved by ``resolve``), in order, each once.
+    A pattern that matches nothing is an error: a typo must not silently shrink the training set."""
+    out: list[Path] = []
+    for pattern in patterns:
+        path = resolve(pattern)
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(path.parent.glob(path.name))
+            if not matches:
+                raise FileNotFoundError(f"{pattern!r} matches no file in {path.parent}")
+        else:
+            matches = [path]
+        out += [m for m in matches if m not in out]
+    return out
+
+
+def load_labelled_files(
+    paths: Iterable[Path], categories: list[str], **kwargs: Any
+) -> LabelledFile:
+    """:func:`load_labelled_jsonl` over several files, concatenated (one sha256 over all of them)."""
+    examples: list[LabelledPrompt] = []
+    outside: Counter[str] = Counter()
+    digest = hashlib.sha256()
+    for path in paths:
+        data = load_labelled_jsonl(path, categories, **kwargs)
+        examples += data.examples
+        outside.update(data.outside_taxonomy)
+        digest.update(data.sha256.encode())
+    return LabelledFile(examples, dict(outside), digest.hexdigest())
 
 
 def dedupe(examples: Iterable[LabelledPrompt]) -> list[LabelledPrompt]:
@@ -128,6 +183,49 @@ def is_heldout(group: str) -> bool:
     on the same side in every version, so a candidate and the active version can be compared on
     held-out data neither was trained on, and a group is never on both sides."""
     return int(_digest(group)[:8], 16) % 1000 < HELDOUT_FRACTION * 1000
+
+
+#: a line at least this long that two prompts share marks pasted material they have in common
+SHARED_LINE_CHARS = 60
+
+
+def group_shared_material(examples: list[LabelledPrompt]) -> list[LabelledPrompt]:
+    """Put prompts that paste the same material (they share a line of >= 60 characters) into one group.
+
+    The same report pasted once with "summarise it for the board" and once with "extract the revenue
+    per year" must land on one side of the held-out split; otherwise the held-out prompt is judged by
+    its material's twin in training, which has another label, and the held-out figures (and the
+    temperature fitted on them) describe that artefact instead of new traffic. Explicit groups win.
+    """
+    parent = list(range(len(examples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with_line: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        if ex.group:
+            continue
+        for line in ex.prompt.splitlines():
+            line = line.strip()
+            if len(line) < SHARED_LINE_CHARS:
+                continue
+            j = first_with_line.setdefault(line, i)
+            if j != i:
+                parent[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for i in range(len(examples)):
+        members.setdefault(root(i), []).append(i)
+    out = list(examples)
+    for indices in members.values():
+        if len(indices) > 1:
+            name = f"material:{_digest(normalise_prompt(examples[indices[0]].prompt))[:16]}"
+            for i in indices:
+                out[i] = replace(examples[i], group=name)
+    return out
 
 
 def split(examples: list[LabelledPrompt]) -> tuple[list[LabelledPrompt], list[LabelledPrompt]]:
@@ -151,17 +249,15 @@ def data_hash(examples: Iterable[LabelledPrompt]) -> str:
 def prepare(
     config: CoEConfig, examples: Iterable[LabelledPrompt]
 ) -> tuple[list[LabelledPrompt], dict[str, int]]:
-    """Keep examples of the taxonomy's routed categories (others counted by label), deduplicated,
-    text capped like routed text; raise when a category has too few examples."""
+    """Keep examples of the taxonomy's categories and of the fallback category (others counted by
+    label), deduplicated, text capped like routed text; raise when a category has too few examples."""
     kept, skipped = [], Counter()
     for ex in examples:
-        if ex.category in config.categories and ex.prompt.strip():
-            kept.append(
-                LabelledPrompt(ex.prompt[: config.router.context_chars], ex.category, ex.source, ex.group)
-            )
+        if ex.category in config.all_categories and ex.prompt.strip():
+            kept.append(replace(ex, prompt=head_tail(ex.prompt, config.router.context_chars)))
         else:
             skipped[ex.category] += 1
-    kept = dedupe(kept)
+    kept = group_shared_material(dedupe(kept))
     counts = Counter(ex.category for ex in kept)
     short = {c: counts.get(c, 0) for c in config.categories if counts.get(c, 0) < MIN_PER_CATEGORY}
     if short:
@@ -174,41 +270,62 @@ def prepare(
     return kept, dict(skipped)
 
 
+def heldout_row(ex: LabelledPrompt) -> dict[str, Any]:
+    return {"prompt": ex.prompt, "category": ex.category, "source": ex.source, "group": group_of(ex),
+            "lang": ex.lang, "style": ex.style, "turns": ex.turns, "chars": ex.chars}
+
+
+def from_heldout_row(row: dict[str, Any]) -> LabelledPrompt:
+    return LabelledPrompt(row["prompt"], row["category"], row.get("source", ""), row.get("group", ""),
+                          row.get("lang", ""), row.get("style", ""), int(row.get("turns", 1)),
+                          int(row.get("chars", len(row["prompt"]))))
+
+
+def columns(proba: np.ndarray, classes: list[str], labels: list[str]) -> np.ndarray:
+    """``proba`` (columns in ``classes`` order) with its columns in ``labels`` order."""
+    out = np.zeros((len(proba), len(labels)))
+    for j, c in enumerate(classes):
+        out[:, labels.index(c)] = proba[:, j]
+    return out
+
+
 def train_router(
     config: CoEConfig,
     examples: list[LabelledPrompt],
     *,
+    resources: Resources,
     parent: str | None = None,
-    embedder: Embedder | None = None,
     progress: Progress | None = print_progress,
     seed_file: dict[str, Any] | None = None,
 ) -> RouterArtifact:
-    """Train, evaluate on the held-out groups and save a new router version (not activated)."""
+    """Train, calibrate (temperature) and evaluate on the held-out groups, and save a new router
+    version (not activated)."""
     say = progress or (lambda _m: None)
-    embedder = embedder or get_embedder(
-        config.router.embedder, config.router.max_seq_tokens, config.router.threads
-    )
     kept, skipped = prepare(config, examples)
     train, test = split(kept)
-    say(f"router: embedding {len(kept)} labelled prompts with {config.router.embedder}")
-    x = embedder.embed([ex.prompt for ex in kept], use_cache=False)
+    labels = [c for c in config.all_categories if any(ex.category == c for ex in kept)]
+    features = FeatureSet(tuple(config.router.features))
+    features.fit([ex.prompt for ex in train], resources)
+    say(f"router: features {'+'.join(features.blocks)} of {len(kept)} labelled prompts")
+    x = features.transform([ex.prompt for ex in kept], resources)
     index = {id(ex): i for i, ex in enumerate(kept)}
     x_train = x[[index[id(ex)] for ex in train]]
-    x_test = x[[index[id(ex)] for ex in test]] if test else np.zeros((0, x.shape[1]), dtype=x.dtype)
+    x_test = x[[index[id(ex)] for ex in test]]
     y_train = np.array([ex.category for ex in train])
     say(f"router: comparing classifiers {config.router.classifiers} on {len(train)} training prompts")
     selection = select_and_fit(
         x_train, y_train, np.array([group_of(ex) for ex in train]), list(config.router.classifiers)
     )
-    classes = list(selection.model.classes_)
-    proba = np.zeros((len(test), len(config.categories)))
+    model = RouterModel(features, selection.model)
+    proba = np.zeros((len(test), len(labels)))
+    temperature = 1.0
     if test:
-        raw = selection.model.predict_proba(x_test)
-        for j, c in enumerate(classes):
-            proba[:, config.categories.index(c)] = raw[:, j]
+        raw = columns(selection.model.predict_proba(x_test), model.classes, labels)
+        temperature = fit_temperature(raw, np.array([labels.index(ex.category) for ex in test]))
+        proba = scale_temperature(raw, temperature)
     y_test = [ex.category for ex in test]
-    y_pred = [config.categories[i] for i in proba.argmax(axis=1)] if test else []
-    metrics = classification_metrics(y_test, y_pred, config.categories)
+    y_pred = [labels[i] for i in proba.argmax(axis=1)] if test else []
+    metrics = classification_metrics(y_test, y_pred, labels)
     correct = np.array([t == p for t, p in zip(y_test, y_pred, strict=True)], dtype=bool)
     metrics["at_threshold"] = (
         threshold_effect(confidence(proba, config.router.confidence), correct, config.router.threshold)
@@ -218,14 +335,15 @@ def train_router(
     digest = data_hash(kept)
     meta: dict[str, Any] = {
         "id": new_version_id(digest),
-        "categories": list(config.categories),
+        **router_signature(config.router, config.categories),
+        "labels": labels,
         "fallback_category": config.fallback_category,
-        "embedder": config.router.embedder,
-        "embedding_dim": int(x.shape[1]),
-        "max_seq_tokens": config.router.max_seq_tokens,
         "classifier": selection.describe(),
+        # fitted on the held-out split here; calibration on the development set replaces it
+        "temperature": round(temperature, 4),
         "confidence": config.router.confidence,
-        # None until `coe calibrate-router` sets it; until then router.threshold of spaces.yaml applies
+        # None until calibrated on the development set (or `coe calibrate-router`); until then
+        # router.threshold of spaces.yaml applies
         "threshold": None,
         "metrics": metrics,
         "trained_at": datetime.now(UTC).isoformat(),
@@ -234,21 +352,17 @@ def train_router(
             "train": len(train),
             "heldout": len(test),
             "by_source": dict(Counter(ex.source for ex in kept)),
-            "by_category": {c: sum(ex.category == c for ex in kept) for c in config.categories},
+            "by_category": {c: sum(ex.category == c for ex in kept) for c in labels},
             "skipped_labels": skipped,
         },
         "data_hash": digest,
         "parent": parent,
         "seed_file": seed_file,
     }
-    heldout = [
-        {"prompt": ex.prompt, "category": ex.category, "source": ex.source, "group": group_of(ex)}
-        for ex in test
-    ]
-    artifact = save_artifact(config.data_path, meta, selection.model, heldout, proba)
+    artifact = save_artifact(config.data_path, meta, model, [heldout_row(ex) for ex in test], proba)
     say(
-        f"router: saved version {meta['id']} ({selection.name}, held-out macro-F1 {metrics['macro_f1']:.3f} "
-        f"on {len(test)} prompts)"
+        f"router: saved version {meta['id']} ({selection.name}, temperature {temperature:.2f}, held-out "
+        f"macro-F1 {metrics['macro_f1']:.3f} on {len(test)} prompts)"
     )
     return artifact
 
@@ -258,20 +372,14 @@ def evaluate(router: Any, examples: list[LabelledPrompt], *, with_fallback: bool
 
     Without fallback the classifier's winner is compared with the label (what versions are compared
     on); with fallback a prompt below the threshold counts as ``general`` and is wrong unless the label
-    is ``general``.
+    is ``general``. Either way the result has the slices, ECE and reliability table of
+    :func:`coe_core.routing.evaluation.evaluate_proba`.
     """
     if not examples:
         raise ValueError("no labelled examples to evaluate on")
-    results = router.classify([ex.prompt for ex in examples], use_cache=False)
-    y_true = [ex.category for ex in examples]
-    y_pred = [r.category if with_fallback else r.top_category for r in results]
-    order = [*router.categories, router.fallback_category]
-    metrics = classification_metrics(y_true, y_pred, order)
-    metrics["fallback_rate"] = round(float(np.mean([r.fallback for r in results])), 4)
-    metrics["accuracy_without_fallback"] = round(
-        float(np.mean([r.top_category == t for r, t in zip(results, y_true, strict=True)])), 4
-    )
-    return metrics
+    proba = router.predict_proba([ex.prompt for ex in examples], use_cache=False)
+    return evaluate_proba(proba, router.categories, examples, threshold=router.threshold if with_fallback else 0.0,
+                          fallback=router.fallback_category, confidence_kind=router.confidence_kind)
 
 
 def should_promote(

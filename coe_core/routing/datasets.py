@@ -1,0 +1,39 @@
+"""The router's labelled data as spaces.yaml names it: the training files (``router.seed_data``) and the
+development set written apart from them (``router.dev_data``), read as routed text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coe_core.config import CoEConfig
+from coe_core.routing.training import LabelledFile, LabelledPrompt, expand_paths, load_labelled_files
+
+
+class Datasets:
+    def __init__(self, config: CoEConfig) -> None:
+        self.config = config
+        self._seed: list[LabelledPrompt] | None = None
+
+    def _load(self, patterns: list[str], source: str) -> LabelledFile:
+        r = self.config.router
+        return load_labelled_files(expand_paths(patterns, self.config.resolve_path), self.config.categories,
+                                   source=source, keep_labels=[self.config.fallback_category],
+                                   context_turns=r.context_turns, context_chars=r.context_chars)
+
+    def seed(self) -> list[LabelledPrompt]:
+        """The training prompts (read once)."""
+        if self._seed is None:
+            self._seed = self._load(self.config.router.seed_data, "seed").examples
+        return list(self._seed)
+
+    def seed_file_info(self) -> dict[str, Any]:
+        data = self._load(self.config.router.seed_data, "seed")
+        # labels of the files that are not categories of spaces.yaml (a taxonomy typo shows up here)
+        return {"path": list(self.config.router.seed_data), "sha256": data.sha256,
+                "outside_taxonomy": data.outside_taxonomy}
+
+    def dev(self) -> list[LabelledPrompt]:
+        """The development set, or nothing when none is configured."""
+        if not self.config.router.dev_data:
+            return []
+        return self._load(self.config.router.dev_data, "dev").examples
