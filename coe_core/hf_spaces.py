@@ -90,6 +90,19 @@ def mount_of(path: str | Path, mountinfo: str | None = None) -> Mount | None:
     return best
 
 
+def space_notes(database_url: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """What to say at start on a Space: which one, ZeroGPU or not, and where the log lives."""
+    env = os.environ if env is None else env
+    if not on_space(env):
+        return []
+    notes = [f"on Hugging Face Space {env.get('SPACE_ID') or '(unnamed)'}"
+             + (": ZeroGPU, a GPU slice is attached for each answer" if on_zero_gpu(env) else "")]
+    if database_url.startswith("sqlite") and not env.get("COE_HUB_EXPORT_REPO"):
+        notes.append("the log is SQLite on the Space's disk, which a restart wipes: set COE_HUB_EXPORT_REPO "
+                     "(a Hub dataset, scheduled JSONL export) or COE_DATABASE_URL (PostgreSQL) to keep it")
+    return notes
+
+
 def storage_warnings(data_dir: str | Path, database_url: str, mountinfo: str | None = None) -> list[str]:
     """What to say at start about where the data directory and the log live (empty: nothing to worry about)."""
     mount = mount_of(data_dir, mountinfo)
