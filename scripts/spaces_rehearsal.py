@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="fresh data dir (default: a new temporary folder, removed at the end)")
     parser.add_argument("--experts-from", help="reuse materialised experts from this folder (symlinked as "
                         "<data_dir>/experts): skips the first start's conversion, not its router training")
+    parser.add_argument("--router-from", help="start from a trained router folder (copied as <data_dir>/router): "
+                        "skips the first start's router training (for the test)")
     parser.add_argument("--chat-tokens", type=int, default=64, help="max_tokens of the timed chat turn")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the first start")
     parser.add_argument("--json", help="write the summary here")
@@ -235,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"python": args.python, "port": args.port}
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="coe-space-"))
     data_dir.mkdir(parents=True, exist_ok=True)
-    check(not any(p for p in data_dir.iterdir() if p.name != "experts"), f"data dir {data_dir} is fresh")
+    check(not any(data_dir.iterdir()), f"data dir {data_dir} is fresh")
     if args.experts_from:
         (data_dir / "experts").symlink_to(Path(args.experts_from).resolve(), target_is_directory=True)
+    if args.router_from:
+        shutil.copytree(args.router_from, data_dir / "router")
     log = data_dir.parent / f"{data_dir.name}.app.log"
     app = None
     try:
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         app = App(args.python, data_dir, args.port, log)
         summary["first_start_s"] = round(app.wait_ready(args.timeout), 1)
         say(f"first start: /healthz answered after {summary['first_start_s']} s "
-            f"({'experts reused' if args.experts_from else 'experts converted'}, router trained)")
+            f"({'experts reused' if args.experts_from else 'experts converted'}, "
+            f"{'router copied' if args.router_from else 'router trained'})")
         summary["first"] = probe(app.url, args.chat_tokens)
         app.stop()
         turns = logged_turns(args.python, data_dir)
