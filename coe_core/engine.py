@@ -101,6 +101,10 @@ class CoE:
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
         """Materialise and verify experts and warm the router up (the first start of the app)."""
         problems = self.tiers.prepare(experts)
+        if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
+            from coe_core.experts.zero_gpu import stage_for_gpu_calls
+
+            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items() if problem is None])
         if self.routing is not None and hasattr(self.routing, "warm_up"):
             self.routing.warm_up()
         return problems

@@ -78,6 +78,15 @@ def test_the_gpu_call_path_gives_the_same_answer(coe):
     assert via_call == plain and zstats.status == "ok" and zstats.new_tokens == stats.new_tokens == 8
 
 
+def test_on_zero_gpu_prepare_stages_every_expert_before_the_first_gpu_call(coe, monkeypatch):
+    monkeypatch.setattr(zero_gpu, "_EXPERTS", {})
+    coe.zero_gpu = True
+    problems = coe.prepare()
+    ready = {e for e, problem in problems.items() if problem is None}
+    assert ready and set(zero_gpu._EXPERTS) == ready
+    assert all(next(m.parameters()).device.type == "cpu" for m, _ in zero_gpu._EXPERTS.values())
+
+
 def test_a_zero_gpu_refusal_ends_the_turn_with_a_clear_message(coe, monkeypatch):
     def refused(expert, input_ids, params):
         raise gr.Error("You have exceeded your free ZeroGPU quota (23s requested vs. 4s left). Try again in 0:41:00.",

@@ -43,6 +43,17 @@ def register(expert: str, model: Any, tokenizer: Any) -> None:
         _EXPERTS[expert] = (model, tokenizer)
 
 
+def stage_for_gpu_calls(tiers: Any, experts: list[str]) -> None:
+    """Load every local expert into CPU RAM and register it, at start: a ZeroGPU worker is forked once and
+    reused while idle, so it only has the modules the main process held when it was forked. Needs a cpu budget
+    that holds them all (an expert evicted since is caught in the worker with a message that says so)."""
+    for expert in experts:
+        if tiers.remote(expert) is not None:
+            continue
+        with tiers.acquire(expert) as lease:
+            register(expert, lease.model, lease.tokenizer)
+
+
 def _duration(expert: str, input_ids: list[int], params: GenerationParams) -> int:
     return zero_gpu_duration(params.max_new_tokens, len(input_ids))
 
@@ -54,6 +65,9 @@ def generate_on_gpu(expert: str, input_ids: list[int], params: GenerationParams)
         model, tokenizer = _EXPERTS[expert]
     except KeyError:
         raise RuntimeError(f"{expert} was loaded after this GPU worker started; send the message again") from None
+    if next(model.parameters()).device.type == "meta":
+        raise RuntimeError(f"{expert} was evicted from CPU RAM before this GPU worker started: raise COE_CPU_BUDGET "
+                           "so that every expert fits, then restart the Space")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda" and next(model.parameters()).device.type != "cuda":
         model.to(device=device, dtype=torch.bfloat16)  # this worker's copy only: the main process keeps its own
