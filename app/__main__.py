@@ -18,6 +18,11 @@ from pathlib import Path
 if not __package__:  # run as a file (a Space's app_file): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from coe_core.hf_spaces import on_zero_gpu  # noqa: E402
+
+if on_zero_gpu():  # ZeroGPU: `spaces` patches torch and must come before anything touches CUDA (ZeroGPU docs)
+    import spaces  # noqa: E402, F401
+
 from coe_core.config import CoEConfig, ConfigError, load_config  # noqa: E402
 
 
@@ -50,6 +55,10 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
         problems = coe.prepare()
         for expert, problem in problems.items():
             _say(f"  {expert}: {'ready' if problem is None else 'UNAVAILABLE: ' + problem}")
+        if coe.zero_gpu:
+            from coe_core.experts.zero_gpu import announce_gpu_functions
+
+            _say(announce_gpu_functions())
         if all(problems.values()):
             _say("no expert is available: the app starts, but chat will fail until one is (see the reasons above)")
         _say(f"ready in {time.perf_counter() - start:.1f} s; starting the app on http://{host}:{port}")

@@ -30,6 +30,8 @@ try:  # a no-op off ZeroGPU; optional so that local installs without it work the
 
     _gpu = _spaces.GPU
 except ImportError:  # pragma: no cover - exercised where the package is missing
+    _spaces = None
+
     def _gpu(task=None, **_kwargs):
         return task if callable(task) else (lambda fn: fn)
 
@@ -76,6 +78,18 @@ def generate_on_gpu(expert: str, input_ids: list[int], params: GenerationParams)
                                  result=result):
         yield "text", piece
     yield "tokens", result.new_tokens
+
+
+def announce_gpu_functions() -> str:
+    """Run the start-up hook ``spaces`` attaches to ``gr.Blocks.launch`` (it reports the decorated functions to
+    ZeroGPU). The app mounts Gradio on its FastAPI app and runs uvicorn, so ``launch`` is never called and the hook
+    would never run. Call once, after ``CoE.prepare`` (which imported this module: the entry point is decorated).
+    Returns what to print."""
+    startup = getattr(getattr(_spaces, "zero", None), "startup", None)
+    if startup is None:  # off ZeroGPU, or a spaces release that moved it
+        return "ZeroGPU: the spaces package has no start-up hook to run here; GPU calls may be refused"
+    startup()
+    return "ZeroGPU: the generation entry point is registered with ZeroGPU"
 
 
 def _zero_gpu_error(exc: BaseException) -> GPUQuotaError | None:
