@@ -9,6 +9,7 @@ defaults, as on a Hugging Face Space).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -16,6 +17,11 @@ from pathlib import Path
 
 if not __package__:  # run as a file (a Space's app_file): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coe_core.hf_spaces import on_zero_gpu  # noqa: E402
+
+if on_zero_gpu():  # ZeroGPU: `spaces` patches torch and must come before anything touches CUDA (ZeroGPU docs)
+    import spaces  # noqa: E402, F401
 
 from coe_core.config import CoEConfig, ConfigError, load_config  # noqa: E402
 
@@ -31,16 +37,28 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
     from coe_core.api.server import build_server
     from coe_core.api.server import serve as serve_both
     from coe_core.engine import CoE
+    from coe_core.hf_spaces import space_notes, storage_warnings
+    from coe_core.store.hub_export import start_from_env
 
     start = time.perf_counter()
     _say(f"{config.name}: profile {config.profile}, data directory {config.data_path}")
+    for note in space_notes(config.database_url):
+        _say(note)
+    for warning in storage_warnings(config.data_path, config.database_url):
+        _say(f"WARNING: {warning}")
     _say("preparing: materialising and verifying experts, loading the router "
          "(the first start also converts the experts and trains the router: a minute or more)")
     coe = CoE(config, progress=True)
+    export = None
     try:
+        export = start_from_env(coe.store, config.data_path, say=_say)
         problems = coe.prepare()
         for expert, problem in problems.items():
             _say(f"  {expert}: {'ready' if problem is None else 'UNAVAILABLE: ' + problem}")
+        if coe.zero_gpu:
+            from coe_core.experts.zero_gpu import announce_gpu_functions
+
+            _say(announce_gpu_functions())
         if all(problems.values()):
             _say("no expert is available: the app starts, but chat will fail until one is (see the reasons above)")
         _say(f"ready in {time.perf_counter() - start:.1f} s; starting the app on http://{host}:{port}")
@@ -51,6 +69,9 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
                 demo.launch(server_name=host, server_port=port, share=True, **launch_kwargs())
             else:  # one port: the playground at /, the OpenAI-compatible API at /v1, probes at /healthz /readyz
                 _say(f"OpenAI-compatible API on http://{host}:{port}/v1 (model 'coe' or an expert id)")
+                _say(f"MCP server on http://{host}:{port}/gradio_api/mcp/ (tools route, chat, feedback)"
+                     if launch_kwargs()["mcp_server"] else
+                     "no MCP server: the mcp package is missing (pip install 'gradio[mcp]')")
                 serve_both(build_server(coe, demo, **launch_kwargs()), host=host, port=port)
         except OSError as exc:
             print(f"error: cannot serve on {host}:{port}: {exc}. Pick another port with --port.", file=sys.stderr)
@@ -58,6 +79,10 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
     except KeyboardInterrupt:
         pass
     finally:
+        if export is not None:  # commit what the log gained since the last scheduled commit
+            with contextlib.suppress(Exception):
+                export.trigger().result(timeout=60)
+            export.stop()
         coe.close()
     return 0
 

@@ -49,7 +49,20 @@ class PublicAPI:
 
     def route(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
               expert: str | None = None) -> dict[str, Any]:
-        """Route a prompt without generating: the category, its probabilities, the expert and why (JSON)."""
+        """Route a prompt without generating an answer: which category the CoE's router puts it in (with the
+        probability of every category and whether it fell back to `general`), which expert LLM the
+        category-to-expert mapping picks, and why. Cheap (milliseconds, no GPU); nothing is logged.
+
+        Args:
+            prompt: the user message to route, e.g. "Write a Python function that reverses a list".
+            history: earlier turns as a list of {"role": "user" | "assistant", "content": str}; optional.
+            category: force this category instead of the router's choice (e.g. "math"); optional.
+            expert: force this expert id instead of the mapping's choice; optional.
+
+        Returns:
+            The routing decision as JSON: category, probabilities, confidence, fallback, expert, reason,
+            router_version.
+        """
         messages = _history(history) + [{"role": "user", "content": prompt or ""}]
         try:
             return self.coe.route(messages, _overrides(category, expert)).to_dict()
@@ -58,8 +71,25 @@ class PublicAPI:
 
     def chat(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
              expert: str | None = None, max_new_tokens: int = 128, temperature: float = 0.7) -> Iterator[dict]:
-        """Answer a prompt, streaming. Each update: {"text": answer so far, "route": decision, "done": false};
-        the last one has "done": true, "status", "interaction_id" (for /feedback), "swaps" and "stats"."""
+        """Answer a prompt with the Composition of Experts: the router picks a category, the mapping picks one
+        expert LLM, the memory tiers swap it in, and it generates the answer (small open models: good for
+        short answers, drafts and routing demos, not for facts you cannot check). Each turn is logged.
+
+        Streams updates {"text": answer so far, "route": decision, "done": false}; the last one has
+        "done": true, "status", "interaction_id" (for /feedback), "swaps" (the memory-tier moves) and "stats"
+        (time to first token, tokens/s).
+
+        Args:
+            prompt: the user message to answer.
+            history: earlier turns as a list of {"role": "user" | "assistant", "content": str}; optional.
+            category: force this category instead of the router's choice (e.g. "coding"); optional.
+            expert: force this expert id instead of the mapping's choice; optional.
+            max_new_tokens: at most this many new tokens (default 128).
+            temperature: sampling temperature, 0 for greedy (default 0.7).
+
+        Returns:
+            The answer and its routing decision, swaps and timings as JSON.
+        """
         messages = _history(history) + [{"role": "user", "content": prompt or ""}]
         cancel = threading.Event()
         events = self.coe.chat(messages, _overrides(category, expert), max_new_tokens=max_new_tokens,
@@ -89,7 +119,13 @@ class PublicAPI:
                 cancel.set()  # the caller went away mid-stream: stop generating (the engine logs it)
 
     def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None) -> dict[str, Any]:
-        """Feedback on a logged turn: kind like | dislike | wrong_category (with corrected_category) | retracted."""
+        """Give feedback on a logged turn (from /chat's interaction_id); it helps retrain the router.
+
+        Args:
+            interaction_id: the turn's id, as returned by /chat.
+            kind: one of like, dislike, wrong_category (with corrected_category) or retracted.
+            corrected_category: the category the prompt should have gone to, for kind wrong_category.
+        """
         try:
             feedback_id = self.coe.feedback(int(interaction_id), kind, corrected_category or None)
         except (ValueError, RuntimeError, KeyError) as exc:

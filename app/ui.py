@@ -24,7 +24,8 @@ def status_line(coe: CoE, problems: dict[str, str | None] | None = None) -> str:
     info = coe.experts_info()
     ready = [e["id"] for e in info["experts"] if e["available"] and e["bytes"]]
     parts = [f"**{len(ready)}/{len(info['experts'])} experts ready** ({', '.join(ready) or 'none'})",
-             f"executes on **{info['exec_tier']}**", f"profile **{info['profile']}**"]
+             ("executes on **ZeroGPU** (a GPU slice attached per answer)" if getattr(coe, "zero_gpu", False)
+              else f"executes on **{info['exec_tier']}**"), f"profile **{info['profile']}**"]
     try:
         version = coe.routing.active_version()["id"] if coe.routing is not None else None
         parts.append(f"router `{version}`" if version else "no router: default expert serves")
@@ -82,5 +83,20 @@ def build_app(coe: CoE, *, gate: AdminGate | None = None,
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """What Gradio 6 takes at launch() rather than Blocks(): the theme and CSS."""
-    return {"theme": gradio_theme(), "css": CSS}
+    """What Gradio 6 takes at launch() (and mount_gradio_app) rather than Blocks(): the theme and CSS, and two
+    modes pinned rather than left to the environment:
+
+    - ``ssr_mode=False``: a Space sets ``GRADIO_SSR_MODE=true`` for Gradio apps, and server-side rendering puts a
+      Node server in front of the page; mounted on our FastAPI app that is a second server between the proxy and
+      the routes, which must stay ours (``/v1``, ``/healthz``, ``/readyz``). Client-side rendering serves the
+      same page from the one uvicorn, and needs no Node 24 in the image.
+    - ``mcp_server``: on whenever the ``mcp`` package is installed (``gradio[mcp]``; requirements.txt has it),
+      so agents reach ``/route`` and ``/chat`` as MCP tools at ``/gradio_api/mcp/`` on the same port.
+    """
+    return {"theme": gradio_theme(), "css": CSS, "ssr_mode": False, "mcp_server": mcp_available()}
+
+
+def mcp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mcp") is not None

@@ -7,6 +7,7 @@ Every front end (app, API, CLI) drives ``CoE.chat`` and gets the same event sequ
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from coe_core.experts.generation import GenerationParams, GenerationResult, refe
 from coe_core.experts.prompt_format import format_prompt, reference_ids
 from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
+from coe_core.hf_spaces import on_zero_gpu
 from coe_core.tiers.manager import TierManager
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,9 @@ class CoE:
     def __init__(self, config: CoEConfig | None = None, *, routing: object | str | None = "auto",
                  store: object | str | None = "auto", gpu: bool | None = None, progress: bool = True):
         self.config = config or load_config()
-        self.tiers = TierManager(self.config, gpu=gpu, progress=progress)
+        #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
+        self.zero_gpu = on_zero_gpu()
+        self.tiers = TierManager(self.config, gpu=False if self.zero_gpu and gpu is None else gpu, progress=progress)
         self.store = None
         self.turn_logger = None
         if store == "auto":
@@ -98,6 +102,10 @@ class CoE:
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
         """Materialise and verify experts and warm the router up (the first start of the app)."""
         problems = self.tiers.prepare(experts)
+        if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
+            from coe_core.experts.zero_gpu import stage_for_gpu_calls
+
+            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items() if problem is None])
         if self.routing is not None and hasattr(self.routing, "warm_up"):
             self.routing.warm_up()
         return problems
@@ -250,9 +258,13 @@ class CoE:
             result = GenerationResult()
             t_gen = time.perf_counter() - start
             try:
-                with contextlib.closing(stream_generate(lease.model, lease.tokenizer, prompt.input_ids, params,
-                                                        device=lease.device, cancel=cancel,
-                                                        result=result)) as stream:
+                generate = stream_generate
+                if self.zero_gpu:  # the GPU is attached for this call only (a no-op wrapper off ZeroGPU)
+                    from coe_core.experts.zero_gpu import stream_via_gpu_call
+
+                    generate = functools.partial(stream_via_gpu_call, expert)
+                with contextlib.closing(generate(lease.model, lease.tokenizer, prompt.input_ids, params,
+                                                 device=lease.device, cancel=cancel, result=result)) as stream:
                     for piece in stream:
                         if stats.ttft_s is None:
                             stats.ttft_s = time.perf_counter() - start
