@@ -36,6 +36,16 @@ class PromptTooLong(InvalidRequest):
     """The conversation is longer than ``limits.max_prompt_chars``."""
 
 
+def clean_text(text: str) -> str:
+    """Text every tokenizer, JSON encoder and database takes: a lone UTF-16 surrogate (valid in JSON, not in
+    UTF-8) and NUL (refused by PostgreSQL) become U+FFFD; valid text is returned as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -128,11 +138,15 @@ class CoE:
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list of {role, content}")
+        most = self.config.limits.max_messages
+        if len(messages) > most:  # counted before anything else looks at them
+            raise PromptTooLong(f"the conversation has {len(messages)} messages, more than the limit of {most} "
+                                "(limits.max_messages): shorten it or start a new chat")
         clean = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise InvalidRequest(f"message {i} must be {{'role': system|user|assistant, 'content': str}}")
-            clean.append({"role": m["role"], "content": m["content"]})
+            clean.append({"role": m["role"], "content": clean_text(m["content"])})
         if clean[-1]["role"] != "user":
             raise InvalidRequest("the last message must be the user's")
         if not clean[-1]["content"].strip():
@@ -241,6 +255,8 @@ class CoE:
             stats.timeline.append(("swap" if lease.events else "resident", t_acquire, t_ready))
             cfg = self.config.experts[expert]
             context = cfg.context_length or lease.manifest.get("context_length") or 2048
+            # the prompt any expert prefills is bounded (limits.max_prompt_tokens), whatever its context
+            context = min(context, self.config.limits.max_prompt_tokens + params.max_new_tokens)
             prompt = format_prompt(lease.tokenizer, messages, cfg, context_length=context,
                                    reserve_tokens=params.max_new_tokens)
             stats.prompt_tokens, stats.truncated = len(prompt.input_ids), prompt.truncated

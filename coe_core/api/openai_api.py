@@ -70,13 +70,23 @@ def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         turn = ApiTurn(events, cancel, slots, include_usage=include_usage,
                        max_new_tokens=body.new_tokens or coe.config.limits.max_new_tokens)
-        await turn.start()
+        refused: APIError | None = None
+        # a client that gives up stops the compute, from the moment the request arrived (validation, routing,
+        # swap-in and prefill included), not only once the first event is out
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(_cancel_when_gone, request, turn)
+            try:
+                await turn.start()
+                if not body.stream:
+                    await turn.run_to_end()
+            except APIError as exc:  # raised out of the task group it would come wrapped in an ExceptionGroup
+                refused = exc
+            finally:
+                watchers.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
         if body.stream:
             return TurnStream(turn)
-        async with anyio.create_task_group() as watchers:  # a client that gives up stops the compute too
-            watchers.start_soon(_cancel_when_gone, request, turn)
-            await turn.run_to_end()
-            watchers.cancel_scope.cancel()
         return JSONResponse(turn.completion().model_dump(), headers=turn.headers())
 
     @router.get("/models")
