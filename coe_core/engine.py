@@ -67,6 +67,7 @@ class CoE:
             from coe_core.store.writer import TurnLogger, default_spool_path
 
             self.store = store
+            self._mark_interrupted(store)
             self.turn_logger = TurnLogger(store, default_spool_path(self.config))  # replays its spool on start
         if routing == "auto":
             from coe_core.routing.service import RoutingService
@@ -76,6 +77,21 @@ class CoE:
                                      traffic_distribution=self.store.category_counts if self.store else None)
         self.routing = routing
         self._closed = False
+
+    def _mark_interrupted(self, store) -> None:
+        """Turns a previous process logged as running and never completed (crash, kill -9) say so. A SQLite
+        log belongs to this instance alone; a shared database may hold other instances' running turns, so
+        there only turns started over an hour ago count as interrupted."""
+        from datetime import timedelta
+
+        before = None if store.url.startswith("sqlite") else _now() - timedelta(hours=1)
+        try:
+            n = store.mark_interrupted(before)
+        except Exception as exc:  # never keep the engine from starting
+            log.warning("could not mark interrupted turns: %s", exc)
+            return
+        if n:
+            log.warning("%d turn(s) were still running when the last process ended; logged as interrupted", n)
 
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
@@ -191,6 +207,7 @@ class CoE:
         params = self._params(max_new_tokens, temperature, top_p, stop, decision.expert, min_new_tokens)
         cancel = cancel or threading.Event()
         stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
+        uid = self._log_start(decision, stats, messages, started_at, client, session_id, conversation_id)
         swaps: list[SwapEvent] = []
         pieces: list[str] = []
         try:
@@ -200,13 +217,13 @@ class CoE:
             cancel.set()
             stats.status = "cancelled"
             self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                         conversation_id, wait=False)
+                         conversation_id, wait=False, uid=uid)
             raise
         except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
             log.warning("turn on %s failed: %s", stats.expert, exc)
             stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
         self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                     conversation_id, wait=True)
+                     conversation_id, wait=True, uid=uid)
         yield TurnDone(stats)
 
     def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
@@ -343,8 +360,25 @@ class CoE:
         if other and other != decision.expert and other in self.available_experts():
             self.tiers.prefetch(other)
 
+    def _log_start(self, decision, stats, messages, started_at, client, session_id, conversation_id) -> str | None:
+        """Log the turn as running before any compute: a crash from here on leaves an interrupted row, not
+        nothing. The end of the turn completes the same row (same uid). Returns the uid."""
+        if self.turn_logger is None:
+            return None
+        from coe_core.store.records import TurnRecord
+
+        record = TurnRecord.from_turn(decision, [], stats, prompt=messages[-1]["content"], started_at=started_at,
+                                      client=client, session_id=session_id, conversation_id=conversation_id)
+        record.status, record.finished_at, record.response = "running", None, None
+        try:
+            self.turn_logger.submit(record)
+        except Exception as exc:  # the end of the turn is still logged
+            log.warning("could not log the start of the turn: %s", exc)
+            return None
+        return record.uid
+
     def _finish(self, stats: TurnStats, pieces, start, decision, swaps, messages, started_at, client,
-                session_id, conversation_id, *, wait: bool) -> None:
+                session_id, conversation_id, *, wait: bool, uid: str | None = None) -> None:
         stats.response = "".join(pieces)
         stats.total_s = time.perf_counter() - start
         gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
@@ -357,6 +391,8 @@ class CoE:
         record = TurnRecord.from_turn(decision, swaps, stats, prompt=messages[-1]["content"],
                                       started_at=started_at, client=client, session_id=session_id,
                                       conversation_id=conversation_id)
+        if uid is not None:
+            record.uid = uid
         future = self.turn_logger.submit(record)
         if not wait:
             return
