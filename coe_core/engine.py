@@ -33,7 +33,15 @@ class InvalidRequest(ValueError):
 
 
 class PromptTooLong(InvalidRequest):
-    """The conversation is longer than ``limits.max_prompt_chars``."""
+    """The conversation is longer than ``limits.max_prompt_chars`` or ``limits.max_messages``."""
+
+
+class RateLimited(InvalidRequest):
+    """One session (or key) sent more than its limit (``limits.feedback_per_minute``)."""
+
+
+#: feedback kinds that become training labels (a like confirms the routed category)
+LABEL_KINDS = ("like", "wrong_category")
 
 
 def clean_text(text: str) -> str:
@@ -44,6 +52,42 @@ def clean_text(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+class Admission:
+    """At most ``limit`` turns at once across every front end (the playground, its gradio API and /v1):
+    ``api.max_concurrent_turns``. One more is refused at once, not queued (the scheduler of issue 8 may queue)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def try_enter(self) -> bool:
+        return self._free.acquire(blocking=False)
+
+    def leave(self) -> None:
+        self._free.release()
+
+
+class RateWindow:
+    """At most ``limit`` hits per ``window_s`` for each key (a session id, an API key's name); thread-safe."""
+
+    def __init__(self, limit: int, window_s: float, what: str, setting: str, max_keys: int = 10_000):
+        self.limit, self.window_s, self.what, self.setting, self.max_keys = limit, window_s, what, setting, max_keys
+        self._hits: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._hits) > self.max_keys:  # forget idle keys, so many sessions cannot grow it unbounded
+                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window_s}
+            recent = [t for t in self._hits.get(key, ()) if t > now - self.window_s]
+            if len(recent) >= self.limit:
+                raise RateLimited(f"too much {self.what}: at most {self.limit} per {self.window_s:.0f} s "
+                                  f"({self.setting}); try again in a minute")
+            recent.append(now)
+            self._hits[key] = recent
 
 
 def _now() -> datetime:
@@ -76,6 +120,9 @@ class CoE:
                                      expert_params=self.expert_params,
                                      traffic_distribution=self.store.category_counts if self.store else None)
         self.routing = routing
+        self.admission = Admission(self.config.api.max_concurrent_turns)
+        self._feedback_rate = RateWindow(self.config.limits.feedback_per_minute, 60.0, "feedback",
+                                         "limits.feedback_per_minute")
         self._closed = False
 
     def _mark_interrupted(self, store) -> None:
@@ -131,6 +178,8 @@ class CoE:
     def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
         messages = self._validate(messages)
         overrides = {k: v for k, v in (overrides or {}).items() if v}
+        if any(not isinstance(v, str) for v in overrides.values()):
+            raise InvalidRequest("a forced category or expert must be a name (text)")
         if self.routing is not None:
             return self.routing.decide(messages, overrides)
         return self._default_decision(messages, overrides)
@@ -177,13 +226,16 @@ class CoE:
     def _params(self, max_new_tokens, temperature, top_p, stop, expert: str, min_new_tokens: int = 0
                 ) -> GenerationParams:
         lim = self.config.limits
-        max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        try:  # inf, "abc", [] ...: a bad request, not a failed turn
+            max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+            temp = lim.temperature if temperature is None else float(temperature)
+            tp = lim.top_p if top_p is None else float(top_p)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidRequest("max_new_tokens must be a whole number, temperature and top_p numbers") from None
         if not 1 <= max_new <= lim.max_new_tokens_cap:
             raise InvalidRequest(f"max_new_tokens must be between 1 and {lim.max_new_tokens_cap}")
-        temp = lim.temperature if temperature is None else float(temperature)
         if not 0 <= temp <= 2:
             raise InvalidRequest("temperature must be between 0 and 2")
-        tp = lim.top_p if top_p is None else float(top_p)
         if not 0 < tp <= 1:
             raise InvalidRequest("top_p must be in (0, 1]")
         stops = tuple(self.config.experts[expert].stop) + tuple(stop or ())
@@ -423,11 +475,18 @@ class CoE:
             return reference_logprob(lease.model, prompt, ref, lease.device)
 
     def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
-                 comment: str | None = None) -> int:
+                 comment: str | None = None, *, owner: str | None = None, trusted: bool = True) -> int:
+        """Feedback on a logged turn. ``owner``: the session or key giving it; it must have made the turn
+        (None: not checked, the CLI). An untrusted author's like or correction waits for an admin's review
+        before it trains the router; ``limits.feedback_per_minute`` bounds each owner."""
         if self.store is None:
             raise RuntimeError("this engine runs without a store; feedback needs one")
+        if owner is not None:
+            self._feedback_rate.hit(owner)
+        review = "pending" if not trusted and kind in LABEL_KINDS else "accepted"
         return self.store.add_feedback(interaction_id, kind, corrected_category, comment,
-                                       categories=self.config.all_categories)
+                                       categories=self.config.all_categories, owner=owner, review=review,
+                                       author=owner)
 
     def close(self) -> None:
         if self._closed:

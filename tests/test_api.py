@@ -323,11 +323,11 @@ def _next_logged_turn(store: Store, before: set[int]) -> dict:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         new = [t for t in store.recent_interactions(100) if t["id"] not in before]
-        if new:
-            assert len(new) == 1
+        assert len(new) <= 1  # a turn is one row: logged (running) at its start, completed at its end
+        if new and new[0]["status"] != "running":
             return new[0]
         time.sleep(0.2)
-    raise AssertionError("no turn was logged within 30 s")
+    raise AssertionError("no turn was completed in the log within 30 s")
 
 
 STORY = {"model": "smollm2-135m", "max_tokens": 400,

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from coe_core.store.database import create_store_engine, safe_url, writer_engine
-from coe_core.store.errors import StoreError
+from coe_core.store.errors import InteractionNotFound, StoreError
 from coe_core.store.export import write_export
 from coe_core.store.migrations import ensure_schema
 from coe_core.store.models import (
@@ -196,7 +196,7 @@ class Store:
         with self._session(write=False) as s:
             found = s.execute(turns_with_feedback().where(Interaction.id == interaction_id)).first()
             if found is None:
-                raise StoreError(_no_interaction(interaction_id))
+                raise InteractionNotFound(_no_interaction(interaction_id))
             return interaction_dict(*found)
 
     def recent_interactions(self, limit: int = 20, *, session_id: str | None = None) -> list[dict[str, Any]]:
@@ -219,7 +219,7 @@ class Store:
         if review not in REVIEW_STATES:
             raise StoreError(f"review must be one of {', '.join(REVIEW_STATES)}, not {review!r}")
         if not isinstance(interaction_id, int) or not 0 < interaction_id < 2**63:
-            raise StoreError(_no_interaction(interaction_id))
+            raise InteractionNotFound(_no_interaction(interaction_id))
         if kind not in FEEDBACK_KINDS:
             raise StoreError(f"unknown feedback kind {kind!r}: use one of {', '.join(FEEDBACK_KINDS)}")
         if corrected_category is not None:
@@ -235,7 +235,7 @@ class Store:
         with self._session(write=True) as s:
             row = s.get(Interaction, interaction_id)
             if row is None or (owner is not None and row.conversation.session_id != owner):
-                raise StoreError(_no_interaction(interaction_id))  # someone else's turn: as if there were none
+                raise InteractionNotFound(_no_interaction(interaction_id))  # someone else's turn: as if there were none
             fb = Feedback(interaction_id=interaction_id, kind=kind, corrected_category=corrected_category,
                           comment=comment or None, review=review, author=author[:128] if author else None)
             s.add(fb)
@@ -269,7 +269,7 @@ class Store:
 
     def review_feedback(self, feedback_ids: list[int], accept: bool) -> int:
         """Accept (they count as training labels from then on) or reject pending feedback; returns how many."""
-        ids = [int(i) for i in feedback_ids]
+        ids = [int(i) for i in feedback_ids if 0 < int(i) < 2**63]
         if not ids:
             return 0
         with self._session(write=True) as s:
