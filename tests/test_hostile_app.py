@@ -1,0 +1,124 @@
+"""Hostile visitors of the playground (issue 11): every private Gradio event called by its fn_index through
+``POST /gradio_api/queue/join`` without the admin token gives away no other session's prompts and changes
+nothing; the gradio API's feedback is bound to the session that made the turn."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from app.admin import AdminGate
+from coe_core.store.records import TurnRecord
+from tests.test_app import app_server, client  # noqa: F401 (fixtures: one packaged app per test session)
+
+TOKEN = "hostile-test-token"
+
+
+def call(url: str, fn_index: int, data: list, session: str, *, trigger: int | None = None,
+         event_data: dict | None = None, timeout: float = 120) -> tuple[dict | None, str]:
+    """Run one event as a plain HTTP client would; returns (the completed message or None, everything read)."""
+    joined = httpx.post(url + "gradio_api/queue/join", timeout=30, json={
+        "data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data,
+        "trigger_id": trigger})
+    assert joined.status_code < 500, joined.text
+    if joined.status_code != 200:
+        return None, joined.text
+    event_id = joined.json()["event_id"]
+    seen = []
+    deadline = time.monotonic() + timeout
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session},
+                      timeout=timeout) as response:
+        for line in response.iter_lines():
+            assert time.monotonic() < deadline, f"event {fn_index} did not finish within {timeout} s"
+            seen.append(line)
+            if not line.startswith("data: "):
+                continue
+            msg = json.loads(line[6:])
+            if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
+                return msg, "\n".join(seen)
+    return None, "\n".join(seen)
+
+
+@pytest.fixture(scope="module")
+def gated(app_server):  # noqa: F811
+    """The packaged app's engine behind a second playground whose admin token is set."""
+    from app.ui import build_app, launch_kwargs
+
+    demo = build_app(app_server.coe, gate=AdminGate(TOKEN))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs())
+    yield app_server.coe, url
+    demo.close()
+
+
+def _system_state(coe) -> dict:
+    routing = coe.routing
+    return {"active": routing.active_version()["id"], "threshold": routing.active_version().get("threshold"),
+            "budget": routing.budget, "versions": len(routing.list_versions()),
+            "pending": coe.store.pending_count(), "accepted": coe.store.stats()["feedback"]}
+
+
+@pytest.mark.slow
+def test_every_private_event_without_the_token_gives_away_no_other_sessions_prompt(gated):
+    coe, url = gated
+    marker = f"SECRET-{uuid.uuid4().hex[:12]}"
+    other = coe.store.log_turn(TurnRecord(expert="smollm2-135m", prompt=f"{marker} my bank password is hunter2",
+                                          routing_context=marker, response=f"{marker} answer", category="general",
+                                          client="app", session_id="someone-else"))
+    coe.store.add_feedback(other, "wrong_category", "coding", categories=coe.config.all_categories,
+                           review="pending", author="someone-else")
+    before = _system_state(coe)
+    config = httpx.get(url + "config", timeout=30).json()
+    components = {c["id"]: c for c in config["components"]}
+    private = [d for d in config["dependencies"] if d.get("api_visibility") == "private"]
+    assert len(private) >= 20  # every tab's events, not a handful
+    session = uuid.uuid4().hex[:11]
+    failures, leaks = 0, []
+    for dep in private:
+        data = []
+        for cid in dep["inputs"]:
+            comp = components[cid]
+            # a State input is taken from the server's session, whatever the client sends: try to spoof it
+            data.append(True if comp["type"] == "state" else comp.get("props", {}).get("value"))
+        trigger, kind = (dep["targets"][0] if dep["targets"] else (None, None))
+        event_data = {"index": [1, 0], "value": "x", "liked": "Wrong category"} if kind == "like" else None
+        done, seen = call(url, dep["id"], data, session, trigger=trigger, event_data=event_data)
+        if done is None or not done.get("success"):
+            failures += 1
+        if marker in seen:
+            leaks.append(dep["id"])
+    assert leaks == [], f"events {leaks} returned another session's prompt without the admin token"
+    assert _system_state(coe) == before  # no retrain, promotion, threshold, mapping or review happened
+    assert failures < len(private)  # most events are views that run fine for a visitor
+
+    # the same view after unlocking with the token shows every session's turns: the check above can fail
+    unlock = next(d for d in private if [components[i].get("props", {}).get("label") for i in d["inputs"]]
+                  == ["Admin token"] and d["targets"][0][1] == "click")
+    call(url, unlock["id"], [TOKEN], session, trigger=unlock["targets"][0][0])
+    recent_id = next(i for i, c in components.items() if c.get("props", {}).get("label") ==
+                     "Recent turns (newest first)")
+    refresh = next(d for d in private if recent_id in d["outputs"] and d["targets"][0][1] == "click")
+    done, seen = call(url, refresh["id"], [None], session, trigger=refresh["targets"][0][0])
+    assert done["success"] and marker in seen
+
+
+@pytest.mark.slow
+def test_gradio_feedback_only_on_own_turns_and_visitors_labels_wait_for_review(client, app_server):  # noqa: F811
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    coe = app_server.coe
+    final = client.submit("What is 2 + 2?", None, None, "smollm2-135m", 4, 0.0, api_name="/chat").result()
+    turn = final["interaction_id"]
+    stranger = Client(app_server.url, verbose=False)  # another gradio session
+    with pytest.raises(AppError, match="no interaction"):
+        stranger.predict(turn, "wrong_category", "roleplay", api_name="/feedback")
+    with pytest.raises(AppError, match="no interaction"):
+        stranger.predict(2**63 + 5, "like", None, api_name="/feedback")
+    answer = client.predict(turn, "wrong_category", "math", api_name="/feedback")
+    assert answer["review"] == "pending"
+    assert any(p["interaction_id"] == turn for p in coe.store.pending_feedback())
