@@ -122,3 +122,65 @@ def test_gradio_feedback_only_on_own_turns_and_visitors_labels_wait_for_review(c
     answer = client.predict(turn, "wrong_category", "math", api_name="/feedback")
     assert answer["review"] == "pending"
     assert any(p["interaction_id"] == turn for p in coe.store.pending_feedback())
+
+
+# -- the gradio API's endpoints, fuzzed ----------------------------------------------------------------------
+def gradio_call(url: str, name: str, data: list, bound_s: float = 60.0) -> tuple[int, str]:
+    """POST /gradio_api/call/<name>, then read its result; (HTTP status of the call, the SSE event kind)."""
+    start = time.perf_counter()
+    body = json.dumps({"data": data}, ensure_ascii=True).encode()  # lone surrogates travel as \ud800 escapes
+    posted = httpx.post(f"{url}gradio_api/call/{name}", content=body, timeout=bound_s,
+                        headers={"content-type": "application/json"})
+    assert posted.status_code < 500, (name, data, posted.text[:300])
+    if posted.status_code != 200:
+        return posted.status_code, "refused"
+    event = posted.json()["event_id"]
+    kind = None
+    with httpx.stream("GET", f"{url}gradio_api/call/{name}/{event}", timeout=bound_s) as response:
+        assert response.status_code < 500
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+                if kind in ("complete", "error"):
+                    break
+    assert time.perf_counter() - start < bound_s, f"{name} took too long"
+    return posted.status_code, kind
+
+
+@pytest.mark.slow
+def test_fuzz_the_gradio_api(app_server):  # noqa: F811
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_fuzz import edge_text, huge_int, json_value
+
+    url = app_server.url
+    seen: list[str] = []
+    fuzz = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+    small_tokens = st.one_of(st.integers(-2, 3), st.sampled_from(["4", None, True, 1e300, float("nan")]))
+
+    @fuzz
+    @given(st.lists(st.one_of(edge_text, json_value), max_size=5))
+    def route(data):
+        seen.append(gradio_call(url, "route", data)[1])
+
+    @fuzz
+    @given(st.tuples(st.one_of(edge_text, json_value), st.one_of(st.none(), json_value), st.none(),
+                     st.sampled_from([None, "smollm2-135m", "nope", "../x"]), small_tokens,
+                     st.one_of(st.floats(allow_nan=True), st.none())))
+    def chat(data):
+        seen.append(gradio_call(url, "chat", list(data), bound_s=120)[1])
+
+    @fuzz
+    @given(st.tuples(st.one_of(huge_int, json_value), st.one_of(edge_text, json_value), st.one_of(st.none(),
+                                                                                                  edge_text)))
+    def feedback(data):
+        seen.append(gradio_call(url, "feedback", list(data))[1])
+
+    route()
+    chat()
+    feedback()
+    assert "complete" in seen and "error" in seen  # both outcomes happened: the inputs reached the handlers
+    assert httpx.get(url, timeout=30).status_code == 200
+    assert app_server.coe.store.stats()["running"] == 0
