@@ -184,3 +184,64 @@ def test_fuzz_the_gradio_api(app_server):  # noqa: F811
     assert "complete" in seen and "error" in seen  # both outcomes happened: the inputs reached the handlers
     assert httpx.get(url, timeout=30).status_code == 200
     assert app_server.coe.store.stats()["running"] == 0
+
+
+# -- crash safety: kill -9 with turns streaming, restart ---------------------------------------------------------
+@pytest.mark.slow
+def test_kill_9_with_turns_streaming_leaves_each_turn_once_as_interrupted(tmp_path, seed_router_dir):
+    import signal
+    import threading
+
+    from coe_core.store import Store
+    from tests.conftest import REPO, SHARED_EXPERTS
+    from tests.http_server import free_port, smollm2_data_dir, start_process, stop_process, wait_ready
+
+    config, data = smollm2_data_dir(tmp_path, REPO, SHARED_EXPERTS, seed_router_dir)
+    args = ["-m", "coe_core.api", "--config", str(config), "--data-dir", str(data)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_process([*args, "--port", str(port)], tmp_path / "first.log", REPO)
+    streaming = threading.Barrier(5)
+    prompts = [f"Tell me a long story about dragon number {i}." for i in range(4)]
+
+    def stream(prompt: str) -> None:
+        body = {"model": "smollm2-135m", "max_tokens": 400, "stream": True,
+                "messages": [{"role": "user", "content": prompt}]}
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if '"content":"' in line and '"content":""' not in line:
+                        break  # text is streaming: this turn was seen by its user
+            streaming.wait(120)
+            time.sleep(60)  # keep the connection while the server is killed
+        except (httpx.HTTPError, threading.BrokenBarrierError):
+            pass
+
+    try:
+        wait_ready(url, proc, timeout=240)
+        threads = [threading.Thread(target=stream, args=(p,), daemon=True) for p in prompts]
+        for t in threads:
+            t.start()
+        streaming.wait(180)  # all four are streaming text
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        db = data / "coe.sqlite3"
+        assert db.exists()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_process([*args, "--port", str(port)], tmp_path / "second.log", REPO)
+        wait_ready(url, proc, timeout=240)
+        with Store(f"sqlite:///{db}") as store:
+            turns = store.recent_interactions(100)
+            stats = store.stats()
+        assert sorted(t["prompt"] for t in turns) == sorted(prompts)  # each turn present, once
+        assert {t["status"] for t in turns} == {"interrupted"} and stats["interrupted"] == 4
+        assert all(t["category"] and t["expert"] == "smollm2-135m" for t in turns)  # the decision was kept
+        assert "logged as interrupted" in (tmp_path / "second.log").read_text()
+        # a clean stop closes the store: no WAL or shared-memory file is left next to the database
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        assert not (data / "coe.sqlite3-wal").exists() and not (data / "coe.sqlite3-shm").exists()
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)

@@ -83,10 +83,17 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve until interrupted (uvicorn). Raises OSError when the address cannot be bound (uvicorn alone
     would log it and exit)."""
+    import signal
     import socket
+    import threading
 
     import uvicorn
 
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal it stopped on once it has shut down; SIGTERM's default action would then
+        # end the process on the spot, skipping the caller's clean-up (the store's close: the SQLite WAL and
+        # SHM files stayed behind). As SystemExit it unwinds through every ``finally``.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -96,3 +103,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
