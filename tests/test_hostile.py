@@ -170,3 +170,29 @@ def test_a_sha256_mismatch_says_in_one_log_line_which_file_and_what_is_done(tiny
     assert len(lines) == 1 and str(weights) in lines[0] and "sha256" in lines[0] and "dir:" in lines[0]
     tiers.close()
     fresh.close()
+
+
+def test_a_cancel_during_a_long_prefill_stops_it_between_chunks(tiny_sources, tmp_path, monkeypatch):
+    import threading
+
+    from coe_core.experts import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 16)
+    coe = tiny_engine(tiny_sources, tmp_path)
+    steps = []
+    cancel = threading.Event()
+    with coe.tiers.acquire("small") as lease:
+        real_forward = lease.model.forward
+
+        def forward(*args, **kwargs):  # the client goes away during the second prefill chunk
+            steps.append(kwargs.get("input_ids", args[0] if args else None).shape[1])
+            if len(steps) == 2:
+                cancel.set()
+            return real_forward(*args, **kwargs)
+
+        monkeypatch.setattr(lease.model, "forward", forward)
+        history = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+        stats = list(coe.chat(history, temperature=0, max_new_tokens=4, cancel=cancel))[-1].stats
+    assert stats.status == "cancelled" and stats.new_tokens == 0 and stats.prompt_tokens > 64
+    assert len(steps) == 2 and steps[0] == 16  # chunked, and nothing ran after the cancel
+    coe.close()
