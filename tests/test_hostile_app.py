@@ -166,9 +166,9 @@ def test_fuzz_the_gradio_api(app_server):  # noqa: F811
         seen.append(gradio_call(url, "route", data)[1])
 
     @fuzz
-    @given(st.tuples(st.one_of(edge_text, json_value), st.one_of(st.none(), json_value), st.none(),
-                     st.sampled_from([None, "smollm2-135m", "nope", "../x"]), small_tokens,
-                     st.one_of(st.floats(allow_nan=True), st.none())))
+    @given(st.tuples(st.one_of(edge_text, edge_text, json_value), st.one_of(st.none(), st.just([]), json_value),
+                     st.none(), st.sampled_from([None, "smollm2-135m", "smollm2-135m", "nope", "../x"]),
+                     small_tokens, st.one_of(st.sampled_from([0.0, 0.7]), st.floats(allow_nan=True), st.none())))
     def chat(data):
         seen.append(gradio_call(url, "chat", list(data), bound_s=120)[1])
 
@@ -181,6 +181,9 @@ def test_fuzz_the_gradio_api(app_server):  # noqa: F811
     route()
     chat()
     feedback()
+    from collections import Counter
+
+    print(f"\ngradio fuzz: {len(seen)} calls, {dict(Counter(seen))}")
     assert "complete" in seen and "error" in seen  # both outcomes happened: the inputs reached the handlers
     assert httpx.get(url, timeout=30).status_code == 200
     assert app_server.coe.store.stats()["running"] == 0
