@@ -25,10 +25,13 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 def summary_markdown(stats: dict) -> str:
     fb = stats.get("feedback") or {}
     return "\n".join([
-        "| turns | fallback rate | 👍 | 👎 | wrong category (corrected) | first token p50 / p95 | routing p50 / p95 |",
-        "|---|---|---|---|---|---|---|",
-        f"| {stats.get('turns', 0)} | {stats.get('fallback_rate', 0):.1%} | {fb.get('like', 0)} | "
+        "| turns | interrupted | fallback rate | 👍 | 👎 | wrong category (corrected) | waiting review | "
+        "first token p50 / p95 | routing p50 / p95 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {stats.get('turns', 0)} | {stats.get('interrupted', 0)} | {stats.get('fallback_rate', 0):.1%} | "
+        f"{fb.get('like', 0)} | "
         f"{fb.get('dislike', 0)} | {fb.get('wrong_category', 0)} ({fb.get('corrected', 0)}) | "
+        f"{stats.get('feedback_pending_review', 0)} | "
         f"{_fmt(stats.get('ttft_p50_s'), '.2f', ' s')} / {_fmt(stats.get('ttft_p95_s'), '.2f', ' s')} | "
         f"{_fmt(stats.get('route_latency_p50_ms'), '.0f', ' ms')} / "
         f"{_fmt(stats.get('route_latency_p95_ms'), '.0f', ' ms')} |",
