@@ -238,7 +238,7 @@ class CoE:
             raise InvalidRequest("temperature must be between 0 and 2")
         if not 0 < tp <= 1:
             raise InvalidRequest("top_p must be in (0, 1]")
-        stops = tuple(self.config.experts[expert].stop) + tuple(stop or ())
+        stops = tuple(self.config.experts[expert].stop) + tuple(clean_text(str(s)) for s in stop or ())
         return GenerationParams(max_new, temp, tp, stops, min(max(int(min_new_tokens), 0), max_new))
 
     def chat(self, messages: list[dict] | str, overrides: dict | None = None, *,

@@ -117,6 +117,7 @@ def check(url: str, path: str, data: bytes, *, headers: dict | None = None) -> h
 @given(body=chat_body)
 @example(body={"model": "coe", "messages": [{"role": "user", "content": "a\ud800\x00b"}], "stream": True})
 @example(body={"model": "small/../../x", "messages": [{"role": "user", "content": "hi"}]})
+@example(body={"model": "coe", "messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800", "a\x00"]})
 @example(body={"model": "coe", "messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")})
 def test_fuzz_chat_completions(fuzz_server, body):
     check(fuzz_server[1], "/v1/chat/completions", encode(body))

@@ -69,7 +69,8 @@ def test_prompt_tokens_are_capped_whatever_the_experts_context(tiny_sources, tmp
 
 def test_lone_surrogates_and_nul_are_made_safe_text(tiny_sources, tmp_path):
     coe = tiny_engine(tiny_sources, tmp_path)
-    stats = list(coe.chat("bad \ud800 text \x00 here", temperature=0, max_new_tokens=2))[-1].stats
+    stats = list(coe.chat("bad \ud800 text \x00 here", temperature=0, max_new_tokens=2, stop=["\udfff", "x\x00"])
+                 )[-1].stats
     assert stats.status == "ok"
     coe.close()
 
