@@ -95,13 +95,20 @@ def test_every_private_event_without_the_token_gives_away_no_other_sessions_prom
     assert _system_state(coe) == before  # no retrain, promotion, threshold, mapping or review happened
     assert failures < len(private)  # most events are views that run fine for a visitor
 
+    recent_id = next(i for i, c in components.items() if c.get("props", {}).get("label") ==
+                     "Recent turns (newest first)")
+    refresh = next(d for d in private if recent_id in d["outputs"] and d["targets"][0][1] == "click")
+    # a visitor sees their own session's turns there, not the other session's
+    mine = f"MINE-{uuid.uuid4().hex[:12]}"
+    coe.store.log_turn(TurnRecord(expert="smollm2-135m", prompt=mine, category="general", client="app",
+                                  session_id=session))
+    done, seen = call(url, refresh["id"], [None], session, trigger=refresh["targets"][0][0])
+    assert done["success"] and mine in seen and marker not in seen
+
     # the same view after unlocking with the token shows every session's turns: the check above can fail
     unlock = next(d for d in private if [components[i].get("props", {}).get("label") for i in d["inputs"]]
                   == ["Admin token"] and d["targets"][0][1] == "click")
     call(url, unlock["id"], [TOKEN], session, trigger=unlock["targets"][0][0])
-    recent_id = next(i for i, c in components.items() if c.get("props", {}).get("label") ==
-                     "Recent turns (newest first)")
-    refresh = next(d for d in private if recent_id in d["outputs"] and d["targets"][0][1] == "click")
     done, seen = call(url, refresh["id"], [None], session, trigger=refresh["targets"][0][0])
     assert done["success"] and marker in seen
 
