@@ -255,3 +255,25 @@ def test_kill_9_with_turns_streaming_leaves_each_turn_once_as_interrupted(tmp_pa
     finally:
         if proc.poll() is None:
             stop_process(proc)
+
+
+@pytest.mark.slow
+def test_the_api_key_guards_the_gradio_api_too(app_server, monkeypatch):  # noqa: F811
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from app.ui import build_app, launch_kwargs
+
+    monkeypatch.setenv("COE_API_KEY", "k3y")
+    demo = build_app(app_server.coe, gate=AdminGate(TOKEN))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs())
+    try:
+        with pytest.raises(AppError, match="needs the API key"):
+            Client(url, verbose=False).predict("Solve 2x + 3 = 7", api_name="/route")
+        with pytest.raises(AppError, match="needs the API key"):
+            Client(url, verbose=False, headers={"Authorization": "Bearer wrong"}).predict("hi", api_name="/route")
+        keyed = Client(url, verbose=False, headers={"Authorization": "Bearer k3y"})
+        assert keyed.predict("Solve 2x + 3 = 7", api_name="/route")["category"]
+    finally:
+        demo.close()
