@@ -1,13 +1,18 @@
 """The app's public API (gradio_client): ``/route``, ``/chat`` (streaming) and ``/feedback``.
 
-Every other event of the UI is private. Errors a caller causes come back as ``gr.Error`` with one
-clear message (gradio_client raises it as ``AppError``).
+Every other event of the UI is private (hidden from the API docs; each handler checks what it gives away).
+Errors a caller causes come back as ``gr.Error`` with one clear message (gradio_client raises it as
+``AppError``). The same door policy as ``/v1``: ``COE_API_KEY``, when set, is needed here too
+(``Client(url, headers={"Authorization": "Bearer KEY"})``); turns take a slot of the shared admission
+(``api.max_concurrent_turns``); feedback binds to the gradio session that made the turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -33,14 +38,41 @@ def _history(history: list[dict] | str | None) -> list[dict]:
     return list(history)
 
 
+def _text(prompt: Any) -> str:
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise gr.Error("prompt must be text")
+    return prompt
+
+
 def _overrides(category: str | None, expert: str | None) -> dict[str, str] | None:
     found = {k: v for k, v in (("category", category), ("expert", expert)) if v}
     return found or None
 
 
+def _session(request: gr.Request | None) -> str:
+    """The gradio session of a caller (gradio_client keeps one per Client): turns are logged under it and
+    feedback must come from it."""
+    return f"gradio:{getattr(request, 'session_hash', None) or 'none'}"
+
+
 class PublicAPI:
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, api_key: str | None = None) -> None:
         self.coe = ctx.coe
+        key = api_key if api_key is not None else os.environ.get("COE_API_KEY")
+        self._key = key.strip() if key and key.strip() else None
+
+    def _check_key(self, request: gr.Request | None) -> None:
+        """``COE_API_KEY`` guards every door that spends compute: these endpoints as well as /v1."""
+        if self._key is None:
+            return
+        headers = getattr(request, "headers", None) or {}
+        given = headers.get("authorization", "") if hasattr(headers, "get") else ""
+        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), self._key.encode()):
+            raise gr.Error("this endpoint needs the API key: Client(url, headers={'Authorization': "
+                           "'Bearer <COE_API_KEY>'})", title="API key needed")
 
     def register(self) -> None:
         gr.api(self.route, api_name="route")
@@ -48,7 +80,7 @@ class PublicAPI:
         gr.api(self.feedback, api_name="feedback")
 
     def route(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
-              expert: str | None = None) -> dict[str, Any]:
+              expert: str | None = None, request: gr.Request = None) -> dict[str, Any]:
         """Route a prompt without generating an answer: which category the CoE's router puts it in (with the
         probability of every category and whether it fell back to `general`), which expert LLM the
         category-to-expert mapping picks, and why. Cheap (milliseconds, no GPU); nothing is logged.
@@ -63,14 +95,16 @@ class PublicAPI:
             The routing decision as JSON: category, probabilities, confidence, fallback, expert, reason,
             router_version.
         """
-        messages = _history(history) + [{"role": "user", "content": prompt or ""}]
+        self._check_key(request)
+        messages = _history(history) + [{"role": "user", "content": _text(prompt)}]
         try:
             return self.coe.route(messages, _overrides(category, expert)).to_dict()
         except (InvalidRequest, ValueError, KeyError) as exc:
             raise gr.Error(user_message(exc)) from None
 
     def chat(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
-             expert: str | None = None, max_new_tokens: int = 128, temperature: float = 0.7) -> Iterator[dict]:
+             expert: str | None = None, max_new_tokens: int = 128, temperature: float = 0.7,
+             request: gr.Request = None) -> Iterator[dict]:
         """Answer a prompt with the Composition of Experts: the router picks a category, the mapping picks one
         expert LLM, the memory tiers swap it in, and it generates the answer (small open models: good for
         short answers, drafts and routing demos, not for facts you cannot check). Each turn is logged.
@@ -90,10 +124,21 @@ class PublicAPI:
         Returns:
             The answer and its routing decision, swaps and timings as JSON.
         """
-        messages = _history(history) + [{"role": "user", "content": prompt or ""}]
+        self._check_key(request)
+        messages = _history(history) + [{"role": "user", "content": _text(prompt)}]
+        if not self.coe.admission.try_enter():
+            raise gr.Error(f"busy: {self.coe.admission.limit} turns are running (api.max_concurrent_turns); "
+                           "retry shortly")
+        try:
+            yield from self._chat(messages, category, expert, max_new_tokens, temperature, _session(request))
+        finally:
+            self.coe.admission.leave()
+
+    def _chat(self, messages: list[dict], category: str | None, expert: str | None, max_new_tokens: Any,
+              temperature: Any, session_id: str) -> Iterator[dict]:
         cancel = threading.Event()
         events = self.coe.chat(messages, _overrides(category, expert), max_new_tokens=max_new_tokens,
-                               temperature=temperature, cancel=cancel, client="api")
+                               temperature=temperature, cancel=cancel, client="api", session_id=session_id)
         text, route, swaps, notices = "", None, [], []
         with contextlib.closing(events):
             try:
@@ -113,22 +158,31 @@ class PublicAPI:
                         yield {"text": text, "route": route, "done": True, "status": stats["status"],
                                "error": stats["error"], "interaction_id": stats["interaction_id"],
                                "swaps": swaps, "notices": notices, "stats": stats}
-            except (InvalidRequest, ValueError, KeyError) as exc:
+            except (InvalidRequest, ValueError, KeyError, TypeError) as exc:
                 raise gr.Error(user_message(exc)) from None
             finally:
                 cancel.set()  # the caller went away mid-stream: stop generating (the engine logs it)
 
-    def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None) -> dict[str, Any]:
-        """Give feedback on a logged turn (from /chat's interaction_id); it helps retrain the router.
+    def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
+                 request: gr.Request = None) -> dict[str, Any]:
+        """Give feedback on a turn this client made (from /chat's interaction_id); it helps retrain the router.
+        Likes and corrections wait for an admin's review before they train anything.
 
         Args:
-            interaction_id: the turn's id, as returned by /chat.
+            interaction_id: the turn's id, as returned by /chat (only this client's own turns).
             kind: one of like, dislike, wrong_category (with corrected_category) or retracted.
             corrected_category: the category the prompt should have gone to, for kind wrong_category.
         """
+        self._check_key(request)
         try:
-            feedback_id = self.coe.feedback(int(interaction_id), kind, corrected_category or None)
+            turn = int(interaction_id)
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error("interaction_id must be the whole number /chat returned") from None
+        try:
+            feedback_id = self.coe.feedback(turn, str(kind), corrected_category or None, owner=_session(request),
+                                            trusted=False)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise gr.Error(user_message(exc)) from None
-        return {"feedback_id": feedback_id, "interaction_id": int(interaction_id), "kind": kind,
-                "corrected_category": corrected_category or None}
+        return {"feedback_id": feedback_id, "interaction_id": turn, "kind": kind,
+                "corrected_category": corrected_category or None,
+                "review": "pending" if kind in ("like", "wrong_category") else "accepted"}

@@ -6,6 +6,7 @@ The Chatbot shows, before each answer, a collapsible routing message whose title
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from app.plots import gb
@@ -19,6 +20,28 @@ REASONS = {
     "mapping-override": "set in spaces.yaml",
     "default": "default expert (no router)",
 }
+
+
+#: code (fenced blocks, also one still streaming, and inline spans): the Markdown renderer escapes it itself
+_CODE = re.compile(r"(```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]*`)", re.S)
+
+
+def escape_html(text: str) -> str:
+    """Chat text as Markdown that cannot be HTML: ``&`` and ``<`` outside code are escaped (no tag, form or
+    live image from a prompt or a prompt-injected answer), and Markdown images (``![..](url)``, a tracking
+    pixel just the same) are shown as text. Everything else of Markdown keeps working. ``unescape_html``
+    reverses it exactly."""
+    parts = _CODE.split(text or "")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace("![", "!\\[")
+    return "".join(parts)
+
+
+def unescape_html(text: str) -> str:
+    parts = _CODE.split(text or "")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("!\\[", "![").replace("&lt;", "<").replace("&amp;", "&")
+    return "".join(parts)
 
 
 def text_of(content: Any) -> str:
@@ -42,7 +65,7 @@ def engine_messages(history: list[dict], prompt: str) -> list[dict]:
             continue
         if (m.get("metadata") or {}).get("title"):
             continue  # a routing/swap thought, not part of the conversation
-        text = text_of(m.get("content")).strip()
+        text = unescape_html(text_of(m.get("content"))).strip()  # the chat shows it escaped (escape_html)
         if text:
             out.append({"role": m["role"], "content": text})
     out.append({"role": "user", "content": prompt})
@@ -85,7 +108,7 @@ def resident_message(expert: str, tier: str, parent_id: str) -> dict:
 
 
 def notice_message(n: Notice, parent_id: str) -> dict:
-    return {"role": "assistant", "content": n.message,
+    return {"role": "assistant", "content": escape_html(n.message),
             "metadata": {"title": "⚠️ note" if n.kind == "warning" else "ℹ️ note", "parent_id": parent_id}}
 
 

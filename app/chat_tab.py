@@ -19,6 +19,7 @@ import gradio as gr
 from app import plots
 from app.chat_messages import (
     engine_messages,
+    escape_html,
     notice_message,
     resident_message,
     routing_message,
@@ -165,9 +166,10 @@ class ChatTab:
         self.stop.click(self.stop_turn, self.session, None, queue=False, **private)
         self.timer.tick(self.residency, None, [self.residency_plot, self.residency_md], show_progress="hidden",
                         **private)
-        self.chatbot.like(self.on_feedback, self.session, [self.correct_turn, self.correct_box], **private)
-        self.correct_send.click(self.on_correction, [self.session, self.correct_turn, self.correct_category], None,
-                                **private)
+        self.chatbot.like(self.on_feedback, [self.session, self.ctx.admin_state],
+                          [self.correct_turn, self.correct_box], **private)
+        self.correct_send.click(self.on_correction, [self.session, self.correct_turn, self.correct_category,
+                                                     self.ctx.admin_state], None, **private)
         self.new_chat.click(self.clear, self.session,
                             [self.chatbot, self.session, self.correct_turn, self.decision_md, self.turn_md],
                             queue=False, **private)
@@ -213,14 +215,30 @@ class ChatTab:
         messages = engine_messages(history, prompt)
         overrides = {k: v for k, v in (("category", force_category), ("expert", force_expert))
                      if v and v != AUTO}
-        history.append({"role": "user", "content": prompt})
+        history.append({"role": "user", "content": escape_html(prompt)})
         first_index = len(history)
+        # the same bound as every other door (api.max_concurrent_turns, shared with /v1 and the gradio API)
+        if not self.coe.admission.try_enter():
+            busy = (f"Busy: {self.coe.admission.limit} turns are running (api.max_concurrent_turns); "
+                    "send it again in a moment.")
+            gr.Warning(busy)
+            yield {self.chatbot: history[:-1], self.turn_md: f"⚠️ {busy}"}
+            return
+        try:
+            yield from self._respond(prompt, history, messages, session, overrides, first_index, max_new_tokens,
+                                     temperature)
+        finally:
+            self.coe.admission.leave()
+
+    def _respond(self, prompt: str, history: list[dict], messages: list[dict], session: ChatSession,
+                 overrides: dict, first_index: int, max_new_tokens: float, temperature: float) -> Iterator[dict]:
         route_id = f"route-{uuid.uuid4().hex[:8]}"
         events = self.coe.chat(messages, overrides or None, max_new_tokens=int(max_new_tokens),
                                temperature=float(temperature), cancel=session.cancel, client="app",
                                session_id=session.session_id)
         route_msg: dict | None = None
         answer: dict | None = None
+        raw = ""  # the answer as the expert wrote it; the chat shows it escaped
         decision: RouteDecision | None = None
         swaps: list[SwapEvent] = []
         with contextlib.closing(events):
@@ -246,7 +264,8 @@ class ChatTab:
                     elif isinstance(event, TextChunk):
                         if answer is None:
                             answer = self._start_answer(history, route_msg, swaps, decision, route_id)
-                        answer["content"] += event.text
+                        raw += event.text
+                        answer["content"] = escape_html(raw)
                         yield {self.chatbot: history}
                     elif isinstance(event, TurnDone):
                         yield self._finish(event, history, route_msg, answer, swaps, session, prompt,
@@ -255,12 +274,13 @@ class ChatTab:
                 # a request the engine refused before anything ran (empty prompt, too long, bad override,
                 # no score table...): say so, keep the conversation as it was
                 gr.Warning(user_message(exc))
+                said = escape_html(f"⚠️ {user_message(exc)}")
                 if route_msg is None:
                     history = history[:first_index - 1]
-                    yield {self.chatbot: history, self.turn_md: f"⚠️ {user_message(exc)}"}
+                    yield {self.chatbot: history, self.turn_md: said}
                 else:
-                    history.append({"role": "assistant", "content": f"⚠️ {user_message(exc)}"})
-                    yield {self.chatbot: history, self.turn_md: f"⚠️ {user_message(exc)}"}
+                    history.append({"role": "assistant", "content": said})
+                    yield {self.chatbot: history, self.turn_md: said}
 
     def _start_answer(self, history: list[dict], route_msg: dict | None, swaps: list[SwapEvent],
                       decision: RouteDecision | None, route_id: str) -> dict:
@@ -286,7 +306,7 @@ class ChatTab:
         if stats.status == "cancelled":
             answer["content"] += "\n\n_(stopped)_" if answer["content"] else "_(stopped before the first token)_"
         elif stats.status == "error":
-            answer["content"] += f"\n\n⚠️ {stats.expert} failed: {stats.error}. Other experts keep serving."
+            answer["content"] += escape_html(f"\n\n⚠️ {stats.expert} failed: {stats.error}. Other experts keep serving.")
         elif not answer["content"].strip():
             answer["content"] = "_(the expert returned no text)_"
         session.turns.append(TurnRef(stats.interaction_id, first_index, len(history) - 1, prompt,
@@ -301,15 +321,19 @@ class ChatTab:
                 self.session: session}
 
     # -- feedback --------------------------------------------------------------------------------------
-    def _store_feedback(self, interaction_id: int, kind: str, corrected: str | None = None) -> bool:
+    def _store_feedback(self, session: ChatSession, unlocked: bool, interaction_id: int, kind: str,
+                        corrected: str | None = None) -> bool:
+        """Only on this session's own turns (checked again in the store), rate-limited per session; a visitor's
+        like or correction waits for an admin's review before it trains the router, an admin's counts."""
         try:
-            self.coe.feedback(interaction_id, kind, corrected)
+            self.coe.feedback(interaction_id, kind, corrected, owner=session.session_id,
+                              trusted=self.ctx.gate.sees_private(unlocked))
         except (ValueError, RuntimeError, KeyError) as exc:
             gr.Warning(f"Feedback not stored: {user_message(exc)}")
             return False
         return True
 
-    def on_feedback(self, session: ChatSession | None, data: gr.LikeData) -> tuple[Any, Any]:
+    def on_feedback(self, session: ChatSession | None, unlocked: bool, data: gr.LikeData) -> tuple[Any, Any]:
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
         turn = session.turn_at(int(index)) if session else None
         if turn is None or turn.interaction_id is None:
@@ -324,13 +348,14 @@ class ChatTab:
             kind, text = "wrong_category", "Marked as wrong category: pick the right one below"
         else:  # un-voting sends an empty value
             kind, text = "retracted", "Feedback retracted"
-        if self._store_feedback(turn.interaction_id, kind):
+        if self._store_feedback(session, unlocked, turn.interaction_id, kind):
             gr.Info(f"{text} (turn #{turn.interaction_id}).")
         if kind == "wrong_category":
             return gr.update(choices=turn_choices(session), value=turn.interaction_id), gr.Accordion(open=True)
         return gr.update(), gr.update()
 
-    def on_correction(self, session: ChatSession | None, interaction_id: int | None, category: str | None) -> None:
+    def on_correction(self, session: ChatSession | None, interaction_id: int | None, category: str | None,
+                      unlocked: bool = False) -> None:
         if interaction_id is None:
             gr.Warning("Pick the answer to correct first (send a prompt if there is none).")
             return
@@ -340,6 +365,7 @@ class ChatTab:
         if session is None or session.by_id(int(interaction_id)) is None:
             gr.Warning("You can only correct answers from this chat.")
             return
-        if self._store_feedback(int(interaction_id), "wrong_category", category):
-            gr.Info(f"Correction stored: turn #{interaction_id} should be {category}. "
-                    "It counts at the router's next retrain.")
+        if self._store_feedback(session, unlocked, int(interaction_id), "wrong_category", category):
+            when = ("It counts at the router's next retrain." if self.ctx.gate.sees_private(unlocked) else
+                    "It counts at the router's next retrain once an admin has accepted it.")
+            gr.Info(f"Correction stored: turn #{interaction_id} should be {category}. {when}")

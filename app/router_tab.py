@@ -12,6 +12,9 @@ from app import plots
 from app.context import AppContext, user_message
 
 F1_COLUMNS = ["category", "precision", "recall", "F1", "held-out prompts"]
+REVIEW_COLUMNS = ["feedback #", "turn #", "kind", "routed", "corrected to", "from", "prompt"]
+#: pending feedback one review shows (and accepts or rejects) at a time
+REVIEW_BATCH = 100
 VERSION_COLUMNS = ["version", "trained (UTC)", "classifier", "macro-F1", "accuracy", "samples", "parent",
                    "active", "comparison"]
 
@@ -131,6 +134,16 @@ class RouterTab:
                 self.force = gr.Checkbox(False, label="Promote even if held-out macro-F1 is worse", scale=2)
                 self.retrain = gr.Button("Retrain from seed set + feedback", variant="primary", scale=1)
             self.action_md = gr.Markdown()
+        with gr.Accordion("Review anonymous feedback", open=False):
+            gr.Markdown("Likes and corrections from visitors (not from an unlocked admin) are suggestions: they "
+                        "train the router only once an admin accepts them here.")
+            self.review_md = gr.Markdown("Open this tab to count the feedback waiting for review.")
+            self.review_table = gr.Dataframe(headers=REVIEW_COLUMNS, label="Waiting (oldest first)",
+                                             interactive=False, wrap=True)
+            with gr.Row(equal_height=True):
+                self.review_load = gr.Button("Show the waiting feedback", scale=1)
+                self.review_accept = gr.Button("Accept these as training labels", variant="primary", scale=1)
+                self.review_reject = gr.Button("Reject these", variant="stop", scale=1)
 
     def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
         private: dict[str, Any] = {"api_visibility": "private"}
@@ -147,6 +160,11 @@ class RouterTab:
             .then(self.refresh, None, view, **private)
         self.retrain.click(self.run_retrain, [admin, self.force], self.action_md, concurrency_limit=1,
                            concurrency_id="retrain", **private).then(self.refresh, None, view, **private)
+        review = [self.review_md, self.review_table]
+        tab.select(self.review_count, None, self.review_md, **private)
+        self.review_load.click(self.review_queue, admin, review, **private)
+        self.review_accept.click(self.accept_shown, [admin, self.review_table], review, **private)
+        self.review_reject.click(self.reject_shown, [admin, self.review_table], review, **private)
 
     # -- views -----------------------------------------------------------------------------------------
     def current_threshold(self, meta: dict) -> float:
@@ -209,6 +227,53 @@ class RouterTab:
         except (ValueError, OSError) as exc:
             return f"⚠️ {user_message(exc)}", gr.update()
         return self._threshold_view(current, float(candidate))
+
+    # -- review of anonymous feedback ----------------------------------------------------------------------
+    def review_count(self) -> str:
+        """How many wait (an aggregate: everyone may see it)."""
+        store = self.ctx.coe.store
+        if store is None:
+            return "No interaction store: no feedback to review."
+        try:
+            n = store.pending_count()
+        except (ValueError, RuntimeError) as exc:
+            return f"⚠️ {user_message(exc)}"
+        return (f"**{n}** like(s) and correction(s) from visitors wait for review." if n else
+                "No feedback waits for review.")
+
+    def review_queue(self, unlocked: bool) -> tuple[str, Any]:
+        """The waiting feedback with its prompts: other people's text, so admin only (checked here)."""
+        self.ctx.gate.require_private(unlocked, "Reviewing feedback")
+        store = self.ctx.coe.store
+        if store is None:
+            return self.review_count(), []
+        pending = store.pending_feedback(REVIEW_BATCH)
+        rows = [[p["id"], p["interaction_id"], p["kind"], p["category"], p["corrected_category"] or "",
+                 p["author"] or "", " ".join((p["prompt"] or "").split())[:160]] for p in pending]
+        return self.review_count(), rows
+
+    def accept_shown(self, unlocked: bool, shown: Any) -> tuple[str, Any]:
+        return self.review(unlocked, shown, True)
+
+    def reject_shown(self, unlocked: bool, shown: Any) -> tuple[str, Any]:
+        return self.review(unlocked, shown, False)
+
+    def review(self, unlocked: bool, shown: Any, accept: bool) -> tuple[str, Any]:
+        """Accept or reject the feedback the admin was shown (those still waiting; never more)."""
+        self.ctx.gate.require_private(unlocked, "Reviewing feedback")
+        store = self.ctx.coe.store
+        if store is None:
+            return self.review_count(), []
+        rows = shown.values.tolist() if hasattr(shown, "values") else (shown or [])
+        ids = []
+        for row in rows:
+            try:
+                ids.append(int(row[0]))
+            except (TypeError, ValueError, IndexError, OverflowError):
+                continue
+        n = store.review_feedback(ids, accept)
+        gr.Info(f"{n} feedback {'accepted: they count at the next retrain' if accept else 'rejected'}.")
+        return self.review_queue(unlocked)
 
     # -- actions (admin) -------------------------------------------------------------------------------
     def set_threshold(self, unlocked: bool, value: float) -> str:

@@ -253,6 +253,12 @@ class StoreConfig(_Strict):
 
 class LimitsConfig(_Strict):
     max_prompt_chars: int = Field(32_000, ge=1)
+    #: messages in one conversation; more is a 400 context_length_exceeded before any model work
+    max_messages: int = Field(256, ge=1, le=100_000)
+    #: tokens of the formatted prompt given to any expert (older turns are left out above it): bounds prefill
+    max_prompt_tokens: int = Field(2048, ge=16)
+    #: feedback one session (or API key) may give per minute; more is refused (429 on the API)
+    feedback_per_minute: int = Field(30, ge=1)
     max_new_tokens: int = Field(256, ge=1, le=8192)
     max_new_tokens_cap: int = Field(1024, ge=1, le=32768)
     temperature: float = Field(0.7, ge=0, le=2)

@@ -35,7 +35,61 @@ class InvalidRequest(ValueError):
 
 
 class PromptTooLong(InvalidRequest):
-    """The conversation is longer than ``limits.max_prompt_chars``."""
+    """The conversation is longer than ``limits.max_prompt_chars`` or ``limits.max_messages``."""
+
+
+class RateLimited(InvalidRequest):
+    """One session (or key) sent more than its limit (``limits.feedback_per_minute``)."""
+
+
+#: feedback kinds that become training labels (a like confirms the routed category)
+LABEL_KINDS = ("like", "wrong_category")
+
+
+def clean_text(text: str) -> str:
+    """Text every tokenizer, JSON encoder and database takes: a lone UTF-16 surrogate (valid in JSON, not in
+    UTF-8) and NUL (refused by PostgreSQL) become U+FFFD; valid text is returned as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+class Admission:
+    """At most ``limit`` turns at once across every front end (the playground, its gradio API and /v1):
+    ``api.max_concurrent_turns``. One more is refused at once, not queued (the scheduler of issue 8 may queue)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def try_enter(self) -> bool:
+        return self._free.acquire(blocking=False)
+
+    def leave(self) -> None:
+        self._free.release()
+
+
+class RateWindow:
+    """At most ``limit`` hits per ``window_s`` for each key (a session id, an API key's name); thread-safe."""
+
+    def __init__(self, limit: int, window_s: float, what: str, setting: str, max_keys: int = 10_000):
+        self.limit, self.window_s, self.what, self.setting, self.max_keys = limit, window_s, what, setting, max_keys
+        self._hits: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._hits) > self.max_keys:  # forget idle keys, so many sessions cannot grow it unbounded
+                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window_s}
+            recent = [t for t in self._hits.get(key, ()) if t > now - self.window_s]
+            if len(recent) >= self.limit:
+                raise RateLimited(f"too much {self.what}: at most {self.limit} per {self.window_s:.0f} s "
+                                  f"({self.setting}); try again in a minute")
+            recent.append(now)
+            self._hits[key] = recent
 
 
 def _now() -> datetime:
@@ -61,6 +115,7 @@ class CoE:
             from coe_core.store.writer import TurnLogger, default_spool_path
 
             self.store = store
+            self._mark_interrupted(store)
             self.turn_logger = TurnLogger(store, default_spool_path(self.config))  # replays its spool on start
         if routing == "auto":
             from coe_core.routing.service import RoutingService
@@ -70,7 +125,25 @@ class CoE:
                                      traffic_distribution=self.store.category_counts if self.store else None,
                                      store=self.store)
         self.routing = routing
+        self.admission = Admission(self.config.api.max_concurrent_turns)
+        self._feedback_rate = RateWindow(self.config.limits.feedback_per_minute, 60.0, "feedback",
+                                         "limits.feedback_per_minute")
         self._closed = False
+
+    def _mark_interrupted(self, store) -> None:
+        """Turns a previous process logged as running and never completed (crash, kill -9) say so. A SQLite
+        log belongs to this instance alone; a shared database may hold other instances' running turns, so
+        there only turns started over an hour ago count as interrupted."""
+        from datetime import timedelta
+
+        before = None if store.url.startswith("sqlite") else _now() - timedelta(hours=1)
+        try:
+            n = store.mark_interrupted(before)
+        except Exception as exc:  # never keep the engine from starting
+            log.warning("could not mark interrupted turns: %s", exc)
+            return
+        if n:
+            log.warning("%d turn(s) were still running when the last process ended; logged as interrupted", n)
 
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
@@ -114,6 +187,8 @@ class CoE:
     def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
         messages = self._validate(messages)
         overrides = {k: v for k, v in (overrides or {}).items() if v}
+        if any(not isinstance(v, str) for v in overrides.values()):
+            raise InvalidRequest("a forced category or expert must be a name (text)")
         if self.routing is not None:
             return self.routing.decide(messages, overrides)
         return self._default_decision(messages, overrides)
@@ -137,11 +212,15 @@ class CoE:
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list of {role, content}")
+        most = self.config.limits.max_messages
+        if len(messages) > most:  # counted before anything else looks at them
+            raise PromptTooLong(f"the conversation has {len(messages)} messages, more than the limit of {most} "
+                                "(limits.max_messages): shorten it or start a new chat")
         clean = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise InvalidRequest(f"message {i} must be {{'role': system|user|assistant, 'content': str}}")
-            clean.append({"role": m["role"], "content": m["content"]})
+            clean.append({"role": m["role"], "content": clean_text(m["content"])})
         if clean[-1]["role"] != "user":
             raise InvalidRequest("the last message must be the user's")
         if not clean[-1]["content"].strip():
@@ -156,16 +235,19 @@ class CoE:
     def _params(self, max_new_tokens, temperature, top_p, stop, expert: str, min_new_tokens: int = 0
                 ) -> GenerationParams:
         lim = self.config.limits
-        max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        try:  # inf, "abc", [] ...: a bad request, not a failed turn
+            max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+            temp = lim.temperature if temperature is None else float(temperature)
+            tp = lim.top_p if top_p is None else float(top_p)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidRequest("max_new_tokens must be a whole number, temperature and top_p numbers") from None
         if not 1 <= max_new <= lim.max_new_tokens_cap:
             raise InvalidRequest(f"max_new_tokens must be between 1 and {lim.max_new_tokens_cap}")
-        temp = lim.temperature if temperature is None else float(temperature)
         if not 0 <= temp <= 2:
             raise InvalidRequest("temperature must be between 0 and 2")
-        tp = lim.top_p if top_p is None else float(top_p)
         if not 0 < tp <= 1:
             raise InvalidRequest("top_p must be in (0, 1]")
-        stops = tuple(self.config.experts[expert].stop) + tuple(stop or ())
+        stops = tuple(self.config.experts[expert].stop) + tuple(clean_text(str(s)) for s in stop or ())
         return GenerationParams(max_new, temp, tp, stops, min(max(int(min_new_tokens), 0), max_new))
 
     def chat(self, messages: list[dict] | str, overrides: dict | None = None, *,
@@ -186,6 +268,7 @@ class CoE:
         params = self._params(max_new_tokens, temperature, top_p, stop, decision.expert, min_new_tokens)
         cancel = cancel or threading.Event()
         stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
+        uid = self._log_start(decision, stats, messages, started_at, client, session_id, conversation_id)
         swaps: list[SwapEvent] = []
         pieces: list[str] = []
         try:
@@ -195,13 +278,13 @@ class CoE:
             cancel.set()
             stats.status = "cancelled"
             self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                         conversation_id, wait=False)
+                         conversation_id, wait=False, uid=uid)
             raise
         except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
             log.warning("turn on %s failed: %s", stats.expert, exc)
             stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
         self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                     conversation_id, wait=True)
+                     conversation_id, wait=True, uid=uid)
         yield TurnDone(stats)
 
     def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
@@ -250,6 +333,8 @@ class CoE:
             stats.timeline.append(("swap" if lease.events else "resident", t_acquire, t_ready))
             cfg = self.config.experts[expert]
             context = cfg.context_length or lease.manifest.get("context_length") or 2048
+            # the prompt any expert prefills is bounded (limits.max_prompt_tokens), whatever its context
+            context = min(context, self.config.limits.max_prompt_tokens + params.max_new_tokens)
             prompt = format_prompt(lease.tokenizer, messages, cfg, context_length=context,
                                    reserve_tokens=params.max_new_tokens)
             stats.prompt_tokens, stats.truncated = len(prompt.input_ids), prompt.truncated
@@ -340,8 +425,25 @@ class CoE:
         if other and other != decision.expert and other in self.available_experts():
             self.tiers.prefetch(other)
 
+    def _log_start(self, decision, stats, messages, started_at, client, session_id, conversation_id) -> str | None:
+        """Log the turn as running before any compute: a crash from here on leaves an interrupted row, not
+        nothing. The end of the turn completes the same row (same uid). Returns the uid."""
+        if self.turn_logger is None:
+            return None
+        from coe_core.store.records import TurnRecord
+
+        record = TurnRecord.from_turn(decision, [], stats, prompt=messages[-1]["content"], started_at=started_at,
+                                      client=client, session_id=session_id, conversation_id=conversation_id)
+        record.status, record.finished_at, record.response = "running", None, None
+        try:
+            self.turn_logger.submit(record)
+        except Exception as exc:  # the end of the turn is still logged
+            log.warning("could not log the start of the turn: %s", exc)
+            return None
+        return record.uid
+
     def _finish(self, stats: TurnStats, pieces, start, decision, swaps, messages, started_at, client,
-                session_id, conversation_id, *, wait: bool) -> None:
+                session_id, conversation_id, *, wait: bool, uid: str | None = None) -> None:
         stats.response = "".join(pieces)
         stats.total_s = time.perf_counter() - start
         gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
@@ -354,6 +456,8 @@ class CoE:
         record = TurnRecord.from_turn(decision, swaps, stats, prompt=messages[-1]["content"],
                                       started_at=started_at, client=client, session_id=session_id,
                                       conversation_id=conversation_id)
+        if uid is not None:
+            record.uid = uid
         future = self.turn_logger.submit(record)
         if not wait:
             return
@@ -384,11 +488,18 @@ class CoE:
             return reference_logprob(lease.model, prompt, ref, lease.device)
 
     def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
-                 comment: str | None = None) -> int:
+                 comment: str | None = None, *, owner: str | None = None, trusted: bool = True) -> int:
+        """Feedback on a logged turn. ``owner``: the session or key giving it; it must have made the turn
+        (None: not checked, the CLI). An untrusted author's like or correction waits for an admin's review
+        before it trains the router; ``limits.feedback_per_minute`` bounds each owner."""
         if self.store is None:
             raise RuntimeError("this engine runs without a store; feedback needs one")
+        if owner is not None:
+            self._feedback_rate.hit(owner)
+        review = "pending" if not trusted and kind in LABEL_KINDS else "accepted"
         return self.store.add_feedback(interaction_id, kind, corrected_category, comment,
-                                       categories=self.config.all_categories)
+                                       categories=self.config.all_categories, owner=owner, review=review,
+                                       author=owner)
 
     def close(self) -> None:
         if self._closed:

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, inspect, text
 from coe_core.events import RouteDecision, SwapEvent, TurnStats
 from coe_core.store import SchemaVersionError, Store, StoreError, TurnLogger, TurnNotLoggedError, TurnRecord
 from coe_core.store.migrations import SCHEMA_VERSION
-from coe_core.store.models import Base
+from coe_core.store.models import STATUS_CHECK, Base
 from coe_core.store.queries import labelled_prompts
 
 CATEGORIES = ["coding", "math", "writing"]
@@ -340,6 +340,20 @@ def _make_v1_database(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE interactions DROP COLUMN route_latency_ms"))
         conn.execute(text("ALTER TABLE interactions DROP COLUMN route_threshold"))
+        conn.execute(text("ALTER TABLE feedback DROP COLUMN review"))
+        conn.execute(text("ALTER TABLE feedback DROP COLUMN author"))
+        old_check = "status IN ('ok', 'cancelled', 'error')"
+        if conn.dialect.name == "sqlite":  # the v1 CHECK constraint (running/interrupted came with v3)
+            sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'interactions'").scalar()
+            version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
+            conn.exec_driver_sql("PRAGMA writable_schema = ON")
+            conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE name = 'interactions'",
+                                 (sql.replace(STATUS_CHECK, old_check),))
+            conn.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
+            conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+        else:
+            conn.execute(text("ALTER TABLE interactions DROP CONSTRAINT ck_interactions_status"))
+            conn.execute(text(f"ALTER TABLE interactions ADD CONSTRAINT ck_interactions_status CHECK ({old_check})"))
         conn.execute(text("UPDATE schema_info SET version = 1"))
     engine.dispose()
 
@@ -347,11 +361,13 @@ def _make_v1_database(url: str) -> None:
 def test_an_older_database_is_upgraded_and_keeps_its_turns(db_url: str):
     _make_v1_database(db_url)
     with Store(db_url) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         old = store.recent_interactions(1)[0]
         assert old["prompt"] == "from the old release" and old["route_latency_ms"] is None
         new = store.log_turn(turn("after the upgrade", route_latency_ms=2.0))
         assert store.get_interaction(new)["route_latency_ms"] == 2.0
+        running = store.log_turn(turn("still running", status="running"))  # v3 widened the status check
+        assert store.mark_interrupted() == 1 and store.get_interaction(running)["status"] == "interrupted"
     engine = create_engine(db_url)
     insp = inspect(engine)
     for table in Base.metadata.sorted_tables:  # the upgraded layout is the one a fresh database gets
@@ -445,3 +461,35 @@ def test_a_turn_that_cannot_be_written_is_spooled_and_replayed(db_url: str, tmp_
         assert replayer.replay_spool() == 1
         replayer.close()
         assert [r["prompt"] for r in store.recent_interactions(10)].count("twice") == 1
+
+
+def test_a_turn_logged_at_its_start_is_completed_once_and_leftovers_become_interrupted(store: Store):
+    start = turn("streaming", status="running", response=None, ttft_s=None)
+    first = store.log_turn(start)
+    assert store.get_interaction(first)["status"] == "running"
+    end = turn("streaming", uid=start.uid, response="done", status="ok")
+    assert store.log_turn(end) == first and store.log_turn(end) == first  # completed once, never twice
+    done = store.get_interaction(first)
+    assert done["status"] == "ok" and done["response"] == "done"
+    assert store.log_turn(start) == first and store.get_interaction(first)["status"] == "ok"  # a late replay
+    left = store.log_turn(turn("killed mid-answer", status="running"))
+    assert store.stats()["running"] == 1
+    assert store.mark_interrupted() == 1
+    assert store.get_interaction(left)["status"] == "interrupted"
+    stats = store.stats()
+    assert stats["interrupted"] == 1 and stats["by_status"]["interrupted"] == 1 and stats["turns"] == 2
+
+
+def test_feedback_is_bound_to_its_session_and_anonymous_labels_wait_for_review(store: Store):
+    cats = ["coding", "math", "roleplay"]
+    mine = store.log_turn(turn("write a python function", session_id="alice"))
+    with pytest.raises(StoreError, match="no interaction"):
+        store.add_feedback(mine, "wrong_category", "roleplay", categories=cats, owner="mallory")
+    with pytest.raises(StoreError, match="no interaction"):
+        store.add_feedback(2**63, "like", categories=cats)
+    fb = store.add_feedback(mine, "wrong_category", "math", categories=cats, owner="alice", review="pending")
+    assert labelled_prompts(store, cats) == []  # a suggestion until an admin accepts it
+    assert store.pending_count() == 1 and store.pending_feedback()[0]["id"] == fb
+    assert store.stats()["feedback_pending_review"] == 1
+    assert store.review_feedback([fb], accept=True) == 1
+    assert [p.category for p in labelled_prompts(store, cats)] == ["math"] and store.pending_count() == 0

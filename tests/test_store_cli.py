@@ -73,3 +73,16 @@ def test_stats_prints_a_summary_or_json(config, logged, capsys):
     assert "turns:        2" in text and "coding 1" in text and "p50 0.300 s" in text
     assert run(config, "stats", "--json") == 0
     assert json.loads(capsys.readouterr().out)["by_category"] == {"math": 1, "coding": 1}
+
+
+def test_review_lists_and_accepts_visitors_feedback(config, logged, capsys):
+    with Store.from_config(config) as store:
+        fb = store.add_feedback(logged[1], "wrong_category", "math", categories=list(config.all_categories),
+                                review="pending", author="gradio:abc")
+    assert run(config, "review") == 0
+    out = capsys.readouterr()
+    assert f"{fb}\tturn {logged[1]}\tcoding\twrong_category -> math\tsort a list" in out.out
+    assert "1 waiting" in out.err
+    assert run(config, "review", "--accept", str(fb)) == 0 and "1 feedback accepted" in capsys.readouterr().out
+    with Store.from_config(config) as store:
+        assert store.pending_count() == 0

@@ -1,13 +1,17 @@
 """Errors of the OpenAI-compatible API, in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 =====  ==========================  ===========================================================================
-400    ``invalid_request_error``   malformed JSON, missing/empty messages, bad parameters, a prompt over
-                                   ``limits.max_prompt_chars`` (code ``context_length_exceeded``)
+400    ``invalid_request_error``   malformed JSON, missing/empty messages, bad or wrongly typed parameters, a
+                                   conversation over ``limits.max_prompt_chars`` or ``limits.max_messages``
+                                   (code ``context_length_exceeded``)
 401    ``authentication_error``    ``COE_API_KEY`` is set and the bearer token is missing or wrong
-404    ``invalid_request_error``   unknown model (code ``model_not_found``) or interaction id
+404    ``invalid_request_error``   unknown model (code ``model_not_found``), interaction id (or another
+                                   session's), or /v1 path (code ``not_found``)
+405    ``invalid_request_error``   wrong method on a /v1 path (code ``method_not_allowed``)
 413    ``invalid_request_error``   request body over ``api.max_body_bytes`` (code ``request_too_large``)
 429    ``rate_limit_error``        ``api.max_concurrent_turns`` turns already run, or the tiers are held
-                                   by experts that are generating (code ``busy``); comes with Retry-After
+                                   by experts that are generating (code ``busy``); too much feedback
+                                   (code ``rate_limited``); comes with Retry-After
 503    ``server_error``            no expert can serve (code ``no_expert_available``)
 500    ``server_error``            anything else (the turn is logged as an error)
 =====  ==========================  ===========================================================================

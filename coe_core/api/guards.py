@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import hmac
-import threading
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coe_core.api.errors import APIError
+from coe_core.engine import Admission
 
 
 class ApiGuard:
-    """ASGI middleware for paths under ``prefix``: a bearer token when ``api_key`` is set (401), and request
-    bodies of at most ``max_body_bytes`` (413), by Content-Length or, for chunked bodies, while reading.
-    Checked before the body is parsed, so a caller without the key learns nothing about the request."""
+    """ASGI middleware: for paths under ``prefix``, a bearer token when ``api_key`` is set (401); for every
+    path (the playground's ``/gradio_api/queue/join`` too, but not Gradio's file uploads), request bodies of
+    at most ``max_body_bytes`` (413), by Content-Length or, for chunked bodies, while reading. Checked before
+    the body is parsed, so a caller without the key learns nothing about the request."""
+
+    #: Gradio's upload route has its own limit (``max_file_size``); the app has no upload component
+    UNBOUNDED = ("/gradio_api/upload",)
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, prefix: str = "/v1"):
         self.app, self.api_key, self.max_body_bytes, self.prefix = app, api_key, max_body_bytes, prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not (scope["path"] == self.prefix or scope["path"].startswith(self.prefix + "/")):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith(self.UNBOUNDED):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        problem = self._check(headers)
+        problem = self._check(headers, api=path == self.prefix or path.startswith(self.prefix + "/"))
         if problem is not None:
             await problem.response()(scope, receive, send)
             return
         await self.app(scope, self._counting(receive), send)
 
-    def _check(self, headers: dict[str, str]) -> APIError | None:
-        if self.api_key is not None:
+    def _check(self, headers: dict[str, str], api: bool = True) -> APIError | None:
+        if api and self.api_key is not None:
             given = headers.get("authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -63,16 +68,17 @@ class ApiGuard:
 
 
 class TurnSlots:
-    """At most ``limit`` API turns at once; one more is refused (429) rather than queued behind the others."""
+    """The API's door to the engine's shared admission (``CoE.admission``, one bound for every front end):
+    at most ``limit`` turns at once; one more is refused (429) rather than queued behind the others."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._free = threading.BoundedSemaphore(limit)
+    def __init__(self, limit: int | Admission):
+        self._admission = limit if isinstance(limit, Admission) else Admission(limit)
+        self.limit = self._admission.limit
 
     def take(self) -> None:
-        if not self._free.acquire(blocking=False):
+        if not self._admission.try_enter():
             raise APIError(429, f"busy: {self.limit} turns are running (api.max_concurrent_turns); retry shortly",
                            code="busy", headers={"Retry-After": "1"})
 
     def give_back(self) -> None:
-        self._free.release()
+        self._admission.leave()

@@ -28,11 +28,14 @@ from coe_core.api.schemas import (
     RouteRequest,
 )
 from coe_core.api.turns import ApiTurn, TurnStream
-from coe_core.engine import CoE, InvalidRequest
-from coe_core.store.errors import StoreError
+from coe_core.engine import LABEL_KINDS, CoE, InvalidRequest, RateLimited, clean_text
+from coe_core.store.errors import InteractionNotFound, StoreError
 
 
-def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
+def build_router(coe: CoE, slots: TurnSlots, *, identity: str = "api:anonymous", trusted: bool = False
+                 ) -> APIRouter:
+    """``identity``: the session id the API's turns are logged under and feedback must come from;
+    ``trusted``: whether its likes and corrections train the router without an admin's review."""
     router = APIRouter(prefix="/v1")
     started = int(time.time())
 
@@ -66,17 +69,27 @@ def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
                            code="no_expert_available")
         cancel = threading.Event()
         events = coe.chat(messages, forced or None, max_new_tokens=body.new_tokens, temperature=body.temperature,
-                          top_p=body.top_p, stop=body.stop, cancel=cancel, client="api")
+                          top_p=body.top_p, stop=body.stop, cancel=cancel, client="api", session_id=identity)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         turn = ApiTurn(events, cancel, slots, include_usage=include_usage,
                        max_new_tokens=body.new_tokens or coe.config.limits.max_new_tokens)
-        await turn.start()
+        refused: APIError | None = None
+        # a client that gives up stops the compute, from the moment the request arrived (validation, routing,
+        # swap-in and prefill included), not only once the first event is out
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(_cancel_when_gone, request, turn)
+            try:
+                await turn.start()
+                if not body.stream:
+                    await turn.run_to_end()
+            except APIError as exc:  # raised out of the task group it would come wrapped in an ExceptionGroup
+                refused = exc
+            finally:
+                watchers.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
         if body.stream:
             return TurnStream(turn)
-        async with anyio.create_task_group() as watchers:  # a client that gives up stops the compute too
-            watchers.start_soon(_cancel_when_gone, request, turn)
-            await turn.run_to_end()
-            watchers.cancel_scope.cancel()
         return JSONResponse(turn.completion().model_dump(), headers=turn.headers())
 
     @router.get("/models")
@@ -116,17 +129,33 @@ def build_router(coe: CoE, slots: TurnSlots) -> APIRouter:
         """Like, dislike, wrong_category (with ``corrected_category``) or retracted, on an interaction id."""
         if coe.store is None:
             raise APIError(503, "this server runs without a store: feedback cannot be kept", code="no_store")
-        try:
-            await run_in_threadpool(coe.store.get_interaction, body.interaction_id)
-        except StoreError as exc:
+        try:  # only on turns this door made (another session's turn is "not found"), rate-limited per identity
+            feedback_id = await run_in_threadpool(
+                lambda: coe.feedback(body.interaction_id, body.kind, body.corrected_category,
+                                     clean_text(body.comment) if body.comment else None, owner=identity,
+                                     trusted=trusted))
+        except InteractionNotFound as exc:
             raise APIError(404, str(exc), code="interaction_not_found", param="interaction_id") from None
-        try:
-            feedback_id = await run_in_threadpool(coe.feedback, body.interaction_id, body.kind,
-                                                  body.corrected_category, body.comment)
+        except RateLimited as exc:
+            raise APIError(429, str(exc), code="rate_limited", headers={"Retry-After": "60"}) from None
         except StoreError as exc:
             raise APIError(400, str(exc), code="invalid_value") from None
         return {"id": feedback_id, "interaction_id": body.interaction_id, "kind": body.kind,
-                "corrected_category": body.corrected_category}
+                "corrected_category": body.corrected_category,
+                "review": "accepted" if trusted or body.kind not in LABEL_KINDS else "pending"}
+
+    known = {route.path: route.methods for route in router.routes}
+
+    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                      include_in_schema=False)
+    async def not_here(rest: str, request: Request) -> None:
+        """Unknown /v1 paths and wrong methods in OpenAI's error shape (not the playground's "Not Found")."""
+        methods = known.get(request.url.path)
+        if methods:
+            raise APIError(405, f"{request.method} is not allowed on {request.url.path}: use "
+                           f"{', '.join(sorted(methods))}", code="method_not_allowed",
+                           headers={"Allow": ", ".join(sorted(methods))})
+        raise APIError(404, f"no API route {request.url.path}: see /v1/docs", code="not_found")
 
     return router
 

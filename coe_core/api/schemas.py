@@ -37,21 +37,22 @@ class ChatMessage(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(_Lenient):
     #: ``coe`` routes automatically; an expert id forces that expert
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # strict, as OpenAI is: "16", true or "yes" are not numbers or booleans (400, not a silent conversion)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    n: int = Field(1, ge=1, le=1, strict=True, description="only one choice per request")
     tools: list[Any] | None = Field(None, max_length=0, description="tool calls are not supported")
     #: CoE extension: route to this category instead of asking the router
     category: str | None = None
@@ -82,7 +83,8 @@ class RouteRequest(_Lenient):
 
 
 class FeedbackRequest(_Lenient):
-    interaction_id: int
+    #: an id the log can hold (a 64-bit integer); true or "12" are not ids
+    interaction_id: int = Field(ge=1, lt=2**63, strict=True)
     kind: Literal["like", "dislike", "wrong_category", "retracted"]
     corrected_category: str | None = None
     comment: str | None = Field(None, max_length=4000)

@@ -11,9 +11,11 @@ import os
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
-from coe_core.api.errors import install_error_handlers
+from coe_core.api import downloads
+from coe_core.api.errors import error_body, install_error_handlers
 from coe_core.api.guards import ApiGuard, TurnSlots
 from coe_core.api.openai_api import build_router
 from coe_core.engine import CoE
@@ -37,7 +39,21 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     app.state.coe = coe
     install_error_handlers(app)
     app.add_middleware(ApiGuard, api_key=api_key, max_body_bytes=coe.config.api.max_body_bytes)
-    app.include_router(build_router(coe, TurnSlots(coe.config.api.max_concurrent_turns)))
+    # who the API's callers are, for the log and feedback: the key's holders (trusted), or anonymous callers
+    # of an open API, whose likes and corrections wait for an admin's review
+    identity = "api:key" if api_key else "api:anonymous"
+    app.include_router(build_router(coe, TurnSlots(coe.admission), identity=identity, trusted=api_key is not None))
+
+    @app.get(downloads.PREFIX + "{token}", include_in_schema=False)
+    async def one_time_download(token: str) -> Any:
+        """An admin's export, once: the link is spent and the file deleted when it has been sent."""
+        path = downloads.DOWNLOADS.take(token)
+        if path is None:
+            return JSONResponse(error_body(404, "this download link is unknown, used or expired: export again",
+                                           code="not_found"), status_code=404)
+        return FileResponse(path, filename=path.name, background=BackgroundTask(path.unlink, missing_ok=True))
+
+    downloads.DOWNLOADS.served = True
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -67,10 +83,17 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve until interrupted (uvicorn). Raises OSError when the address cannot be bound (uvicorn alone
     would log it and exit)."""
+    import signal
     import socket
+    import threading
 
     import uvicorn
 
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal it stopped on once it has shut down; SIGTERM's default action would then
+        # end the process on the spot, skipping the caller's clean-up (the store's close: the SQLite WAL and
+        # SHM files stayed behind). As SystemExit it unwinds through every ``finally``.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,3 +103,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)

@@ -126,6 +126,33 @@ class _IncrementalDecoder:
         return piece
 
 
+#: prompt tokens one prefill step takes: between steps a cancel (the client went away) stops the turn, so a
+#: long prompt never holds a core for the whole prefill after nobody waits for it
+PREFILL_CHUNK = 256
+
+
+def _chunked_prefill(model, ids: torch.Tensor, cancel: threading.Event):
+    """The KV cache of all but the last prompt token, computed ``PREFILL_CHUNK`` tokens at a time with a cancel
+    check between chunks; ``generate`` then continues from it (transformers' documented cache re-use). None
+    when the prompt is short (one step anyway) or the model keeps no standard cache; "cancelled" if cancelled."""
+    if ids.shape[1] <= 2 * PREFILL_CHUNK:
+        return None
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a model without a standard cache: one prefill step, as before
+        return None
+    end = ids.shape[1] - 1  # generate computes the last prompt token itself (and the first new token)
+    with torch.inference_mode():
+        for start in range(0, end, PREFILL_CHUNK):
+            if cancel.is_set():
+                return "cancelled"
+            model(input_ids=ids[:, start:min(start + PREFILL_CHUNK, end)], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+    return cache
+
+
 def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationParams, *,
                     device: torch.device, cancel: threading.Event,
                     result: GenerationResult) -> Iterator[str]:
@@ -150,6 +177,12 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
 
     def work() -> None:
         try:
+            cache = _chunked_prefill(model, ids, cancel)
+            if isinstance(cache, str):  # cancelled during the prefill: no token was generated
+                streamer.end()
+                return
+            if cache is not None:
+                kwargs["past_key_values"] = cache
             with torch.inference_mode():
                 out = model.generate(**kwargs)
             result.new_tokens = int(out.shape[1] - ids.shape[1])

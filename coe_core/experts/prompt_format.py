@@ -90,16 +90,24 @@ def format_prompt(tokenizer, messages: list[dict], cfg: ExpertConfig, *, context
     original = len(ids)
     system = convo[:1] if convo and convo[0]["role"] == "system" else []
     turns = convo[len(system):]
-    dropped = 0
-    while len(turns) > 1 and len(ids) > limit:
-        turns = turns[1:]
-        while turns and turns[0]["role"] != "user":  # keep the history starting with a user turn
-            turns = turns[1:]
-        dropped += 1
-        ids = render(tokenizer, system + turns, cfg) if turns else ids
-    if len(ids) <= limit:
-        return FormattedPrompt(ids, True, f"The conversation ({original} tokens) was longer than the expert's "
-                                          f"context: the {dropped} oldest turn(s) were left out.")
+    # One pass, not one render per dropped turn: binary search over where the kept history starts (always at a
+    # user turn). Fewer turns never render longer, so the first start that fits is the longest history that
+    # fits: O(log n) renders instead of O(n) (10,000 short messages took minutes the old way).
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
+    lo, hi, best = 0, len(starts) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = render(tokenizer, system + turns[starts[mid]:], cfg)
+        if len(candidate) <= limit:
+            best, hi = (starts[mid], candidate), mid - 1
+        else:
+            lo = mid + 1
+    if best is not None:
+        dropped = sum(1 for m in turns[:best[0]] if m["role"] == "user")
+        return FormattedPrompt(best[1], True, f"The conversation ({original} tokens) was longer than the expert's "
+                                              f"context: the {dropped} oldest turn(s) were left out.")
+    turns = turns[-1:]
+    ids = render(tokenizer, system + turns, cfg)
     # The latest message alone is too long: keep its end (the question usually comes last).
     last = turns[-1]["content"]
     tokens = tokenizer(last, add_special_tokens=False)["input_ids"]

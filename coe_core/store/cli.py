@@ -1,4 +1,4 @@
-"""`coe export`, `coe stats` and `coe feedback`: the interaction log from the command line.
+"""`coe export`, `coe stats`, `coe feedback` and `coe review`: the interaction log from the command line.
 
 ``register(subparsers)`` adds the commands; each sets ``func`` to a function ``(args, config) -> exit
 code``. Errors print one line to stderr and return 2.
@@ -45,6 +45,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--category", help="with wrong_category: the category the prompt should have gone to")
     p.add_argument("--comment", help="free text")
     p.set_defaults(func=cmd_feedback)
+
+    p = subparsers.add_parser(
+        "review", help="list, accept or reject visitors' feedback waiting for review",
+        description="Visitors' likes and corrections train the router only once accepted (the app's Router tab "
+                    "does the same with the admin token). Without options: list what waits.",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--accept", metavar="ID", type=int, nargs="+", help="feedback ids to accept as labels")
+    which.add_argument("--reject", metavar="ID", type=int, nargs="+", help="feedback ids to reject")
+    p.set_defaults(func=cmd_review)
 
 
 def _fail(command: str, message: str) -> int:
@@ -94,7 +104,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"fallback:     {stats['fallback_rate']:.1%}",
         f"TTFT:         p50 {secs(stats['ttft_p50_s'])}, p95 {secs(stats['ttft_p95_s'])}",
         f"feedback:     like {fb['like']}, dislike {fb['dislike']}, wrong_category {fb['wrong_category']} "
-        f"(corrected {fb.get('corrected', 0)})",
+        f"(corrected {fb.get('corrected', 0)}); {stats.get('feedback_pending_review', 0)} waiting for review",
     ]
     swaps = stats["swaps"]
     lines.append("swaps:        " + ("; ".join(
@@ -121,4 +131,22 @@ def cmd_feedback(args: argparse.Namespace, config: CoEConfig) -> int:
         return _fail("feedback", str(exc))
     what = f"{args.kind} -> {args.category}" if args.category else args.kind
     print(f"feedback {feedback_id} recorded on interaction {args.id}: {what}")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace, config: CoEConfig) -> int:
+    try:
+        with Store.from_config(config) as store:
+            if args.accept or args.reject:
+                n = store.review_feedback(args.accept or args.reject, accept=bool(args.accept))
+                print(f"{n} feedback {'accepted' if args.accept else 'rejected'}")
+                return 0
+            pending = store.pending_feedback(1000)
+    except StoreError as exc:
+        return _fail("review", str(exc))
+    for p in pending:
+        label = f"{p['kind']} -> {p['corrected_category']}" if p["corrected_category"] else p["kind"]
+        prompt = " ".join((p["prompt"] or "").split())[:80]
+        print(f"{p['id']}\tturn {p['interaction_id']}\t{p['category']}\t{label}\t{prompt}")
+    print(f"{len(pending)} waiting; accept with: coe review --accept ID ...", file=sys.stderr)
     return 0

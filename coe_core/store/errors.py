@@ -7,6 +7,10 @@ class StoreError(RuntimeError):
     """A user-fixable problem with the interaction store (bad id, bad URL, bad feedback kind...)."""
 
 
+class InteractionNotFound(StoreError):
+    """No such turn in the log, or not one the caller made (feedback is bound to the session that made it)."""
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer (or unknown) version of CoE Playground."""
 

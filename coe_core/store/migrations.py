@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Connection, Engine, Float, inspect, select
+from sqlalchemy import Column, Connection, Engine, Float, String, inspect, select
 from sqlalchemy.schema import CreateColumn
 
 from coe_core.store.errors import SchemaVersionError, StoreError
-from coe_core.store.models import Base, SchemaInfo, utcnow
+from coe_core.store.models import STATUS_CHECK, Base, SchemaInfo, utcnow
 
 #: the version of the first released layout (the models as of the first store commit)
 BASE_VERSION = 1
@@ -46,8 +46,32 @@ def _v2_route_timing(conn: Connection) -> None:
     add_column(conn, "interactions", Column("route_threshold", Float))
 
 
+def _v3_running_turns_and_review(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        # SQLite cannot alter a CHECK constraint; widening one (every stored row still satisfies it) by
+        # rewriting the table's schema text is the procedure SQLite documents for that (lang_altertable §7)
+        sql = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'interactions'").scalar()
+        old = "status IN ('ok', 'cancelled', 'error')"
+        if sql and old in sql:
+            version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
+            conn.exec_driver_sql("PRAGMA writable_schema = ON")
+            conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'interactions'",
+                                 (sql.replace(old, STATUS_CHECK),))
+            conn.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
+            conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+    else:
+        conn.exec_driver_sql("ALTER TABLE interactions DROP CONSTRAINT ck_interactions_status")
+        conn.exec_driver_sql(f"ALTER TABLE interactions ADD CONSTRAINT ck_interactions_status CHECK ({STATUS_CHECK})")
+    add_column(conn, "feedback", Column("review", String(16)))
+    add_column(conn, "feedback", Column("author", String(128)))
+    conn.exec_driver_sql("UPDATE feedback SET review = 'accepted'")  # what older releases stored counted
+
+
 MIGRATIONS: list[Migration] = [
     Migration(2, "interactions: route_latency_ms and route_threshold", _v2_route_timing),
+    Migration(3, "interactions: running and interrupted turns; feedback: review state and author",
+              _v3_running_turns_and_review),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASE_VERSION

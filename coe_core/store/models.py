@@ -22,8 +22,14 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-STATUSES = ("ok", "cancelled", "error")
+#: running: logged when the turn starts and completed at its end; interrupted: a running turn the process
+#: never completed (it crashed or was killed), marked at the next start
+STATUSES = ("ok", "cancelled", "error", "running", "interrupted")
+STATUS_CHECK = "status IN ({})".format(", ".join(f"'{s}'" for s in STATUSES))
 FEEDBACK_KINDS = ("like", "dislike", "wrong_category", "retracted")
+#: feedback from a trusted author (admin, API key holder, CLI) is accepted as it comes; an anonymous
+#: visitor's waits (pending) until an admin accepts or rejects it; only accepted feedback trains the router
+REVIEW_STATES = ("accepted", "pending", "rejected")
 
 
 def utcnow() -> datetime:
@@ -89,7 +95,7 @@ class Interaction(Base):
     __tablename__ = "interactions"
     __table_args__ = (
         UniqueConstraint("conversation_id", "turn_index", name="uq_interactions_conversation_turn"),
-        CheckConstraint("status IN ('ok', 'cancelled', 'error')", name="ck_interactions_status"),
+        CheckConstraint(STATUS_CHECK, name="ck_interactions_status"),
         Index("ix_interactions_started_at", "started_at"),
         Index("ix_interactions_category", "category"),
     )
@@ -148,6 +154,9 @@ class Feedback(Base):
     corrected_category: Mapped[str | None] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # schema v3: accepted | pending | rejected (REVIEW_STATES); the session or key that filed it
+    review: Mapped[str] = mapped_column(String(16), default="accepted")
+    author: Mapped[str | None] = mapped_column(String(128))
 
     interaction: Mapped[Interaction] = relationship(back_populates="feedback")
 

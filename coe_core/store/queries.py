@@ -16,6 +16,7 @@ def labelled_prompts(store: Store, categories: list[str]) -> list[LabelledPrompt
     - wrong_category with a corrected category: the correction is a gold label;
     - like: confirms the routed category (when it is one of ``categories``, not the fallback);
     - dislike, or wrong_category without a correction: no positive label, skipped;
+    - feedback waiting for review (an anonymous visitor's, not accepted by an admin yet) is skipped;
     - turns stored without text (``store.log_prompts: false``) are skipped.
     The text is what the router saw (the routing context), else the prompt; the group is the conversation,
     so turns of one conversation never straddle a train/held-out split.
@@ -24,7 +25,7 @@ def labelled_prompts(store: Store, categories: list[str]) -> list[LabelledPrompt
     out: list[LabelledPrompt] = []
     with store.read_session() as s:
         for row, _conv, fb in s.execute(turns_with_feedback().execution_options(yield_per=500)):
-            if fb is None:
+            if fb is None or (fb.review or "accepted") != "accepted":  # pending: an admin has not accepted it
                 continue
             text = row.routing_context or row.prompt
             if not text:

@@ -59,8 +59,16 @@ def compute_stats(session: Session) -> dict[str, Any]:
     for started_at, category in session.execute(select(Interaction.started_at, Interaction.category)):
         by_day[(started_at.date().isoformat(), category or "unknown")] += 1
 
+    by_status = counts(Interaction.status)
+    pending = session.scalar(select(func.count()).where(
+        Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category")))) or 0
     return {
         "turns": turns,
+        #: turns a crash or kill ended (logged at their start, never completed), and turns running now
+        "interrupted": by_status.get("interrupted", 0),
+        "running": by_status.get("running", 0),
+        #: anonymous feedback waiting for an admin's review before it may train the router
+        "feedback_pending_review": pending,
         "by_category": counts(Interaction.category),
         "by_expert": counts(Interaction.expert),
         "fallback_rate": fallbacks / turns if turns else 0.0,
@@ -71,7 +79,7 @@ def compute_stats(session: Session) -> dict[str, Any]:
             pair: {"count": len(secs), "mean_s": sum(secs) / len(secs)}
             for pair, secs in sorted(swap_seconds.items())
         },
-        "by_status": counts(Interaction.status),
+        "by_status": by_status,
         "turns_by_day_category": [
             {"day": day, "category": cat, "turns": n} for (day, cat), n in sorted(by_day.items())
         ],

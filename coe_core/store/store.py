@@ -8,15 +8,16 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self, TextIO
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from coe_core.store.database import create_store_engine, safe_url, writer_engine
-from coe_core.store.errors import StoreError
+from coe_core.store.errors import InteractionNotFound, StoreError
 from coe_core.store.export import write_export
 from coe_core.store.migrations import ensure_schema
 from coe_core.store.models import (
     FEEDBACK_KINDS,
+    REVIEW_STATES,
     Conversation,
     Feedback,
     Interaction,
@@ -51,6 +52,13 @@ class Store:
             raise StoreError(
                 f"could not open the interaction store at {self.display_url}: {exc.orig}; check "
                 "COE_DATABASE_URL / store.url and that the database is reachable and writable"
+            ) from None
+        except DatabaseError as exc:  # e.g. a file that is not a SQLite database at all
+            self._engine.dispose()
+            raise StoreError(
+                f"the interaction store at {self.display_url} is not a usable database ({exc.orig}): move that "
+                "file away (keep it if it may hold a log worth recovering) so a new one is created, or point "
+                "COE_DATABASE_URL / store.url at another database"
             ) from None
         except BaseException:
             self._engine.dispose()
@@ -124,9 +132,12 @@ class Store:
 
     def _insert_turn(self, rec: TurnRecord) -> int:
         with self._session(write=True) as s:
-            existing = s.scalar(select(Interaction.id).where(Interaction.uid == rec.uid))
+            existing = s.scalar(select(Interaction).where(Interaction.uid == rec.uid))
             if existing is not None:
-                return existing
+                # the end of a turn logged at its start (interrupted: its end was spooled and replayed late)
+                if existing.status in ("running", "interrupted") and rec.status not in ("running", "interrupted"):
+                    self._complete(existing, rec)
+                return existing.id
             conversation_id = rec.conversation_id
             if conversation_id is None:
                 conv = Conversation(client=rec.client, session_id=rec.session_id,
@@ -162,24 +173,53 @@ class Store:
             s.flush()
             return row.id
 
+    @staticmethod
+    def _complete(row: Interaction, rec: TurnRecord) -> None:
+        """Fill the row logged at a turn's start with how the turn ended."""
+        row.response, row.expert, row.reason = rec.response, rec.expert, rec.reason
+        row.swaps = rec.normalised_swaps()
+        row.ttft_s, row.total_s, row.tokens_per_s = rec.ttft_s, rec.total_s, rec.tokens_per_s
+        row.prompt_tokens, row.new_tokens = rec.prompt_tokens, rec.new_tokens
+        row.status, row.error, row.finished_at = rec.status, rec.error, rec.finished_at
+
+    def mark_interrupted(self, started_before: datetime | None = None) -> int:
+        """Turns logged as running that no process will complete (it crashed or was killed) become
+        ``interrupted``; only those started before ``started_before`` when given. Returns how many."""
+        stmt = update(Interaction).where(Interaction.status == "running")
+        if started_before is not None:
+            stmt = stmt.where(Interaction.started_at < started_before)
+        with self._session(write=True) as s:
+            return s.execute(stmt.values(status="interrupted", error="the process ended before the turn did"
+                                         )).rowcount or 0
+
     def get_interaction(self, interaction_id: int) -> dict[str, Any]:
         with self._session(write=False) as s:
             found = s.execute(turns_with_feedback().where(Interaction.id == interaction_id)).first()
             if found is None:
-                raise StoreError(_no_interaction(interaction_id))
+                raise InteractionNotFound(_no_interaction(interaction_id))
             return interaction_dict(*found)
 
-    def recent_interactions(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The newest turns first."""
+    def recent_interactions(self, limit: int = 20, *, session_id: str | None = None) -> list[dict[str, Any]]:
+        """The newest turns first; only those of ``session_id`` when it is given."""
         if limit < 1:
             raise StoreError(f"limit must be at least 1, not {limit}")
         stmt = turns_with_feedback().order_by(None).order_by(Interaction.id.desc()).limit(limit)
+        if session_id is not None:
+            stmt = stmt.where(Conversation.session_id == session_id)
         with self._session(write=False) as s:
             return [interaction_dict(*found) for found in s.execute(stmt)]
 
     # -- feedback -------------------------------------------------------------------------------------
     def add_feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
-                     comment: str | None = None, *, categories: list[str]) -> int:
+                     comment: str | None = None, *, categories: list[str], owner: str | None = None,
+                     review: str = "accepted", author: str | None = None) -> int:
+        """Feedback on a turn. ``owner``: the session (or key) giving it, which must be the one that made the
+        turn (None: not checked, a trusted caller such as the CLI). ``review``: ``pending`` keeps it out of
+        training until an admin accepts it."""
+        if review not in REVIEW_STATES:
+            raise StoreError(f"review must be one of {', '.join(REVIEW_STATES)}, not {review!r}")
+        if not isinstance(interaction_id, int) or not 0 < interaction_id < 2**63:
+            raise InteractionNotFound(_no_interaction(interaction_id))
         if kind not in FEEDBACK_KINDS:
             raise StoreError(f"unknown feedback kind {kind!r}: use one of {', '.join(FEEDBACK_KINDS)}")
         if corrected_category is not None:
@@ -193,10 +233,11 @@ class Store:
                     f"unknown category {corrected_category!r}: use one of {', '.join(categories)}"
                 )
         with self._session(write=True) as s:
-            if s.get(Interaction, interaction_id) is None:
-                raise StoreError(_no_interaction(interaction_id))
+            row = s.get(Interaction, interaction_id)
+            if row is None or (owner is not None and row.conversation.session_id != owner):
+                raise InteractionNotFound(_no_interaction(interaction_id))  # someone else's turn: as if there were none
             fb = Feedback(interaction_id=interaction_id, kind=kind, corrected_category=corrected_category,
-                          comment=comment or None)
+                          comment=comment or None, review=review, author=author[:128] if author else None)
             s.add(fb)
             s.flush()
             return fb.id
@@ -208,6 +249,33 @@ class Store:
                 select(Feedback).where(Feedback.interaction_id == interaction_id).order_by(Feedback.id.desc())
             )
             return feedback_dict(fb)
+
+    # -- review of anonymous feedback ------------------------------------------------------------------
+    def pending_feedback(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Feedback waiting for an admin (latest per turn only: older ones no longer count), oldest first."""
+        latest = select(func.max(Feedback.id)).group_by(Feedback.interaction_id).scalar_subquery()
+        stmt = (select(Feedback, Interaction).join(Interaction, Interaction.id == Feedback.interaction_id)
+                .where(Feedback.id.in_(latest), Feedback.review == "pending",
+                       Feedback.kind.in_(("like", "wrong_category"))).order_by(Feedback.id).limit(limit))
+        with self._session(write=False) as s:
+            return [{**feedback_dict(fb), "review": fb.review, "author": fb.author, "prompt": row.prompt,
+                     "category": row.category} for fb, row in s.execute(stmt)]
+
+    def pending_count(self) -> int:
+        latest = select(func.max(Feedback.id)).group_by(Feedback.interaction_id).scalar_subquery()
+        with self._session(write=False) as s:
+            return s.scalar(select(func.count()).where(Feedback.id.in_(latest), Feedback.review == "pending",
+                                                       Feedback.kind.in_(("like", "wrong_category")))) or 0
+
+    def review_feedback(self, feedback_ids: list[int], accept: bool) -> int:
+        """Accept (they count as training labels from then on) or reject pending feedback; returns how many."""
+        ids = [int(i) for i in feedback_ids if 0 < int(i) < 2**63]
+        if not ids:
+            return 0
+        with self._session(write=True) as s:
+            result = s.execute(update(Feedback).where(Feedback.id.in_(ids), Feedback.review == "pending")
+                               .values(review="accepted" if accept else "rejected"))
+            return result.rowcount or 0
 
     # -- aggregates and export ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

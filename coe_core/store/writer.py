@@ -100,6 +100,8 @@ class TurnLogger:
                                 self.spool_path, n + 1, exc, self.spool_path.name)
                     rejected.append(line)
                     continue
+                if record.status == "running":  # a start spooled by a process that is gone: it never ended here
+                    record.status = "interrupted"
                 try:
                     self.store.log_turn(record)
                     replayed += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
 from coe_core.tiers.budgets import Tier, detect_tiers
 from coe_core.tiers.split import SplitPlacement, place_split
+
+log = logging.getLogger(__name__)
 
 
 class TierBusy(RuntimeError):
@@ -239,6 +242,9 @@ class TierManager:
         start = time.perf_counter()
         problem = slot.disk.problem(full=True) if slot.disk else "not materialised"
         if problem:
+            if slot.disk:  # one line that says what was wrong with which file and what is done about it
+                log.warning("expert %s: %s; re-materialising it from %s", slot.id, problem,
+                            self.config.experts[slot.id].source)
             try:
                 self._ensure_disk_locked(slot, force=True)
             except ExpertUnavailable as exc:
