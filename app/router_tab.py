@@ -302,7 +302,7 @@ class RouterTab:
         progress(0.1, desc="training a candidate on the seed set + labelled feedback from the log "
                            "(embedding, comparing classifiers)")
         try:
-            result = self.routing.retrain_from_log(self.ctx.coe.store, force=bool(force))
+            result = self.routing.retrain_from_log(force=bool(force))
         except (ValueError, OSError, RuntimeError) as exc:
             raise gr.Error(f"Retraining failed: {user_message(exc)}") from None
         cand = result["candidate_metrics"]

@@ -27,9 +27,9 @@ def log_turn(logger: TurnLogger, service: RoutingService, prompt: str) -> int:
 
 def test_corrected_feedback_retrains_the_router_and_is_recorded(tmp_path):
     config = _config(tmp_path)
-    service = RoutingService(config, progress=lambda msg: None)
-    service.warm_up()
     store = Store(f"sqlite:///{tmp_path / 'log.sqlite3'}")
+    service = RoutingService(config, progress=lambda msg: None, store=store)  # versions record themselves there
+    service.warm_up()
     logger = TurnLogger(store, tmp_path / "spool.jsonl")
     probe = "Find me the best street food stalls in Bangkok"
     probs = service.decide([{"role": "user", "content": probe}]).probabilities
@@ -54,7 +54,7 @@ def test_corrected_feedback_retrains_the_router_and_is_recorded(tmp_path):
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert {r["feedback_category"] for r in rows if r["feedback_kind"] == "wrong_category"} == {target}
 
-    result = service.retrain_from_log(store)
+    result = service.retrain_from_log()
     assert result["promoted"], result["why"]
     assert result["samples"]["by_source"].get("feedback-corrected", 0) >= corrected - 1
     probs = service.decide([{"role": "user", "content": probe}]).probabilities

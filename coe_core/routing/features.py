@@ -8,7 +8,8 @@ README):
   from the training prompts: without it "the", "my", "的" dominate every mean).
 - ``chars``: character 1-4-gram TF-IDF of the text's head and tail (any script; strong on code and
   math notation, typos and transliteration). Hashed, so nothing but the IDF weights is stored.
-- ``sentence``: the sentence embedder (all-MiniLM-L6-v2) of the text's head and tail; English only.
+- ``sentence``: the sentence embedder (all-MiniLM-L6-v2) of the text's head and tail; English only,
+  so it is scaled by the text's share of Latin letters.
 - ``shape``: a few numbers about the text (length, lines, code and digit share, non-Latin share),
   so that "a long paste" is something the classifier sees without it deciding the category.
 
@@ -40,6 +41,15 @@ TOKEN_WINDOW = 48
 _CODE = re.compile(r"[{}();=<>\[\]#$`\\|&]")
 _DIGIT = re.compile(r"\d")
 _LATIN = re.compile(r"[A-Za-z]")
+
+
+def latin_share(texts: Sequence[str]) -> np.ndarray:
+    """Per text, the share of its letters that are Latin (1 for a text without letters)."""
+    out = []
+    for t in texts:
+        letters = sum(ch.isalpha() for ch in t)
+        out.append(len(_LATIN.findall(t)) / letters if letters else 1.0)
+    return np.asarray(out, dtype=np.float32)
 
 
 def shape_features(texts: Sequence[str]) -> np.ndarray:
@@ -119,7 +129,10 @@ class FeatureSet:
                     raise ValueError("the sentence block needs the sentence embedder")
                 # no embedder cache: the router remembers whole results of single texts itself
                 vec = resources.sentence.embed(_windows(texts), use_cache=False)
-                parts.append(sparse.csr_matrix(vec * w))
+                # MiniLM's vocabulary is English word pieces: on Chinese, Arabic or Korean text its vector
+                # is noise the classifier would learn from, so the block speaks in proportion to the
+                # text's share of Latin letters
+                parts.append(sparse.csr_matrix(vec * (w * latin_share(texts))[:, None]))
             else:
                 parts.append(sparse.csr_matrix(shape_features(texts) * w))
         return sparse.hstack(parts, format="csr")

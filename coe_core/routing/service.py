@@ -194,10 +194,10 @@ class RoutingService:
         """Train a candidate and promote it only if its held-out macro-F1 is not worse (or ``force``)."""
         return self.versions.retrain(extra_examples, force=force)
 
-    def retrain_from_log(self, store: Any | None = None, *, force: bool = False) -> dict[str, Any]:
-        """``coe retrain`` and the app's Retrain button: the seed set plus the log's labelled feedback ->
-        a candidate, promoted only if not worse (or ``force``)."""
-        store = store if store is not None else self.versions.store
+    def retrain_from_log(self, *, force: bool = False) -> dict[str, Any]:
+        """``coe retrain`` and the app's Retrain button: the seed set plus the labelled feedback of this
+        service's log -> a candidate, promoted only if not worse (or ``force``)."""
+        store = self.versions.store
         extra: list[LabelledPrompt] = []
         if store is not None:
             from coe_core.store.queries import labelled_prompts

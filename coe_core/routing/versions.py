@@ -147,9 +147,10 @@ class RouterVersions:
         if self.store is None:
             return
         try:
-            self.store.record_router_version(
-                meta["id"], str(artifacts.router_dir(self.data_dir) / meta["id"]), metrics=meta["metrics"],
-                sample_counts=meta["samples"]["by_source"], parent_id=meta.get("parent"), active=active)
+            if meta["id"] not in {v["id"] for v in self.store.list_router_versions()}:
+                self.store.record_router_version(
+                    meta["id"], str(artifacts.router_dir(self.data_dir) / meta["id"]), metrics=meta["metrics"],
+                    sample_counts=meta["samples"]["by_source"], parent_id=meta.get("parent"), active=active)
             if active:
                 self.store.set_active_router_version(meta["id"])
         except Exception as exc:  # noqa: BLE001 - see above
