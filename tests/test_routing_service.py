@@ -356,3 +356,10 @@ def test_a_budget_applied_in_the_app_survives_a_restart(tmp_path, monkeypatch):
     from_env = config_from_dict(yaml.safe_load(config.model_dump_json()) | {"from_env": []}, env=True)
     assert from_env.from_env == ["mapping.budget"]
     assert RoutingService(from_env, progress=lambda msg: None).budget == 1_000_000_000
+
+
+def test_missing_feature_resources_route_to_the_default_expert_with_the_reason(tmp_path):
+    cfg = _config(tmp_path, features=["tokens", "chars"], token_table="package:no_such_token_table")
+    d = RoutingService(cfg, progress=lambda _m: None).decide(_ask("Write a Python function"))
+    assert (d.reason, d.expert) == ("default", "smollm2-135m")
+    assert "no_such_token_table" in d.explanation and "not installed" in d.explanation

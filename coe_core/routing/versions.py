@@ -21,8 +21,10 @@ from coe_core.config import CoEConfig
 from coe_core.routing import artifact as artifacts
 from coe_core.routing.calibration import calibrate_on_examples, pick_threshold, top_choice_scores
 from coe_core.routing.datasets import Datasets
+from coe_core.routing.embedder import EmbedderError
 from coe_core.routing.features import Resources
 from coe_core.routing.router import Router
+from coe_core.routing.token_table import TokenTableError
 from coe_core.routing.training import (
     LabelledPrompt,
     evaluate,
@@ -55,9 +57,13 @@ class RouterVersions:
 
     # -- the active router -------------------------------------------------------------------------
     def make_router(self, artifact: artifacts.RouterArtifact) -> Router:
+        try:
+            resources = self._resources()
+        except (TokenTableError, EmbedderError) as exc:  # e.g. the package of the token table is missing
+            raise RouterUnavailableError(f"the router's features cannot be loaded: {exc}") from None
         return Router(
             artifact,
-            self._resources(),
+            resources,
             config_threshold=self.config.router.threshold,
             confidence_kind=self.config.router.confidence,
             fallback_category=self.config.fallback_category,
