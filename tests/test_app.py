@@ -117,6 +117,29 @@ def test_confusion_heatmap_colours_by_row_share_and_prints_counts():
     assert np.array_equal(np.asarray(heat.text), [[3, 1], [0, 4]])
 
 
+def test_reliability_diagram_plots_accuracy_per_confidence_bin_against_the_diagonal():
+    table = [{"bin": "0.0-0.1", "n": 0, "confidence": None, "accuracy": None},
+             {"bin": "0.5-0.6", "n": 20, "confidence": 0.55, "accuracy": 0.6},
+             {"bin": "0.9-1.0", "n": 300, "confidence": 0.97, "accuracy": 0.98}]
+    fig = plots.reliability_figure(table, 0.021)
+    bars, diagonal = fig.data
+    assert list(bars.x) == [0.55, 0.97] and list(bars.y) == [0.6, 0.98] and list(bars.text) == ["20", "300"]
+    assert list(diagonal.x) == [0, 1] and "ECE 0.021" in fig.layout.title.text
+    assert "no development-set" in plots.reliability_figure([], None).layout.annotations[0].text
+
+
+def test_router_tab_reports_the_development_set_per_slice():
+    from app.router_tab import dev_summary, slice_rows
+
+    report = {"n": 810, "threshold": 0.66, "accuracy": 0.88, "accuracy_without_fallback": 0.92,
+              "fallback_rate": 0.09, "wrong_caught_by_fallback": 0.53, "ece": 0.02,
+              "slices": {"lang=zh": {"n": 36, "accuracy": 0.94}, "length=long": {"n": 168, "accuracy": 0.95}}}
+    assert slice_rows(report) == [["lang=zh", 0.94, 36], ["length=long", 0.95, 168]]
+    text = dev_summary(report)
+    assert "810" in text and "88.0%" in text and "53%" in text and "0.020" in text
+    assert "router.dev_data" in dev_summary(None)
+
+
 def test_frontier_plot_marks_the_current_point_and_each_single_expert():
     frontier = [{"avg_active_params": 300e6, "expected_score": 0.7, "assignment": {}},
                 {"avg_active_params": 150e6, "expected_score": 0.6, "assignment": {}}]
