@@ -291,6 +291,8 @@ class TierManager:
                     self._ensure_disk_locked(slot)
                     if verify:
                         self._verify_locked(slot)
+                        if slot.runtime == "llama_cpp" and slot.placement == "disk":
+                            self._probe_llama_locked(slot)
                 problems[eid] = None
             except ExpertUnavailable as exc:
                 problems[eid] = str(exc)
@@ -390,6 +392,19 @@ class TierManager:
             if verify_s and events:
                 events[0].phases = {"verify": round(verify_s, 4), **events[0].phases}
         return events
+
+    def _probe_llama_locked(self, slot: ExpertSlot) -> None:
+        """Can llama.cpp read this GGUF at all (architecture, vocabulary)? If not, fall back or mark it
+        unavailable now, so that turns routed to it get a stand-in from the start."""
+        from coe_core.experts.llama_cpp_runtime import probe
+
+        try:
+            probe(slot.disk.weights_path)
+        except Exception as exc:
+            self._fall_back_locked(slot, LlamaLoadError(f"llama.cpp could not load {slot.disk.weights_path.name} "
+                                                        f"of {slot.id} ({exc})"))
+            self._ensure_disk_locked(slot)
+            self._verify_locked(slot)
 
     def _fall_back_locked(self, slot: ExpertSlot, exc: LlamaLoadError) -> None:
         """llama.cpp could not load the expert: ``runtime: auto`` falls back to transformers (one warning line
