@@ -180,3 +180,30 @@ def test_llama_cpp_runtime_needs_a_gguf_source():
         "x": {"source": "hf:Qwen/Qwen2.5-0.5B-Instruct", "runtime": "llama_cpp"}}}}}
     with pytest.raises(ConfigError, match="runtime llama_cpp runs GGUF files"):
         config_from_dict(raw, env=False)
+
+
+def test_concurrent_turns_on_a_resident_gguf_expert_share_one_batch(tmp_path):
+    coe = CoE(smol_config(tmp_path / "data"), routing=None, store="auto", gpu=False, progress=False)
+    try:
+        alone = coe.run("Name the capital of France.", {"expert": "smol"}, temperature=0, max_new_tokens=12)[2]
+        model = coe.tiers.slots["smol"].llama
+        prompts = ["Write a story about a cat.", "Name the capital of France.", "Explain rain.", "Count to ten."]
+        results: list = []
+
+        def turn(prompt: str) -> None:
+            results.append(coe.run(prompt, {"expert": "smol"}, temperature=0, max_new_tokens=24,
+                                   min_new_tokens=24)[2])
+
+        threads = [threading.Thread(target=turn, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [s.status for s in results] == ["ok"] * 4 and all(s.new_tokens == 24 for s in results)
+        assert model.steps > 0  # decode steps that carried several turns at once
+        assert coe.store.stats()["turns"] == 5
+        # alone again, a turn decodes exactly as before: the batch left nothing behind in the KV cache
+        again = coe.run("Name the capital of France.", {"expert": "smol"}, temperature=0, max_new_tokens=12)[2]
+        assert again.response == alone.response and "Paris" in alone.response
+    finally:
+        coe.close()
