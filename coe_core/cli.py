@@ -40,9 +40,12 @@ def cmd_experts(args, config) -> int:
         print(f"  tier {name:<5} {extra}")
     for e in info["experts"]:
         params = f"{e['params'] / 1e6:.0f}M" if e["params"] else "?"
-        print(f"  {e['id']:<28} {e['state']:<12} params {params:<6} {_gb(e['bytes']):<9} {e['source']}")
+        runtime = e.get("runtime") or "remote"
+        print(f"  {e['id']:<28} {e['state']:<12} {runtime:<12} params {params:<6} {_gb(e['bytes']):<9} {e['source']}")
         if e["reason"]:
             print(f"      {e['reason']}")
+        if e.get("runtime_note"):
+            print(f"      {e['runtime_note']}")
         if e.get("remote"):
             health = e["remote"]["health"]
             status = {True: "answering", False: f"DOWN: {health['error']}", None: "not checked yet"}[health["ok"]]
@@ -116,7 +119,7 @@ def cmd_bench(args, config) -> int:
         from coe_core.bench.runtime import bench_runtime
 
         result = bench_runtime(config, tokens=args.tokens, repeats=args.repeats, users=args.users,
-                               transformers=not args.no_transformers)
+                               transformers=not args.no_transformers, threads=args.threads)
     elif args.what == "store":
         from coe_core.bench.store import bench_store
 
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="swap, runtime: tokens for the generation comparison")
     p.add_argument("--no-cold", action="store_true", help="swap: skip the cold page-cache runs")
     p.add_argument("--users", type=int, default=8, help="runtime: concurrent turns for the batch figure (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="runtime: llama.cpp threads (engine and raw alike)")
     p.add_argument("--no-transformers", action="store_true",
                    help="runtime: skip the transformers runtime (it converts each GGUF to float32 once)")
     p.add_argument("-n", type=int, default=200, help="route: prompts to time; store: turns to log")

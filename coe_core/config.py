@@ -115,6 +115,8 @@ class ExpertConfig(_Strict):
     #: (the GGUF file itself on llama.cpp; gguf:/package: sources only), ``auto``: llama.cpp for a GGUF source
     #: when no GPU executes and llama-cpp-python is importable, transformers otherwise
     runtime: Literal["auto", "transformers", "llama_cpp"] = "auto"
+    #: llama_cpp runtime: CPU threads of its decode (default: every core this process may use, at most 16)
+    threads: int | None = Field(None, ge=1, le=256)
     revision: str | None = None
     #: stop strings for plain-format experts (they do not know when a turn ends)
     stop: list[str] = Field(default_factory=list)

@@ -84,15 +84,23 @@ def _read_ceiling(path, nbytes: int, threads: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def _no_stops(config: CoEConfig, expert: str) -> CoEConfig:
+    """Without the expert's stop strings every turn generates exactly ``--tokens`` tokens, like the raw loop
+    (a plain-format expert would otherwise end its answer at "\nQuestion:" after a few tokens)."""
+    config.experts[expert].stop = []
+    return config
+
+
 def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, users: int,
-                 transformers: bool) -> dict:
+                 transformers: bool, threads: int | None = None) -> dict:
     import llama_cpp
 
     from coe_core.bench.swap import with_runtime
     from coe_core.engine import CoE
     from coe_core.experts.llama_cpp_runtime import default_threads
 
-    coe = CoE(with_runtime(config, "llama_cpp", [expert]), routing=None, store=None)
+    coe = CoE(_no_stops(with_runtime(config, "llama_cpp", [expert], threads), expert), routing=None, store=None,
+              gpu=False)
     row: dict = {"expert": expert}
     try:
         tiers = coe.tiers
@@ -100,8 +108,9 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
         if problem:
             return {**row, "error": problem}
         slot = tiers.slots[expert]
+        threads = coe.config.experts[expert].threads or default_threads()
         row.update(runtime=slot.runtime, file_bytes=slot.disk.manifest["file_bytes"], n_ctx=slot.n_ctx,
-                   kv_bytes=slot.kv_bytes, accounted_bytes=slot.resident_bytes, threads=default_threads())
+                   kv_bytes=slot.kv_bytes, accounted_bytes=slot.resident_bytes, threads=threads)
         path = slot.disk.weights_path
         ceiling = _read_ceiling(path, path.stat().st_size, config.tiers.read_threads, repeats)
         swaps, grown = [], []
@@ -127,8 +136,8 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
                                           result=result):
                 pass
             engine_ids = result.token_ids
-        raw = llama_cpp.Llama(str(path), n_ctx=slot.n_ctx, use_mmap=False, n_threads=default_threads(),
-                              n_threads_batch=default_threads(), verbose=False)
+        raw = llama_cpp.Llama(str(path), n_ctx=slot.n_ctx, use_mmap=False, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
         try:
             _, raw_ids = _raw_rate(raw, ids, tokens, stop_at_eog=True)
             row["greedy_token_identical"] = engine_ids == raw_ids
@@ -145,6 +154,7 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
         batch = _concurrent_rate(coe, expert, tokens, users) if users else None
         row["batch8_tokens_per_s"] = round(batch, 2) if batch else None
         row["batch8_ratio_to_single"] = round(batch / engine, 2) if batch and engine else None
+        row["batched_steps"] = slot.llama.steps if slot.llama is not None else None
         tiers.evict(expert, "cpu")
     finally:
         coe.close()
@@ -159,7 +169,7 @@ def _transformers_row(config: CoEConfig, expert: str, tokens: int, repeats: int)
     from coe_core.bench.swap import with_runtime
     from coe_core.engine import CoE
 
-    coe = CoE(with_runtime(config, "transformers", [expert]), routing=None, store=None)
+    coe = CoE(_no_stops(with_runtime(config, "transformers", [expert]), expert), routing=None, store=None, gpu=False)
     try:
         problem = coe.tiers.prepare([expert])[expert]  # materialises the float32 copy once (20-50 s)
         if problem:
@@ -175,7 +185,7 @@ def _transformers_row(config: CoEConfig, expert: str, tokens: int, repeats: int)
 
 
 def bench_runtime(config: CoEConfig, *, tokens: int = 64, repeats: int = 3, users: int = 8,
-                  transformers: bool = True, experts: list[str] | None = None) -> dict:
+                  transformers: bool = True, experts: list[str] | None = None, threads: int | None = None) -> dict:
     from coe_core.experts.llama_cpp_runtime import llama_cpp_unavailable
 
     problem = llama_cpp_unavailable()
@@ -186,8 +196,8 @@ def bench_runtime(config: CoEConfig, *, tokens: int = 64, repeats: int = 3, user
     names = experts or [e for e, c in config.experts.items() if c.is_gguf]
     load_before = os.getloadavg()
     start = time.perf_counter()
-    rows = [bench_expert(config, e, tokens=tokens, repeats=repeats, users=users, transformers=transformers)
-            for e in names]
+    rows = [bench_expert(config, e, tokens=tokens, repeats=repeats, users=users, transformers=transformers,
+                         threads=threads) for e in names]
     return {"machine": {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__,
                         "loadavg_before": [round(x, 2) for x in load_before],
                         "loadavg_after": [round(x, 2) for x in os.getloadavg()]},

@@ -197,13 +197,17 @@ def make_synthetic(folder: Path, target_bytes: int, tokenizer_from: Path) -> Pat
     return folder
 
 
-def with_runtime(config: CoEConfig, runtime: str, experts: list[str] | None = None) -> CoEConfig:
-    """The same CoE with ``runtime`` set on its local experts (GGUF ones only for llama_cpp)."""
+def with_runtime(config: CoEConfig, runtime: str, experts: list[str] | None = None,
+                 threads: int | None = None) -> CoEConfig:
+    """The same CoE with ``runtime`` (and llama.cpp ``threads``) set on its local experts (GGUF ones only for
+    llama_cpp)."""
     raw = config.model_dump(exclude={"source_path"})
     for eid, expert in raw["profiles"][config.profile]["experts"].items():
         cfg = config.experts[eid]
         if (experts is None or eid in experts) and not cfg.is_remote and (runtime != "llama_cpp" or cfg.is_gguf):
             expert["runtime"] = runtime
+            if threads:
+                expert["threads"] = threads
     return config_from_dict(raw, origin="bench config", source_path=config.source_path, env=False)
 
 

@@ -48,11 +48,28 @@ def llama_cpp_unavailable() -> str | None:
     return _unavailable
 
 
-def quiet_logs() -> None:
-    """llama.cpp logs every load to stderr until told otherwise: errors only (its exceptions say what failed)."""
-    from llama_cpp import _logger
+_log_callback = None
 
-    _logger.set_verbose(False)
+
+def quiet_logs() -> None:
+    """llama.cpp logs every load to stderr: keep its errors only. Not ``llama_cpp._logger.set_verbose(False)``:
+    its level table predates ggml's current numbering (WARN is 3 now, which it takes for ERROR)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import ctypes
+    import sys
+
+    import llama_cpp
+    import llama_cpp.llama  # noqa: F401  (imports llama_cpp._logger, which installs its own callback)
+
+    @llama_cpp.llama_log_callback
+    def errors_only(level: int, text: bytes, user_data) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _log_callback = errors_only  # referenced for as long as llama.cpp may call it
+    llama_cpp.llama_log_set(errors_only, ctypes.c_void_p(0))
 
 
 def probe(path: Path) -> None:

@@ -427,7 +427,8 @@ class TierManager:
         evicted = self._reserve(slot, "cpu", timeout)  # weights + KV cache
         t0 = time.perf_counter()
         try:
-            model = LlamaCppModel(slot.disk.weights_path, n_ctx=slot.n_ctx)
+            model = LlamaCppModel(slot.disk.weights_path, n_ctx=slot.n_ctx,
+                                  threads=self.config.experts[slot.id].threads)
         except Exception as exc:
             with self._lock:
                 slot.loading = None
