@@ -207,3 +207,15 @@ def test_concurrent_turns_on_a_resident_gguf_expert_share_one_batch(tmp_path):
         assert again.response == alone.response and "Paris" in alone.response
     finally:
         coe.close()
+
+
+def test_reference_logprob_on_llama_cpp_prefers_the_right_answer(tmp_path):
+    coe = CoE(smol_config(tmp_path / "data"), routing=None, store=None, gpu=False, progress=False)
+    try:
+        question = [{"role": "user", "content": "Name the capital of France."}]
+        right, n_right = coe.reference_logprob("smol", question, "The capital of France is Paris.")
+        wrong, n_wrong = coe.reference_logprob("smol", question, "Bananas orbit the quiet piano.")
+        assert n_right > 3 and n_wrong > 3 and right < 0 and wrong < 0
+        assert right / n_right > wrong / n_wrong + 1.0  # nats per token
+    finally:
+        coe.close()

@@ -401,7 +401,11 @@ class LlamaCppModel:
                     break
                 if self._exclusive and not active:
                     job = self._exclusive.popleft()
-                else:  # admit waiting turns while a sequence id is free and their cells fit the KV cache
+                elif not self._exclusive:  # (a pending exclusive job lets the batch drain first)
+                    # admit waiting turns while a sequence id is free and their cells fit the KV cache
+                    for turn in [t for t in self._waiting if t.cancel.is_set()]:  # stopped before it started
+                        self._waiting.remove(turn)
+                        self._finish(turn)
                     while self._waiting and self._free:
                         turn = self._waiting[0]
                         if (active or admitted) and self._reserved + turn.cells > self.n_ctx:
