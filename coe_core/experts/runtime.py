@@ -2,8 +2,8 @@
 
 ``transformers``: the expert converted once into safetensors in the compute dtype, moved between the three
 tiers by ``coe_core.tiers`` (hub experts, GPUs, split placement). ``llama_cpp``: a GGUF expert run from its
-quantised file by llama.cpp (``coe_core.experts.llama_cpp_runtime``), ~9x the tokens/s of the dequantised
-float32 model on CPU and a quarter of its memory.
+quantised file by llama.cpp (``coe_core.experts.llama_cpp_runtime``): 3-9x the tokens/s of the dequantised
+float32 model on CPU (docs/benchmarks.md) and a quarter of its memory.
 
 The tier manager hands out an ``ExpertRuntime`` with every lease; the engine formats, generates and scores
 through it and does not know which runtime it talks to.
@@ -23,8 +23,8 @@ from coe_core.experts.prompt_format import FormattedPrompt, format_prompt, refer
 RUNTIMES = ("transformers", "llama_cpp")
 
 #: what running a GGUF expert on transformers instead of llama.cpp costs, measured here (docs/benchmarks.md)
-TRANSFORMERS_COST = ("its GGUF is dequantised to float32 once (20-50 s at first start) and it runs ~8-9x slower "
-                     "per token on CPU with ~4x the memory")
+TRANSFORMERS_COST = ("its GGUF is dequantised to float32 once (20-50 s at first start) and it runs 3-9x slower "
+                     "per token on CPU with 4-5x the memory")
 
 
 class ExpertRuntime(Protocol):
