@@ -219,3 +219,28 @@ def test_reference_logprob_on_llama_cpp_prefers_the_right_answer(tmp_path):
         assert right / n_right > wrong / n_wrong + 1.0  # nats per token
     finally:
         coe.close()
+
+
+def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
+    from coe_core.events import TextChunk
+
+    coe = CoE(smol_config(tmp_path / "data", smol={"context_length": 256}), routing=None, store="auto", gpu=False,
+              progress=False)
+    try:
+        cancel = threading.Event()
+        events = []
+        for event in coe.chat("Tell me a long story about a dragon.", temperature=0, max_new_tokens=200,
+                              min_new_tokens=200, cancel=cancel):
+            events.append(event)
+            if isinstance(event, TextChunk):
+                cancel.set()  # the stop button
+        stats = events[-1].stats
+        assert stats.status == "cancelled" and 0 < stats.new_tokens < 200
+        assert coe.store.get_interaction(stats.interaction_id)["status"] == "cancelled"
+        # longer than the 256-token context: cut with a notice, and the answer still fits the KV cache
+        events = list(coe.chat("Summarise this: " + "the cat sat on the mat. " * 300, temperature=0,
+                               max_new_tokens=32))
+        assert any(isinstance(e, Notice) and "longer than the expert's context" in e.message for e in events)
+        assert events[-1].stats.status == "ok" and events[-1].stats.prompt_tokens <= 256 - 32
+    finally:
+        coe.close()
