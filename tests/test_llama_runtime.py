@@ -217,6 +217,9 @@ def test_reference_logprob_on_llama_cpp_prefers_the_right_answer(tmp_path):
         wrong, n_wrong = coe.reference_logprob("smol", question, "Bananas orbit the quiet piano.")
         assert n_right > 3 and n_wrong > 3 and right < 0 and wrong < 0
         assert right / n_right > wrong / n_wrong + 1.0  # nats per token
+        # sampling (temperature, top-p) as well as greedy
+        sampled = coe.run("Write a poem about rain.", {"expert": "smol"}, temperature=0.8, max_new_tokens=8)[2]
+        assert sampled.status == "ok" and 0 < sampled.new_tokens <= 8 and sampled.response.strip()
     finally:
         coe.close()
 

@@ -250,8 +250,8 @@ class LlamaCppModel:
         if params.temperature <= 0:
             sampler.add_greedy()
         else:
+            sampler.add_temp(params.temperature)  # temperature before top-p, in transformers' order
             sampler.add_top_p(params.top_p, 1)
-            sampler.add_temp(params.temperature)
             sampler.add_dist(random.getrandbits(32))
         return sampler
 
