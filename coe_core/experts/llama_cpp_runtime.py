@@ -49,16 +49,25 @@ def llama_cpp_unavailable() -> str | None:
 
 
 _log_callback = None
+#: llama.cpp's latest error lines: they say why a load failed (its exceptions do not)
+_errors: deque[str] = deque(maxlen=4)
+
+
+def last_error() -> str:
+    """The first error llama.cpp logged since the last call (why a load failed), or ''."""
+    text = _errors[0] if _errors else ""
+    _errors.clear()
+    return text
 
 
 def quiet_logs() -> None:
-    """llama.cpp logs every load to stderr: keep its errors only. Not ``llama_cpp._logger.set_verbose(False)``:
-    its level table predates ggml's current numbering (WARN is 3 now, which it takes for ERROR)."""
+    """llama.cpp logs every load to stderr: keep its errors, for the exception that reports them. Not
+    ``llama_cpp._logger.set_verbose(False)``: its level table predates ggml's current numbering (WARN is 3 now,
+    which it takes for ERROR), so warnings leaked on every load."""
     global _log_callback
     if _log_callback is not None:
         return
     import ctypes
-    import sys
 
     import llama_cpp
     import llama_cpp.llama  # noqa: F401  (imports llama_cpp._logger, which installs its own callback)
@@ -66,7 +75,9 @@ def quiet_logs() -> None:
     @llama_cpp.llama_log_callback
     def errors_only(level: int, text: bytes, user_data) -> None:
         if level == 4:  # GGML_LOG_LEVEL_ERROR
-            sys.stderr.write(text.decode("utf-8", "replace"))
+            line = text.decode("utf-8", "replace").strip()
+            if line:
+                _errors.append(line.split(": ", 1)[-1] if line.startswith("llama_") else line)
 
     _log_callback = errors_only  # referenced for as long as llama.cpp may call it
     llama_cpp.llama_log_set(errors_only, ctypes.c_void_p(0))
@@ -78,11 +89,13 @@ def probe(path: Path) -> None:
     import llama_cpp
 
     quiet_logs()
+    last_error()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise ValueError("it rejected the file (an architecture it does not know, or a broken vocabulary)")
+        raise ValueError(last_error() or "it rejected the file (an architecture it does not know, or a broken "
+                         "vocabulary)")
     llama_cpp.llama_model_free(model)
 
 
@@ -183,7 +196,11 @@ class LlamaCppModel:
         threads = threads or default_threads()
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_mmap = False  # every tensor is read() into llama.cpp's buffers now, not lazily mapped
-        self._model = internals.LlamaModel(path_model=str(self.path), params=model_params, verbose=False)
+        last_error()
+        try:
+            self._model = internals.LlamaModel(path_model=str(self.path), params=model_params, verbose=False)
+        except ValueError as exc:
+            raise ValueError(last_error() or str(exc)) from None
         try:
             # the context Llama() builds (n_batch 512, no flash attention), plus sequences sharing one KV cache
             ctx_params = llama_cpp.llama_context_default_params()
