@@ -82,7 +82,8 @@ def residency_summary(snapshot: dict) -> str:
         state = e.get("state", "?")
         busy = " ▶ generating" if e.get("pinned") else ""
         reason = f" ({e['reason']})" if not e.get("available", True) and e.get("reason") else ""
-        parts.append(f"`{eid}`: **{state}**{busy}{reason}")
+        runtime = f" on {e['runtime'].replace('_', '.')}" if e.get("runtime") else ""
+        parts.append(f"`{eid}`{runtime}: **{state}**{busy}{reason}")
     return " · ".join(parts) + "  \n_Each row is one tier; the dashed line is its budget when it is in view._"
 
 

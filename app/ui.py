@@ -34,6 +34,9 @@ def status_line(coe: CoE, problems: dict[str, str | None] | None = None) -> str:
     for expert, problem in (problems or {}).items():
         if problem:
             parts.append(f"⚠️ {expert}: {problem}")
+    for e in info["experts"]:
+        if e.get("runtime_note"):  # e.g. a GGUF expert on transformers because llama-cpp-python is missing
+            parts.append(f"⚠️ {e['runtime_note']}")
     return " · ".join(parts)
 
 

@@ -40,9 +40,12 @@ def cmd_experts(args, config) -> int:
         print(f"  tier {name:<5} {extra}")
     for e in info["experts"]:
         params = f"{e['params'] / 1e6:.0f}M" if e["params"] else "?"
-        print(f"  {e['id']:<28} {e['state']:<12} params {params:<6} {_gb(e['bytes']):<9} {e['source']}")
+        runtime = e.get("runtime") or "remote"
+        print(f"  {e['id']:<28} {e['state']:<12} {runtime:<12} params {params:<6} {_gb(e['bytes']):<9} {e['source']}")
         if e["reason"]:
             print(f"      {e['reason']}")
+        if e.get("runtime_note"):
+            print(f"      {e['runtime_note']}")
         if e.get("remote"):
             health = e["remote"]["health"]
             status = {True: "answering", False: f"DOWN: {health['error']}", None: "not checked yet"}[health["ok"]]
@@ -112,6 +115,11 @@ def cmd_bench(args, config) -> int:
 
         result = bench_swap(config, synthetic_gb=args.synthetic_gb, repeats=args.repeats,
                             cold=not args.no_cold, generation_tokens=args.tokens)
+    elif args.what == "runtime":
+        from coe_core.bench.runtime import bench_runtime
+
+        result = bench_runtime(config, tokens=args.tokens, repeats=args.repeats, users=args.users,
+                               transformers=not args.no_transformers, threads=args.threads)
     elif args.what == "store":
         from coe_core.bench.store import bench_store
 
@@ -160,12 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (JSON figures, not tests)")
-    p.add_argument("what", choices=["swap", "route", "store"])
+    p.add_argument("what", choices=["swap", "route", "store", "runtime"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--synthetic-gb", type=float, default=1.0, help="swap: size of the synthetic checkpoint")
-    p.add_argument("--repeats", type=int, default=5, help="swap: repeats per measurement")
-    p.add_argument("--tokens", type=int, default=64, help="swap: tokens for the generation comparison")
+    p.add_argument("--repeats", type=int, default=5, help="swap, runtime: repeats per measurement")
+    p.add_argument("--tokens", type=int, default=64, help="swap, runtime: tokens for the generation comparison")
     p.add_argument("--no-cold", action="store_true", help="swap: skip the cold page-cache runs")
+    p.add_argument("--users", type=int, default=8, help="runtime: concurrent turns for the batch figure (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="runtime: llama.cpp threads (engine and raw alike)")
+    p.add_argument("--no-transformers", action="store_true",
+                   help="runtime: skip the transformers runtime (it converts each GGUF to float32 once)")
     p.add_argument("-n", type=int, default=200, help="route: prompts to time; store: turns to log")
     p.set_defaults(func=cmd_bench)
 

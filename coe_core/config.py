@@ -111,6 +111,12 @@ class ExpertConfig(_Strict):
     generalist: bool = False
     #: ``auto``: float32 on CPU, bfloat16 on GPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: what executes the expert: ``transformers`` (dequantised weights, the three tiers, GPUs), ``llama_cpp``
+    #: (the GGUF file itself on llama.cpp; gguf:/package: sources only), ``auto``: llama.cpp for a GGUF source
+    #: when no GPU executes and llama-cpp-python is importable, transformers otherwise
+    runtime: Literal["auto", "transformers", "llama_cpp"] = "auto"
+    #: llama_cpp runtime: CPU threads of its decode (default: every core this process may use, at most 16)
+    threads: int | None = Field(None, ge=1, le=256)
     revision: str | None = None
     #: stop strings for plain-format experts (they do not know when a turn ends)
     stop: list[str] = Field(default_factory=list)
@@ -156,7 +162,15 @@ class ExpertConfig(_Strict):
             extra = [k for k in ("model", "api_key_env") if getattr(self, k)]
             if extra:
                 raise ValueError(f"{', '.join(extra)} only apply to remote experts (source openai:...)")
+        if self.runtime == "llama_cpp" and not self.is_gguf:
+            raise ValueError("runtime llama_cpp runs GGUF files: it needs a gguf: or package: source "
+                             "(use transformers or auto for hf:, dir: and openai: sources)")
         return self
+
+    @property
+    def is_gguf(self) -> bool:
+        """A GGUF source (``gguf:`` file or ``package:`` GGUF), which llama.cpp can run as it is."""
+        return self.source.split(":", 1)[0] in ("gguf", "package")
 
 
 class ProfileConfig(_Strict):

@@ -7,7 +7,6 @@ Every front end (app, API, CLI) drives ``CoE.chat`` and gets the same event sequ
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -18,8 +17,7 @@ from datetime import UTC, datetime
 
 from coe_core.config import CoEConfig, load_config
 from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
-from coe_core.experts.generation import GenerationParams, GenerationResult, reference_logprob, stream_generate
-from coe_core.experts.prompt_format import format_prompt, reference_ids
+from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.hf_spaces import on_zero_gpu
@@ -165,7 +163,8 @@ class CoE:
                 "state": info["state"], "tiers": info["tiers"], "available": info["available"],
                 "reason": info["reason"] or (None if info["bytes"] or cfg.is_remote
                                              else "not materialised yet (first use does it)"),
-                "generalist": cfg.generalist,
+                "generalist": cfg.generalist, "runtime": info["runtime"],
+                **({"runtime_note": info["runtime_note"]} if info["runtime_note"] else {}),
                 **({"remote": info["remote"]} if "remote" in info else {}),
             })
         tiers = {name: {k: t[k] for k in ("exists", "budget", "used", "free", "budget_source")}
@@ -335,21 +334,23 @@ class CoE:
             context = cfg.context_length or lease.manifest.get("context_length") or 2048
             # the prompt any expert prefills is bounded (limits.max_prompt_tokens), whatever its context
             context = min(context, self.config.limits.max_prompt_tokens + params.max_new_tokens)
-            prompt = format_prompt(lease.tokenizer, messages, cfg, context_length=context,
-                                   reserve_tokens=params.max_new_tokens)
+            prompt = lease.runtime.format_prompt(messages, cfg, context_length=context,
+                                                 reserve_tokens=params.max_new_tokens)
             stats.prompt_tokens, stats.truncated = len(prompt.input_ids), prompt.truncated
             if prompt.notice:
                 yield Notice(prompt.notice)
             result = GenerationResult()
             t_gen = time.perf_counter() - start
             try:
-                generate = stream_generate
-                if self.zero_gpu:  # the GPU is attached for this call only (a no-op wrapper off ZeroGPU)
+                if self.zero_gpu and lease.runtime.name == "transformers":
+                    # the GPU is attached for this call only (a no-op wrapper off ZeroGPU)
                     from coe_core.experts.zero_gpu import stream_via_gpu_call
 
-                    generate = functools.partial(stream_via_gpu_call, expert)
-                with contextlib.closing(generate(lease.model, lease.tokenizer, prompt.input_ids, params,
-                                                 device=lease.device, cancel=cancel, result=result)) as stream:
+                    stream = stream_via_gpu_call(expert, lease.model, lease.tokenizer, prompt.input_ids, params,
+                                                 device=lease.device, cancel=cancel, result=result)
+                else:
+                    stream = lease.runtime.stream(prompt.input_ids, params, cancel=cancel, result=result)
+                with contextlib.closing(stream):
                     for piece in stream:
                         if stats.ttft_s is None:
                             stats.ttft_s = time.perf_counter() - start
@@ -484,8 +485,7 @@ class CoE:
     def reference_logprob(self, expert_id: str, messages: list[dict], reference: str) -> tuple[float, int]:
         """Sum of log-probs of ``reference`` as the expert's answer (same prompt format as generation)."""
         with self.tiers.acquire(expert_id) as lease:
-            prompt, ref = reference_ids(lease.tokenizer, messages, reference, self.config.experts[expert_id])
-            return reference_logprob(lease.model, prompt, ref, lease.device)
+            return lease.runtime.reference_logprob(messages, reference, self.config.experts[expert_id])
 
     def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
                  comment: str | None = None, *, owner: str | None = None, trusted: bool = True) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ def coe_cli(config, *args, timeout=600):
 @pytest.mark.parametrize("expert", ["smollm2-135m", "gemma3-270m"])
 def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert):
     done = coe_cli(real_config, "chat", "--json", "--no-router", "--expert", expert, "--max-new-tokens", "12",
-                   "--temperature", "0", "What is the capital of France?")
+                   "--temperature", "0", "Name the capital of France.")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["expert"] == expert and out["status"] == "ok"
@@ -30,6 +31,8 @@ def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert
     assert out["ttft_s"] > 0 and out["tokens_per_s"] > 0 and out["interaction_id"] >= 1
     assert out["swaps"] and out["swaps"][0]["src"] == "disk" and out["swaps"][0]["dst"] == "cpu"
     if expert == "smollm2-135m":
+        # (not "What is the capital of France?": there SmolLM2's two best first tokens are 0.09 logits apart in
+        # float32, and llama.cpp's 8-bit activations pick the other one, which rambles)
         assert "paris" in out["response"].lower()
 
 
@@ -44,6 +47,8 @@ def test_routed_chat_and_experts_listing(routed_config):
     listing = json.loads(coe_cli(routed_config, "experts", "--json").stdout)
     assert {e["id"] for e in listing["experts"]} == {"smollm2-135m", "gemma3-270m"}
     assert all(e["params"] > 1e8 and e["available"] for e in listing["experts"])
+    runtime = "llama_cpp" if importlib.util.find_spec("llama_cpp") else "transformers"  # runtime auto, no GPU
+    assert all(e["runtime"] == runtime for e in listing["experts"])
     assert listing["tiers"]["gpu"]["exists"] is False and listing["tiers"]["cpu"]["budget"] > 0
 
 

@@ -197,6 +197,20 @@ def make_synthetic(folder: Path, target_bytes: int, tokenizer_from: Path) -> Pat
     return folder
 
 
+def with_runtime(config: CoEConfig, runtime: str, experts: list[str] | None = None,
+                 threads: int | None = None) -> CoEConfig:
+    """The same CoE with ``runtime`` (and llama.cpp ``threads``) set on its local experts (GGUF ones only for
+    llama_cpp)."""
+    raw = config.model_dump(exclude={"source_path"})
+    for eid, expert in raw["profiles"][config.profile]["experts"].items():
+        cfg = config.experts[eid]
+        if (experts is None or eid in experts) and not cfg.is_remote and (runtime != "llama_cpp" or cfg.is_gguf):
+            expert["runtime"] = runtime
+            if threads:
+                expert["threads"] = threads
+    return config_from_dict(raw, origin="bench config", source_path=config.source_path, env=False)
+
+
 def bench_config(config: CoEConfig, synthetic: Path | None) -> CoEConfig:
     """The user's CoE plus the synthetic expert, with a CPU budget that holds any one of them."""
     raw = config.model_dump(exclude={"source_path"})
@@ -210,6 +224,8 @@ def bench_swap(config: CoEConfig, *, synthetic_gb: float = 1.0, repeats: int = 5
                generation_tokens: int = 64, experts: list[str] | None = None) -> dict:
     work = config.data_path / "bench"
     work.mkdir(parents=True, exist_ok=True)
+    # this bench measures the transformers runtime's safetensors swaps (coe bench runtime measures llama.cpp)
+    config = with_runtime(config, "transformers")
     tiers = TierManager(config, progress=True)
     problems = tiers.prepare(experts)
     synthetic = None

@@ -33,6 +33,8 @@ class GenerationResult:
     new_tokens: int = 0
     cancelled: bool = False
     error: BaseException | None = None
+    #: the generated token ids, once generation has ended (benchmarks compare runtimes with them)
+    token_ids: list[int] | None = None
 
 
 class _CancelCriteria(StoppingCriteria):
@@ -186,6 +188,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
             with torch.inference_mode():
                 out = model.generate(**kwargs)
             result.new_tokens = int(out.shape[1] - ids.shape[1])
+            result.token_ids = out[0, ids.shape[1]:].tolist()
         except BaseException as exc:  # reported to the consumer, which logs the turn as an error
             result.error = exc
             streamer.end()

@@ -6,6 +6,9 @@ Folder layout (``<data_dir>/experts/<expert>/<dtype>/``)::
     config.json, generation_config.json, tokenizer files
     manifest.json       params, bytes, dtype, sha256, source, created_at
 
+A GGUF expert on the llama.cpp runtime keeps the GGUF file itself instead (``<data_dir>/experts/<expert>/gguf/``:
+``model.gguf`` + ``manifest.json``, copied and hashed in one pass, no float32 conversion).
+
 Materialising is atomic (temp dir + rename) and idempotent; a folder whose manifest is missing or whose
 weights do not match it is re-materialised.
 """
@@ -27,6 +30,9 @@ from coe_core.config import ExpertConfig
 from coe_core.experts.sources import ExpertUnavailable, load_from_source, resolve_source
 
 WEIGHTS_FILE = "model.safetensors"
+GGUF_FILE = "model.gguf"
+#: the disk-tier folder name of GGUF copies (beside the dtype folders of converted copies)
+GGUF_FOLDER = "gguf"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -70,7 +76,11 @@ class DiskCopy:
 
     @property
     def weights_path(self) -> Path:
-        return self.folder / WEIGHTS_FILE
+        return self.folder / self.manifest.get("weights_file", WEIGHTS_FILE)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.manifest.get("weights_file") == GGUF_FILE
 
     @property
     def bytes(self) -> int:
@@ -89,12 +99,23 @@ class DiskCopy:
         if size != self.manifest.get("file_bytes"):
             return f"weights file {path} has {size} bytes, manifest says {self.manifest.get('file_bytes')}"
         try:
-            safetensors_header(path)
+            if self.is_gguf:
+                check_gguf_magic(path)
+            else:
+                safetensors_header(path)
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             return f"weights file {path} has a corrupt header ({exc})"
         if full and sha256_file(path) != self.manifest.get("sha256"):
             return f"weights file {path} does not match its sha256 (corrupt or changed on disk)"
         return None
+
+
+def check_gguf_magic(path: Path) -> None:
+    """Raise ValueError unless ``path`` starts like a GGUF file (magic and a known version)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) != 8 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:])[0] not in (2, 3):
+        raise ValueError("not a GGUF file (bad magic or version)")
 
 
 def read_disk_copy(folder: Path, expert_id: str) -> DiskCopy | None:
@@ -172,6 +193,83 @@ def materialize(expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.
         steps.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    copy = read_disk_copy(folder, expert_id)
+    assert copy is not None
+    return copy
+
+
+def gguf_folder(data_dir: Path, expert_id: str) -> Path:
+    return data_dir / "experts" / expert_id / GGUF_FOLDER
+
+
+def _copy_hashing(src: Path, dst: Path, chunk: int = 16 << 20) -> str:
+    """Copy ``src`` to ``dst`` and return the sha256 of the bytes written (one pass over the file)."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while block := fin.read(chunk):
+            digest.update(block)
+            fout.write(block)
+    return digest.hexdigest()
+
+
+def materialize_gguf(expert_id: str, cfg: ExpertConfig, data_dir: Path, *, progress: bool = True,
+                     force: bool = False) -> DiskCopy:
+    """The GGUF file itself as the disk tier of a llama.cpp expert (copied and hashed once, atomic, idempotent)."""
+    from coe_core.experts.gguf_info import GGUFInfo
+
+    folder = gguf_folder(data_dir, expert_id)
+    existing = None if force else read_disk_copy(folder, expert_id)
+    if existing and existing.manifest.get("source") == cfg.source and existing.problem(full=False) is None:
+        return existing
+    started = time.perf_counter()
+    steps = tqdm(total=2, desc=f"materialise {expert_id} (GGUF)", unit="step", disable=not progress, leave=True)
+    try:
+        steps.set_postfix_str("resolve source")
+        resolved = resolve_source(cfg.source, data_dir / "sources", cfg.revision)
+        if not resolved.is_gguf:
+            raise ExpertUnavailable(f"{resolved.description} is not a GGUF file: use runtime transformers")
+        src = Path(resolved.location) / resolved.gguf_file
+        try:
+            info = GGUFInfo.read(src)
+        except Exception as exc:
+            raise ExpertUnavailable(f"{src} is not a readable GGUF file: {exc}") from exc
+        steps.update()
+        steps.set_postfix_str("copy + hash")
+        tmp = folder.parent / f".tmp-{folder.name}-{time.time_ns()}"
+        tmp.mkdir(parents=True)
+        try:
+            sha = _copy_hashing(src, tmp / GGUF_FILE)
+            file_bytes = (tmp / GGUF_FILE).stat().st_size
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "expert": expert_id,
+                "source": cfg.source,
+                "source_description": resolved.description,
+                "runtime": "llama_cpp",
+                "weights_file": GGUF_FILE,
+                "architecture": info.architecture,
+                "params": info.params,
+                "bytes": file_bytes,
+                "file_bytes": file_bytes,
+                "tensors": info.tensors,
+                "dtype": info.file_type,
+                "sha256": sha,
+                "has_chat_template": info.chat_template is not None,
+                "context_length": info.context_length,
+                "kv_bytes_per_token": info.kv_bytes_per_token(),
+                "materialise_s": round(time.perf_counter() - started, 2),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+            steps.update()
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        steps.close()
     copy = read_disk_copy(folder, expert_id)
     assert copy is not None
     return copy

@@ -4,6 +4,10 @@ Tiers: ``disk`` (capacity: every materialised expert), ``cpu`` (staging; execute
 ``gpu`` (execution, when CUDA exists). ``acquire`` makes an expert resident on the execution tier and pins it
 while in use; unpinned experts are evicted least-recently-used, size-aware, per tier. Every move is a
 SwapEvent. An expert larger than the execution tier runs split across tiers with accelerate.
+
+A GGUF expert on the llama.cpp runtime (``coe_core.experts.runtime``) has the same tiers with other contents:
+disk = the GGUF file itself (sha256-verified), cpu = the model loaded by llama.cpp with its KV cache, both
+counted in the cpu budget; it executes in the cpu tier.
 """
 
 from __future__ import annotations
@@ -23,8 +27,17 @@ from torch import nn
 
 from coe_core.config import CoEConfig
 from coe_core.events import SwapEvent
-from coe_core.experts.materialize import DiskCopy, expert_folder, materialize, read_disk_copy
+from coe_core.experts.llama_cpp_runtime import DEFAULT_N_CTX
+from coe_core.experts.materialize import (
+    DiskCopy,
+    expert_folder,
+    gguf_folder,
+    materialize,
+    materialize_gguf,
+    read_disk_copy,
+)
 from coe_core.experts.remote import RemoteExpert
+from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, TransformersRuntime, choose_runtime
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
 from coe_core.tiers.budgets import Tier, detect_tiers
@@ -35,6 +48,10 @@ log = logging.getLogger(__name__)
 
 class TierBusy(RuntimeError):
     """The execution tier is full of experts that are generating right now; try again shortly."""
+
+
+class LlamaLoadError(ExpertUnavailable):
+    """llama.cpp could not load a GGUF expert (an architecture it does not know, a broken file, no memory)."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +74,14 @@ class ExpertSlot:
     split: SplitPlacement | None = None
     #: a remote expert (``openai:`` source) has no weights and no tiers here
     remote: RemoteExpert | None = None
+    #: what executes it: transformers (module + buffers above) or llama_cpp (``llama`` below)
+    runtime: str = "transformers"
+    #: one line when the runtime is not the one asked for (why, and what it costs)
+    runtime_note: str | None = None
+    #: llama_cpp: the loaded model while in the cpu tier, its context (tokens) and KV-cache bytes
+    llama: object | None = None
+    n_ctx: int = 0
+    kv_bytes: int = 0
     placement: str = "disk"  # disk | cpu | gpu | split | remote
     loading: str | None = None  # tier being loaded into
     verified: bool = False
@@ -72,6 +97,11 @@ class ExpertSlot:
     def params(self) -> int:
         return self.disk.params if self.disk else 0
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes it takes in the tier that executes it: the weights, plus llama.cpp's preallocated KV cache."""
+        return self.bytes + self.kv_bytes
+
     def bytes_in(self, tier: str) -> int:
         """Bytes of this expert held in ``tier`` (a GPU-resident expert keeps its CPU copy as staging)."""
         if tier == "disk":
@@ -79,9 +109,9 @@ class ExpertSlot:
         if self.placement == "split" and self.split:
             return self.split.bytes_by_tier.get(tier, 0)
         if tier == "cpu":
-            return self.bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu") else 0
+            return self.resident_bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu") else 0
         if tier == "gpu":
-            return self.bytes if self.placement == "gpu" or self.loading == "gpu" else 0
+            return self.resident_bytes if self.placement == "gpu" or self.loading == "gpu" else 0
         return 0
 
 
@@ -95,6 +125,8 @@ class Lease:
     device: torch.device
     events: list[SwapEvent]
     manifest: dict
+    #: formats prompts, streams answers and scores references on this expert, whichever runtime it has
+    runtime: ExpertRuntime | None = None
 
 
 class TierManager:
@@ -121,9 +153,10 @@ class TierManager:
                 slot.remote, slot.placement = RemoteExpert(expert_id, cfg), "remote"
                 self.slots[expert_id] = slot
                 continue
-            slot.disk = read_disk_copy(expert_folder(self.data_dir, expert_id, dtype), expert_id)
-            if slot.disk and slot.disk.manifest.get("source") != cfg.source:
-                slot.disk = None  # spaces.yaml points elsewhere now: materialise again
+            slot.runtime, slot.runtime_note = choose_runtime(expert_id, cfg, gpu=self.exec_tier == "gpu")
+            if slot.runtime_note:
+                log.warning(slot.runtime_note)
+            self._read_disk(slot)
             self.slots[expert_id] = slot
         if config.tiers.disk.budget == "auto":  # already materialised experts do not eat the auto budget
             self.tiers["disk"].budget += self._used("disk")
@@ -134,6 +167,26 @@ class TierManager:
             return self.slots[expert_id]
         except KeyError:
             raise KeyError(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
+
+    def _read_disk(self, slot: ExpertSlot) -> None:
+        """The expert's existing disk copy for its runtime (None when there is none or its source changed)."""
+        cfg = self.config.experts[slot.id]
+        folder = (gguf_folder(self.data_dir, slot.id) if slot.runtime == "llama_cpp"
+                  else expert_folder(self.data_dir, slot.id, slot.dtype))
+        slot.disk = read_disk_copy(folder, slot.id)
+        if slot.disk and slot.disk.manifest.get("source") != cfg.source:
+            slot.disk = None  # spaces.yaml points elsewhere now: materialise again
+        self._size_runtime(slot)
+
+    def _size_runtime(self, slot: ExpertSlot) -> None:
+        """llama_cpp: the context it gets and the KV cache that context preallocates (counted in the cpu tier)."""
+        if slot.runtime != "llama_cpp" or slot.disk is None:
+            slot.n_ctx = slot.kv_bytes = 0
+            return
+        cfg = self.config.experts[slot.id]
+        trained = slot.disk.manifest.get("context_length") or DEFAULT_N_CTX
+        slot.n_ctx = cfg.context_length or min(trained, DEFAULT_N_CTX)
+        slot.kv_bytes = slot.n_ctx * int(slot.disk.manifest.get("kv_bytes_per_token") or 0)
 
     def remote(self, expert_id: str) -> RemoteExpert | None:
         """The client of a remote expert, None for a local one."""
@@ -169,7 +222,11 @@ class TierManager:
                     "tiers": {t: slot.bytes_in(t) for t in ("gpu", "cpu", "disk")},
                     "bytes": slot.bytes,
                     "params": slot.params,
-                    "dtype": str(slot.dtype).removeprefix("torch."),
+                    "dtype": (slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
+                    if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
+                    "runtime": None if slot.remote else slot.runtime,
+                    "runtime_note": slot.runtime_note,
+                    "kv_bytes": slot.kv_bytes,
                     "available": slot.unavailable is None,
                     "reason": slot.unavailable,
                     "pinned": slot.pins,
@@ -200,7 +257,10 @@ class TierManager:
                 raise ExpertUnavailable(
                     f"disk tier budget ({self.tiers['disk'].budget / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
                 )
-            disk = materialize(slot.id, cfg, self.data_dir, slot.dtype, progress=self.progress, force=force)
+            if slot.runtime == "llama_cpp":
+                disk = materialize_gguf(slot.id, cfg, self.data_dir, progress=self.progress, force=force)
+            else:
+                disk = materialize(slot.id, cfg, self.data_dir, slot.dtype, progress=self.progress, force=force)
         except ExpertUnavailable as exc:
             slot.unavailable = str(exc)
             raise
@@ -214,6 +274,7 @@ class TierManager:
             raise ExpertUnavailable(slot.unavailable)
         slot.disk, slot.unavailable, slot.verified = disk, None, True  # just written and hashed
         slot.layout = None
+        self._size_runtime(slot)
         return disk
 
     def prepare(self, expert_ids: list[str] | None = None, *, verify: bool = True) -> dict[str, str | None]:
@@ -230,6 +291,8 @@ class TierManager:
                     self._ensure_disk_locked(slot)
                     if verify:
                         self._verify_locked(slot)
+                        if slot.runtime == "llama_cpp" and slot.placement == "disk":
+                            self._probe_llama_locked(slot)
                 problems[eid] = None
             except ExpertUnavailable as exc:
                 problems[eid] = str(exc)
@@ -263,9 +326,16 @@ class TierManager:
             slot.last_used = time.monotonic()
         try:
             events = self._make_resident(slot, trigger, timeout)
+            if slot.runtime == "llama_cpp":
+                llama = slot.llama
+                # the context the engine formats prompts for is the one llama.cpp allocated
+                yield Lease(expert_id, llama, llama.tokenizer, torch.device("cpu"), events,
+                            {**slot.disk.manifest, "context_length": slot.n_ctx}, runtime=llama)
+                return
             device = self.device if slot.placement != "split" else torch.device("cpu")
             model = slot.split.model if slot.placement == "split" else slot.model
-            yield Lease(expert_id, model, slot.tokenizer, device, events, slot.disk.manifest)
+            yield Lease(expert_id, model, slot.tokenizer, device, events, slot.disk.manifest,
+                        runtime=TransformersRuntime(model, slot.tokenizer, device))
         finally:
             with self._lock:
                 slot.pins -= 1
@@ -275,7 +345,8 @@ class TierManager:
     def prefetch(self, expert_id: str) -> threading.Thread | None:
         """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn."""
         slot = self._slot(expert_id)
-        if slot.unavailable or slot.placement != "disk" or slot.loading or slot.bytes > self.tiers["cpu"].budget:
+        if (slot.unavailable or slot.placement != "disk" or slot.loading
+                or slot.resident_bytes > self.tiers["cpu"].budget):
             return None  # nothing to do, or too big to stage (it will run split when asked for)
 
         def run() -> None:
@@ -283,7 +354,10 @@ class TierManager:
                 with slot.lock:
                     if slot.placement == "disk" and slot.disk and not slot.unavailable:
                         self._verify_locked(slot)
-                        self._load_cpu(slot, "prefetch", warm=False, timeout=0.0)
+                        if slot.runtime == "llama_cpp":
+                            self._load_llama(slot, "prefetch", warm=False, timeout=0.0)
+                        else:
+                            self._load_cpu(slot, "prefetch", warm=False, timeout=0.0)
             except (ExpertUnavailable, TierBusy):
                 pass  # a prefetch is best effort; the request path reports problems
 
@@ -298,6 +372,17 @@ class TierManager:
                 raise ExpertUnavailable(f"expert {slot.id} is unavailable: {slot.unavailable}")
             self._ensure_disk_locked(slot)
             verify_s = self._verify_locked(slot)
+            if slot.runtime == "llama_cpp":  # executes in the cpu tier, whatever the machine's execution tier
+                try:
+                    if slot.placement != "cpu":
+                        events.append(self._load_llama(slot, trigger, warm=True, timeout=timeout))
+                        if verify_s:
+                            events[0].phases = {"verify": round(verify_s, 4), **events[0].phases}
+                    return events
+                except LlamaLoadError as exc:
+                    self._fall_back_locked(slot, exc)  # to transformers (runtime auto), else unavailable
+                    self._ensure_disk_locked(slot)
+                    verify_s = self._verify_locked(slot)
             if slot.placement == self.exec_tier or slot.placement == "split":
                 return events
             if slot.bytes > self.tiers[self.exec_tier].budget:
@@ -311,7 +396,59 @@ class TierManager:
                 events[0].phases = {"verify": round(verify_s, 4), **events[0].phases}
         return events
 
+    def _probe_llama_locked(self, slot: ExpertSlot) -> None:
+        """Can llama.cpp read this GGUF at all (architecture, vocabulary)? If not, fall back or mark it
+        unavailable now, so that turns routed to it get a stand-in from the start."""
+        from coe_core.experts.llama_cpp_runtime import probe
+
+        try:
+            probe(slot.disk.weights_path)
+        except Exception as exc:
+            self._fall_back_locked(slot, LlamaLoadError(f"llama.cpp could not load {slot.disk.weights_path.name} "
+                                                        f"of {slot.id} ({exc})"))
+            self._ensure_disk_locked(slot)
+            self._verify_locked(slot)
+
+    def _fall_back_locked(self, slot: ExpertSlot, exc: LlamaLoadError) -> None:
+        """llama.cpp could not load the expert: ``runtime: auto`` falls back to transformers (one warning line
+        saying why and what it costs); an explicit ``runtime: llama_cpp`` marks it unavailable with the reason."""
+        if self.config.experts[slot.id].runtime == "llama_cpp":
+            slot.unavailable = f"{exc}; set runtime: transformers (or auto) for {slot.id} to run it dequantised"
+            raise ExpertUnavailable(slot.unavailable) from exc
+        slot.runtime = "transformers"
+        slot.runtime_note = f"{slot.id}: {exc}, so it runs on transformers instead: {TRANSFORMERS_COST}."
+        log.warning(slot.runtime_note)
+        self._read_disk(slot)
+        slot.verified = False
+
     # -- moves ---------------------------------------------------------------------------------------
+    def _load_llama(self, slot: ExpertSlot, trigger: str, *, warm: bool, timeout: float) -> SwapEvent:
+        """disk -> cpu for a llama.cpp expert: llama.cpp reads the whole GGUF (no mmap) and allocates the KV cache."""
+        from coe_core.experts.llama_cpp_runtime import LlamaCppModel
+
+        started = time.perf_counter()
+        evicted = self._reserve(slot, "cpu", timeout)  # weights + KV cache
+        t0 = time.perf_counter()
+        try:
+            model = LlamaCppModel(slot.disk.weights_path, n_ctx=slot.n_ctx,
+                                  threads=self.config.experts[slot.id].threads)
+        except Exception as exc:
+            with self._lock:
+                slot.loading = None
+                self._changed.notify_all()
+            raise LlamaLoadError(f"llama.cpp could not load {slot.disk.weights_path.name} of {slot.id} "
+                                 f"({type(exc).__name__}: {exc})") from exc
+        t1 = time.perf_counter()
+        with self._lock:
+            slot.llama, slot.placement, slot.loading = model, "cpu", None
+            self._changed.notify_all()
+        phases = {"load": t1 - t0}
+        if warm:
+            model.warm_up()
+            phases["warmup"] = time.perf_counter() - t1
+        return self._emit(SwapEvent(slot.id, "disk", "cpu", slot.bytes, t1 - t0, trigger, evicted,
+                                    {k: round(v, 4) for k, v in phases.items()}, started_at=started))
+
     def _prepare_module(self, slot: ExpertSlot) -> dict[str, float]:
         """Build the module skeleton and tokenizer once per process (not part of later swaps)."""
         phases = {}
@@ -432,7 +569,7 @@ class TierManager:
 
     def _reserve(self, slot: ExpertSlot, tier: str, timeout: float) -> list[str]:
         """Make room for ``slot`` in ``tier`` by evicting LRU unpinned experts; mark it loading there."""
-        need = slot.bytes
+        need = slot.resident_bytes
         deadline = time.monotonic() + timeout
         evicted: list[str] = []
         with self._lock:
@@ -440,7 +577,7 @@ class TierManager:
                 raise TierBusy(f"{slot.id} needs {need / 1e9:.2f} GB, more than the whole {tier} tier budget "
                                f"({self.tiers[tier].budget / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
             while True:
-                if tier == "cpu" and slot.cpu_buffer is None:
+                if tier == "cpu" and slot.cpu_buffer is None and slot.layout is not None:
                     slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size
                 budget = self.tiers[tier].budget
                 if tier == "cpu":
@@ -468,6 +605,13 @@ class TierManager:
 
     def _evict_locked(self, slot: ExpertSlot, tier: str) -> None:
         """Evict ``slot`` out of ``tier`` (and out of the tiers above it). Caller holds the manager lock."""
+        if slot.runtime == "llama_cpp":
+            if tier == "cpu" and slot.placement == "cpu" and slot.llama is not None:
+                start = time.perf_counter()
+                slot.llama.close()  # frees weights and KV cache now
+                slot.llama, slot.placement = None, "disk"
+                self._emit(SwapEvent(slot.id, "cpu", "disk", slot.bytes, time.perf_counter() - start, "eviction"))
+            return
         if slot.placement == "split":
             slot.split = None
             slot.placement = "disk"
