@@ -256,3 +256,28 @@ def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
         assert events[-1].stats.status == "ok" and events[-1].stats.prompt_tokens <= 256 - 32
     finally:
         coe.close()
+
+
+@needs_llama
+@pytest.mark.slow
+def test_runtime_auto_falls_back_to_transformers_when_llama_cpp_cannot_load_the_file(real_config, monkeypatch,
+                                                                                      caplog):
+    import coe_core.experts.llama_cpp_runtime as runtime_module
+
+    def refuse(self, path, **kwargs):
+        raise ValueError("unknown model architecture: 'smollm9'")
+
+    monkeypatch.setattr(runtime_module.LlamaCppModel, "__init__", refuse)
+    coe = CoE(real_config, routing=None, store=None, gpu=False, progress=False)
+    try:
+        assert coe.tiers.slots["smollm2-135m"].runtime == "llama_cpp"
+        with caplog.at_level("WARNING"):
+            _, swaps, stats = coe.run("Name the capital of France.", {"expert": "smollm2-135m"}, temperature=0,
+                                      max_new_tokens=8)
+        assert stats.status == "ok" and "Paris" in stats.response  # served, dequantised, by transformers
+        info = {e["id"]: e for e in coe.experts_info()["experts"]}["smollm2-135m"]
+        assert info["runtime"] == "transformers" and info["dtype"] == "float32"
+        assert "unknown model architecture" in info["runtime_note"] and "transformers instead" in info["runtime_note"]
+        assert any("unknown model architecture" in r.getMessage() for r in caplog.records)
+    finally:
+        coe.close()
