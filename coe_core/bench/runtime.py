@@ -8,7 +8,8 @@ Per GGUF expert, in one run, on the same prompt (greedy, ``--tokens`` new tokens
 - ``resident_bytes``: growth of the process RSS when the TierManager loads the expert (llama.cpp reads the whole
   file: no mmap), against ``file_bytes`` and the ``accounted_bytes`` (weights + KV cache) the cpu tier counts;
 - ``swap_s``: disk -> cpu through the TierManager (median), against a parallel read of the same file into RAM
-  (``read_ceiling_s``, page cache warm); ``swap_ratio_to_read_ceiling`` = ceiling / swap;
+  (``read_ceiling_s``, page cache warm); ``swap_ratio_to_read_ceiling`` = ceiling / swap; ``vocab_only_load_s``:
+  what llama.cpp spends on metadata and vocabulary alone (a vocabulary-only load), part of every swap;
 - ``batch8_tokens_per_s``: 8 turns on the expert at once through the engine, all tokens / wall time;
 - ``greedy_token_identical``: the engine's greedy ids == raw llama-cpp-python's greedy ids.
 Engine and raw runs alternate so that load from other processes hits both alike; every figure is a median.
@@ -122,6 +123,14 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
                 grown.append(_rss() - before)
                 swaps.append(lease.events[0].seconds)
         swap = statistics.median(swaps)
+        from coe_core.experts.llama_cpp_runtime import probe
+
+        vocab = []
+        for _ in range(repeats):  # the part of a load that is not reading weights: metadata + vocabulary
+            start = time.perf_counter()
+            probe(path)
+            vocab.append(time.perf_counter() - start)
+        row["vocab_only_load_s"] = round(statistics.median(vocab), 4)
         row.update(resident_bytes=int(statistics.median(grown)), swap_s=round(swap, 4),
                    read_ceiling_s=round(ceiling, 4), swap_ratio_to_read_ceiling=round(ceiling / swap, 3))
         row["resident_ratio_to_file"] = round(row["resident_bytes"] / row["file_bytes"], 2)

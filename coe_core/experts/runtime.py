@@ -23,8 +23,8 @@ from coe_core.experts.prompt_format import FormattedPrompt, format_prompt, refer
 RUNTIMES = ("transformers", "llama_cpp")
 
 #: what running a GGUF expert on transformers instead of llama.cpp costs, measured here (docs/benchmarks.md)
-TRANSFORMERS_COST = ("its GGUF is dequantised to float32 once (20-50 s at first start) and it runs 3-9x slower "
-                     "per token on CPU with 4-5x the memory")
+TRANSFORMERS_COST = ("the GGUF is dequantised to float32 once (20-50 s per expert at first start), then runs 3-9x "
+                     "slower per token on CPU with 4-5x the memory")
 
 
 class ExpertRuntime(Protocol):
@@ -63,7 +63,7 @@ class TransformersRuntime:
         return reference_logprob(self.model, prompt, ref, self.device)
 
 
-def choose_runtime(expert_id: str, cfg: ExpertConfig, *, gpu: bool) -> tuple[str, str | None]:
+def choose_runtime(cfg: ExpertConfig, *, gpu: bool) -> tuple[str, str | None]:
     """(runtime, note): which runtime serves the expert, and one line saying why when it is not the one asked for
     (or not the fast one a GGUF expert would get). ``auto`` = llama.cpp for GGUF sources when no GPU executes and
     llama-cpp-python is importable; transformers otherwise."""
@@ -75,7 +75,7 @@ def choose_runtime(expert_id: str, cfg: ExpertConfig, *, gpu: bool) -> tuple[str
         return "transformers", None  # a GPU executes: the dequantised model in bf16 on the GPU tier
     problem = llama_cpp_unavailable()
     if problem:
-        return "transformers", (f"{expert_id}: llama-cpp-python is not importable ({problem}), so it runs on "
+        return "transformers", (f"llama-cpp-python is not importable ({problem}), so GGUF experts run on "
                                 f"transformers instead: {TRANSFORMERS_COST}. Install it with "
                                 "pip install llama-cpp-python==0.3.36 (a 5-8 minute C++ build).")
     return "llama_cpp", None

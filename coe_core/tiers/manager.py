@@ -153,11 +153,15 @@ class TierManager:
                 slot.remote, slot.placement = RemoteExpert(expert_id, cfg), "remote"
                 self.slots[expert_id] = slot
                 continue
-            slot.runtime, slot.runtime_note = choose_runtime(expert_id, cfg, gpu=self.exec_tier == "gpu")
-            if slot.runtime_note:
-                log.warning(slot.runtime_note)
+            slot.runtime, slot.runtime_note = choose_runtime(cfg, gpu=self.exec_tier == "gpu")
             self._read_disk(slot)
             self.slots[expert_id] = slot
+        notes: dict[str, list[str]] = {}
+        for slot in self.slots.values():
+            if slot.runtime_note:
+                notes.setdefault(slot.runtime_note, []).append(slot.id)
+        for note, ids in notes.items():  # one line per cause, naming the experts it affects
+            log.warning("%s: %s", ", ".join(ids), note)
         if config.tiers.disk.budget == "auto":  # already materialised experts do not eat the auto budget
             self.tiers["disk"].budget += self._used("disk")
 
@@ -416,7 +420,7 @@ class TierManager:
             slot.unavailable = f"{exc}; set runtime: transformers (or auto) for {slot.id} to run it dequantised"
             raise ExpertUnavailable(slot.unavailable) from exc
         slot.runtime = "transformers"
-        slot.runtime_note = f"{slot.id}: {exc}, so it runs on transformers instead: {TRANSFORMERS_COST}."
+        slot.runtime_note = f"{exc}, so it runs on transformers instead: {TRANSFORMERS_COST}."
         log.warning(slot.runtime_note)
         self._read_disk(slot)
         slot.verified = False
