@@ -221,11 +221,14 @@ def test_kill_9_with_turns_streaming_leaves_each_turn_once_as_interrupted(tmp_pa
                 "messages": [{"role": "user", "content": prompt}]}
         try:
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
+                # the iterator stays referenced: a closed one would close the connection, and the server
+                # would rightly cancel the turn as a client that left
+                lines = response.iter_lines()
+                for line in lines:
                     if '"content":"' in line and '"content":""' not in line:
                         break  # text is streaming: this turn was seen by its user
-            streaming.wait(120)
-            time.sleep(60)  # keep the connection while the server is killed
+                streaming.wait(120)
+                time.sleep(60)  # keep the connection while the server is killed
         except (httpx.HTTPError, threading.BrokenBarrierError):
             pass
 
