@@ -37,3 +37,26 @@ def test_no_prompt_shared_across_categories() -> None:
             key = " ".join(row["prompt"].lower().split())
             assert key not in seen, f"prompt in both {seen[key]} and {category}: {row['prompt'][:60]}"
             seen[key] = category
+
+
+def test_the_router_development_set_shares_no_prompt_with_its_training_data():
+    """The development set is written apart: not one prompt (normalised) is also a training prompt."""
+    import json
+    import re
+
+    from tests.conftest import REPO
+
+    def texts(pattern: str) -> set[str]:
+        out = set()
+        for path in (REPO / "assets" / "router").glob(pattern):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    text = row.get("prompt") or "\n".join(m["content"] for m in row["messages"])
+                    out.add(re.sub(r"\s+", " ", text).strip().lower())
+        return out
+
+    train = texts("seed_prompts.jsonl") | texts("train/*.jsonl")
+    dev = texts("dev/*.jsonl")
+    assert len(train) > 4000 and len(dev) > 900
+    assert not train & dev

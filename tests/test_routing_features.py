@@ -133,3 +133,49 @@ def test_labelled_files_take_conversations_and_slice_fields(tmp_path):
     path.write_text(json.dumps(rows[2]) + "\n")
     with pytest.raises(ValueError, match=r"data.jsonl:1: empty prompt"):
         load_labelled_jsonl(path, ["coding"])
+
+
+def test_linear_classifier_gives_one_probability_row_per_text_with_two_classes_too():
+    from coe_core.routing.classifier import SoftmaxLinearSVC
+
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(-1, 0.3, (10, 4)), rng.normal(1, 0.3, (10, 4))])
+    y = np.array(["a"] * 10 + ["b"] * 10)
+    proba = SoftmaxLinearSVC(C=1.0, random_state=0).fit(x, y).predict_proba(x)
+    assert proba.shape == (20, 2) and np.allclose(proba.sum(axis=1), 1.0)
+    assert (proba[:10, 0] > 0.5).all() and (proba[10:, 1] > 0.5).all()
+
+
+def test_calibration_on_the_development_set_reports_a_cross_fitted_ece():
+    from coe_core.routing.calibration import calibrate_on_examples
+
+    rng = np.random.default_rng(1)
+    labels = ["coding", "math", "general"]
+    n = 400
+    truth = rng.integers(0, 3, n)
+    top = np.where(rng.random(n) < 0.8, truth, (truth + 1) % 3)
+    raw = np.full((n, 3), 0.01)
+    raw[np.arange(n), top] = 0.98  # overconfident: right 80 % of the time
+    examples = [LabelledPrompt(f"p{i}", labels[t], lang="en", style="clean", chars=10) for i, t in enumerate(truth)]
+    examples.append(LabelledPrompt("outside", "sports", lang="en", style="clean", chars=10))  # not a label
+    raw = np.vstack([raw, [[0.34, 0.33, 0.33]]])
+    changes = calibrate_on_examples(raw, labels, examples, target_precision=0.9, fallback="general",
+                                    confidence_kind="max_prob")
+    report = changes["dev_metrics"]
+    assert changes["temperature"] > 1.5 and changes["temperature_fitted_on"] == "development set"
+    assert report["ece"] < 0.1 and report["ece"] != report["ece_in_sample"]
+    assert changes["calibration"]["on"] == "development set" and 0 <= changes["threshold"] <= 1
+    assert report["n"] == n + 1
+
+
+def test_prompts_that_paste_the_same_material_share_a_group():
+    from coe_core.routing.training import group_shared_material
+
+    material = "\n".join(f"line {i}: the quarterly revenue of the north region grew by {i} percent" for i in range(5))
+    rows = [LabelledPrompt(f"summarise for the board:\n{material}", "writing"),
+            LabelledPrompt(f"{material}\nlist every percentage as json", "extraction"),
+            LabelledPrompt("an unrelated short prompt", "general"),
+            LabelledPrompt(f"{material}\nexplicit group wins", "math", group="conv-1")]
+    out = group_shared_material(rows)
+    assert out[0].group == out[1].group and out[0].group.startswith("material:")
+    assert out[2].group == "" and out[3].group == "conv-1"

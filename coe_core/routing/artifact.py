@@ -1,7 +1,7 @@
 """Versioned router artifacts on disk.
 
-``<data_dir>/router/<version_id>/`` holds ``model.joblib`` (the fitted RouterModel: feature state,
-classifier, temperature), ``meta.json`` (id, categories, labels, features, classifier kind and why,
+``<data_dir>/router/<version_id>/`` holds ``model.joblib`` (the fitted RouterModel: feature state and
+classifier), ``meta.json`` (id, categories, labels, features, classifier kind and why, temperature,
 threshold, held-out and development-set metrics,
 sample counts, data hash, parent, ...) and ``heldout.jsonl`` + ``heldout_proba.npy`` (the held-out
 examples and the classifier's probabilities on them, so calibration and the threshold preview need
@@ -30,7 +30,7 @@ def router_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "router"
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
     # write-then-rename: a reader (another process, the app) never sees a half-written file
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -41,7 +41,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 @dataclass
 class RouterArtifact:
-    """A loaded router version: the fitted model (features + classifier + temperature) and its metadata."""
+    """A loaded router version: the fitted model (features + classifier) and its metadata (temperature,
+    threshold, ...)."""
 
     meta: dict[str, Any]
     model: Any  # coe_core.routing.model.RouterModel
@@ -106,7 +107,7 @@ def save_artifact(
         for ex in heldout:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
     np.save(path / "heldout_proba.npy", np.asarray(heldout_proba, dtype=float))
-    _write_json_atomic(path / "meta.json", meta)  # last: a folder with meta.json is complete
+    write_json_atomic(path / "meta.json", meta)  # last: a folder with meta.json is complete
     return RouterArtifact(meta, model, path)
 
 
@@ -213,7 +214,7 @@ def read_active(data_dir: Path) -> str | None:
 
 def write_active(data_dir: Path, version_id: str) -> None:
     read_meta(data_dir, version_id)  # raises when it does not exist
-    _write_json_atomic(
+    write_json_atomic(
         router_dir(data_dir) / "active.json",
         {"version": version_id, "activated_at": datetime.now(UTC).isoformat()},
     )
@@ -222,5 +223,5 @@ def write_active(data_dir: Path, version_id: str) -> None:
 def update_meta(data_dir: Path, version_id: str, **changes: Any) -> dict[str, Any]:
     meta = read_meta(data_dir, version_id)
     meta.update(changes)
-    _write_json_atomic(router_dir(data_dir) / version_id / "meta.json", meta)
+    write_json_atomic(router_dir(data_dir) / version_id / "meta.json", meta)
     return meta

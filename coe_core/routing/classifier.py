@@ -40,9 +40,9 @@ class SoftmaxLinearSVC(LinearSVC):
     """
 
     def predict_proba(self, x: Any) -> np.ndarray:
-        scores = np.atleast_2d(self.decision_function(x))
-        if scores.shape[1] == 1:  # two classes: one decision value
-            scores = np.hstack([-scores, scores])
+        scores = np.asarray(self.decision_function(x))
+        if scores.ndim == 1:  # two classes: one decision value per row, for the second class
+            scores = np.column_stack([-scores, scores])
         scores = scores - scores.max(axis=1, keepdims=True)
         exp = np.exp(scores)
         return exp / exp.sum(axis=1, keepdims=True)

@@ -176,6 +176,14 @@ def cmd_eval_router(args, config) -> int:
         "router_version": router.version_id,
         "files": args.files,
     }
+    evaluated = {p.resolve() for p in expand_paths(args.files, lambda p: Path(p))}
+    calibrated_on = {p.resolve() for p in expand_paths(r.dev_data, config.resolve_path)} if r.dev_data else set()
+    if evaluated & calibrated_on:
+        # the temperature and threshold were fitted on (some of) these prompts: say so, and give the
+        # cross-fitted ECE the version keeps (each half's temperature fitted on the other half)
+        stored = router.artifact.meta.get("dev_metrics") or {}
+        out["in_sample"] = True
+        out["ece_crossfit"] = stored.get("ece")
     if args.json:
         _print_json(out)
         return 0
@@ -187,6 +195,9 @@ def cmd_eval_router(args, config) -> int:
     caught = out["wrong_caught_by_fallback"]
     print(f"accuracy without fallback {out['accuracy_without_fallback']:.3f}  ECE {out['ece']:.3f}  "
           f"wrong top choices caught by the fallback {'-' if caught is None else f'{caught:.3f}'}")
+    if out.get("in_sample"):
+        print(f"note: the router's temperature and threshold were calibrated on these prompts (in-sample); "
+              f"cross-fitted ECE kept in the version: {out['ece_crossfit']}")
     print("slices:")
     for name, row in out["slices"].items():
         print(f"  {name:<16} {row['accuracy']:.3f}  (n {row['n']})")

@@ -12,7 +12,7 @@ from coe_core.routing.training import LabelledFile, LabelledPrompt, expand_paths
 class Datasets:
     def __init__(self, config: CoEConfig) -> None:
         self.config = config
-        self._seed: list[LabelledPrompt] | None = None
+        self._seed: LabelledFile | None = None
 
     def _load(self, patterns: list[str], source: str) -> LabelledFile:
         r = self.config.router
@@ -20,14 +20,17 @@ class Datasets:
                                    source=source, keep_labels=[self.config.fallback_category],
                                    context_turns=r.context_turns, context_chars=r.context_chars)
 
+    def _seed_file(self) -> LabelledFile:
+        if self._seed is None:  # read once: the prompts trained on and their digest must describe one read
+            self._seed = self._load(self.config.router.seed_data, "seed")
+        return self._seed
+
     def seed(self) -> list[LabelledPrompt]:
-        """The training prompts (read once)."""
-        if self._seed is None:
-            self._seed = self._load(self.config.router.seed_data, "seed").examples
-        return list(self._seed)
+        """The training prompts."""
+        return list(self._seed_file().examples)
 
     def seed_file_info(self) -> dict[str, Any]:
-        data = self._load(self.config.router.seed_data, "seed")
+        data = self._seed_file()
         # labels of the files that are not categories of spaces.yaml (a taxonomy typo shows up here)
         return {"path": list(self.config.router.seed_data), "sha256": data.sha256,
                 "outside_taxonomy": data.outside_taxonomy}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coe_core.config import CoEConfig, parse_params
+from coe_core.routing.artifact import write_json_atomic
 from coe_core.routing.mapping import (
     MappingProblem,
     MappingResult,
@@ -180,9 +181,8 @@ class MappingState:
         else:
             self._budget = parse_params(budget, "mapping budget")
         if persist:
-            path = self._applied_budget_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"budget": self._budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            write_json_atomic(self._applied_budget_path(),
+                              {"budget": self._budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return self.current()
 
     def _applied_budget_path(self) -> Path:

@@ -46,7 +46,7 @@ class Router:
     ) -> None:
         self.artifact = artifact
         self.resources = resources
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, float], np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.config_threshold = config_threshold
         self.confidence_kind = confidence_kind
@@ -76,14 +76,15 @@ class Router:
         texts = list(texts)
         if len(texts) != 1 or not use_cache:
             return self.artifact.predict_proba(texts, self.resources)
+        key = (texts[0], self.artifact.temperature)  # a recalibrated temperature makes old rows stale
         with self._cache_lock:
-            hit = self._cache.get(texts[0])
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(texts[0])
+                self._cache.move_to_end(key)
                 return hit[None, :]
         row = self.artifact.predict_proba(texts, self.resources)[0]
         with self._cache_lock:
-            self._cache[texts[0]] = row
+            self._cache[key] = row
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return row[None, :]

@@ -114,8 +114,9 @@ class RoutingService:
         """Dense vectors of ``texts`` for maps (the explorer's PCA): the multilingual token-table block
         when it is configured, else the sentence embedder."""
         res = self.resources()
-        if res.token_table is not None:
-            return res.token_table.pooled(texts, TOKEN_WINDOW)
+        if res.token_table is not None:  # with the active version's IDF weights when it has them
+            idf = getattr(self.router().artifact.model.features, "_token_idf", None)
+            return res.token_table.pooled(texts, TOKEN_WINDOW, idf)
         r = self.config.router
         return get_embedder(r.embedder, r.max_seq_tokens, r.threads).embed(texts)
 
@@ -202,7 +203,7 @@ class RoutingService:
         if store is not None:
             from coe_core.store.queries import labelled_prompts
 
-            extra = labelled_prompts(store, self.config.categories)
+            extra = labelled_prompts(store, self.config.categories, self.config.fallback_category)
         self._progress(f"retrain: {len(extra)} labelled prompts from the log; training a candidate")
         result = self.retrain(extra, force=force)
         result["feedback_prompts"] = len(extra)

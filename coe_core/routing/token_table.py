@@ -6,8 +6,10 @@ places translations near each other (nearest tokens of ``▁código``: ``▁codi
 router gets a multilingual representation offline, from a package we already install for an expert.
 
 Building it once (dequantise the table, convert the tokenizer) takes about a minute; the result is
-cached as ``tokenizer.json`` + ``embeddings.npy`` (float16, memory-mapped: only the rows of tokens
-that occur are ever read) in a folder keyed by the GGUF file's size and name.
+cached as ``tokenizer.json`` + ``embeddings.npy`` (float16, 335 MB for Gemma 3) in a folder keyed by the
+source and its version (the package's version, or a ``gguf:`` file's size and modification time), so an
+upgraded package or a replaced file builds a new table. Loading memory-maps the file and then reads every
+page once (a lazy map is not a load: the first prompts after a cold start would pay the disk reads).
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ def build_table(gguf_file: Path, folder: Path) -> None:
         np.save(tmp / "embeddings.npy", table.astype(np.float16))
         (tmp / "meta.json").write_text(json.dumps({"gguf": str(gguf_file), "rows": int(table.shape[0]),
                                                     "dim": int(table.shape[1])}))
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "embeddings.npy").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process built the same table first: use it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -81,9 +88,15 @@ class TokenTable:
         self.tokenizer.no_padding()
         self.table = np.load(folder / "embeddings.npy", mmap_mode="r")
         self.dim = int(self.table.shape[1])
+        self._touch()
         special = self.tokenizer.get_added_tokens_decoder() if hasattr(self.tokenizer, "get_added_tokens_decoder") \
             else {}
         self._special = np.array(sorted(special), dtype=np.int64)
+
+    def _touch(self, rows: int = 16384) -> None:
+        """Read every page of the table once (into the page cache), so routing never waits for the disk."""
+        for start in range(0, self.table.shape[0], rows):
+            np.asarray(self.table[start : start + rows]).sum()
 
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -133,11 +146,12 @@ def get_token_table(source: str, cache_dir: Path, progress: Callable[[str], None
         key = f"{source}@{cache_dir}"
         if key in _TABLES:
             return _TABLES[key]
-        folder = Path(cache_dir) / _slug(source)
+        folder = Path(cache_dir) / _slug(f"{source}@{_source_version(source)}")
         if not (folder / "embeddings.npy").exists():
             say = progress or (lambda _m: None)
             say(f"router: building the token table of {source} (once, about a minute)")
-            scratch = Path(cache_dir) / "scratch"
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(dir=cache_dir, prefix="scratch-"))  # one per build
             try:
                 build_table(_gguf_path(source, scratch), folder)
             except TokenTableError:
@@ -154,6 +168,29 @@ def get_token_table(source: str, cache_dir: Path, progress: Callable[[str], None
             ) from None
         _TABLES[key] = table
         return table
+
+
+def _source_version(source: str) -> str:
+    """What identifies the bytes behind ``source``: the installed package's version, or a file's size and
+    modification time (cheap: no hashing of a 250 MB file on every start)."""
+    from coe_core.experts.sources import SourceSpec
+
+    spec = SourceSpec.parse(source)
+    if spec.kind == "package":
+        from importlib.metadata import PackageNotFoundError, version
+
+        for name in (spec.target, spec.target.replace("_", "-")):
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "unknown"
+    path = Path(os.path.expanduser(spec.target)) / (spec.gguf_file or "")
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}-{int(st.st_mtime)}"
 
 
 def _slug(source: str) -> str:

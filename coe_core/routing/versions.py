@@ -2,7 +2,8 @@
 and change a version's threshold.
 
 Activating records itself in the interaction log when there is one (``router_versions`` table), so
-``active.json`` and the log cannot disagree and callers (CLI, app) do not record anything themselves.
+callers (CLI, app) do not record anything themselves; a log that is down is reported, not fatal, so the
+two can disagree until the next activation.
 The in-memory router is swapped atomically: another process changing ``active.json`` is noticed on
 the next use, without a restart.
 """
@@ -100,13 +101,14 @@ class RouterVersions:
                 self._progress(f"router: active version unusable: {exc}")
         for meta in reversed(artifacts.list_versions(self.data_dir)):
             try:
-                artifacts.check_compatible(meta, cfg.router, cfg.categories)
+                artifact = self.load(meta["id"])  # checks compatibility and reads the model
             except artifacts.RouterArtifactError:
-                continue
+                continue  # another config's version, or a damaged one: try the next
             self._progress(f"router: activating {meta['id']}, the newest version that fits this config")
+            router = self.make_router(artifact)
             artifacts.write_active(self.data_dir, meta["id"])
             self._record(meta, active=True)
-            return self.make_router(self.load(meta["id"]))
+            return router
         self._progress(
             "router: no trained router for this config yet; training one from the seed set "
             f"({', '.join(cfg.router.seed_data)}), this takes a few seconds"

@@ -10,11 +10,13 @@ SOURCE_CORRECTED = "feedback-corrected"
 SOURCE_LIKE = "feedback-like"
 
 
-def labelled_prompts(store: Store, categories: list[str]) -> list[LabelledPrompt]:
+def labelled_prompts(store: Store, categories: list[str], fallback: str | None = None) -> list[LabelledPrompt]:
     """Labelled prompts from the latest, not retracted, feedback of each turn.
 
-    - wrong_category with a corrected category: the correction is a gold label;
-    - like: confirms the routed category (when it is one of ``categories``, not the fallback);
+    - wrong_category with a corrected category: the correction is a gold label (the ``fallback`` category
+      too: "this was chit-chat" trains the router's ``general`` class);
+    - like: confirms the routed category (when it is one of ``categories``: a like of a fallback turn says
+      the answer was good, not that the prompt was unplaceable);
     - dislike, or wrong_category without a correction: no positive label, skipped;
     - feedback waiting for review (an anonymous visitor's, not accepted by an admin yet) is skipped;
     - turns stored without text (``store.log_prompts: false``) are skipped.
@@ -22,6 +24,7 @@ def labelled_prompts(store: Store, categories: list[str]) -> list[LabelledPrompt
     so turns of one conversation never straddle a train/held-out split.
     """
     allowed = set(categories)
+    corrections = allowed | ({fallback} if fallback else set())
     out: list[LabelledPrompt] = []
     with store.read_session() as s:
         for row, _conv, fb in s.execute(turns_with_feedback().execution_options(yield_per=500)):
@@ -30,7 +33,7 @@ def labelled_prompts(store: Store, categories: list[str]) -> list[LabelledPrompt
             text = row.routing_context or row.prompt
             if not text:
                 continue
-            if fb.kind == "wrong_category" and fb.corrected_category in allowed:
+            if fb.kind == "wrong_category" and fb.corrected_category in corrections:
                 label, source = fb.corrected_category, SOURCE_CORRECTED
             elif fb.kind == "like" and row.category in allowed:
                 label, source = row.category, SOURCE_LIKE
