@@ -319,15 +319,16 @@ def test_real_expert_routed_through_the_openai_client(playground):
     assert turn["category"] == "coding" and turn["client"] == "api"
 
 
-def _next_logged_turn(store: Store, before: set[int]) -> dict:
-    deadline = time.monotonic() + 30
+def _next_logged_turn(store: Store, before: set[int], within_s: float = 90) -> dict:
+    # generous: on a busy shared 2-core box llama.cpp's spinning threads can make one prefill 5-10x slower
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         new = [t for t in store.recent_interactions(100) if t["id"] not in before]
         assert len(new) <= 1  # a turn is one row: logged (running) at its start, completed at its end
         if new and new[0]["status"] != "running":
             return new[0]
         time.sleep(0.2)
-    raise AssertionError("no turn was completed in the log within 30 s")
+    raise AssertionError(f"no turn was completed in the log within {within_s:g} s")
 
 
 STORY = {"model": "smollm2-135m", "max_tokens": 400,
