@@ -55,7 +55,7 @@ def cmd_experts(args, config) -> int:
 
 # -- coe chat -------------------------------------------------------------------------------------------
 def cmd_chat(args, config) -> int:
-    from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
+    from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     overrides = {"expert": args.expert, "category": args.category}
@@ -76,6 +76,9 @@ def cmd_chat(args, config) -> int:
                 if not args.json:
                     print(f"[swap] {event.expert} {event.src}->{event.dst} {_gb(event.bytes)} in "
                           f"{event.seconds:.3f}s ({event.gbps:.1f} GB/s)", file=sys.stderr)
+            elif isinstance(event, Queued):
+                if not args.json:
+                    print(f"[queue] {event.message}", file=sys.stderr)
             elif isinstance(event, Notice):
                 out["notices"].append(event.message)
                 if not args.json:
@@ -87,7 +90,7 @@ def cmd_chat(args, config) -> int:
                 out.update(response=s.response, expert=s.expert, status=s.status, error=s.error,
                            ttft_s=s.ttft_s, total_s=s.total_s, prompt_tokens=s.prompt_tokens,
                            new_tokens=s.new_tokens, tokens_per_s=s.tokens_per_s, truncated=s.truncated,
-                           interaction_id=s.interaction_id)
+                           interaction_id=s.interaction_id, queue_s=round(s.queue_s, 3))
     except KeyboardInterrupt:
         cancel.set()
         print("\n[cancelled]", file=sys.stderr)
