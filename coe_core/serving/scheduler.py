@@ -66,14 +66,16 @@ class Scheduler:
     def admit(self, expert: str) -> Ticket:
         """Queue a turn for ``expert``; it may start at once. Raises ``QueueFull`` beyond ``serve.max_queue``."""
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            ticket = Ticket(id=next(self._ids), expert=expert, arrived=self.clock())
+            self._waiting.append(ticket)
+            self._dispatch_locked()
+            if ticket.state == "waiting" and len(self._waiting) > self.max_queue:  # it cannot start and no room
+                self._waiting.remove(ticket)
+                ticket.state = "refused"
                 self.refused += 1
                 retry = self._retry_after_locked()
                 raise QueueFull(f"busy: {len(self._waiting)} turns are waiting already (serve.max_queue "
                                 f"{self.max_queue}); try again in about {retry} s", retry)
-            ticket = Ticket(id=next(self._ids), expert=expert, arrived=self.clock())
-            self._waiting.append(ticket)
-            self._dispatch_locked()
             return ticket
 
     def wait(self, ticket: Ticket, cancel: threading.Event | None = None, poll_s: float = 0.1
