@@ -126,6 +126,8 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
                 sizes = [coe.tiers.slots[e].resident_bytes for e in experts]
                 tier.budget = max(sizes) + min(sizes) // 2
                 budget_note = f"tight: one expert at a time ({tier.budget} bytes)"
+            for expert in experts:  # the first turn of a process pays one-time costs (llama.cpp start-up): not counted
+                coe.run(PROMPTS[0], {"expert": expert}, max_new_tokens=2, temperature=0, session_id="warmup")
             serve = config.serve
             result = {"experts": experts, "exec_tier": coe.tiers.exec_tier, "budget": budget_note,
                       "runtime": {e: coe.tiers.slots[e].runtime for e in experts},
