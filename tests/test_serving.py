@@ -168,4 +168,13 @@ def test_sixteen_users_at_once_no_refusals_no_errors_every_turn_logged_once(tiny
     assert Counter(r["session_id"] for r in rows) == {f"user-{u}": n for u, n in turns_of.items()}
     assert len({r["id"] for r in rows}) == sum(turns_of.values())
     assert all(r["status"] == "ok" for r in rows)
+    assert all(r["queue_s"] is not None for r in rows)
+    # the Analytics tab's serving figure: swaps per 100 turns and queue wait by hour
+    hours = coe.store.stats()["serving_by_hour"]
+    assert sum(h["turns"] for h in hours) == sum(turns_of.values())
+    assert all(h["queue_wait_p95_s"] is not None and h["swaps_per_100_turns"] >= 0 for h in hours)
+    from app.plots import serving_figure
+
+    assert [t.name for t in serving_figure(hours).data] == ["swaps per 100 turns", "queue wait p50",
+                                                              "queue wait p95"]
     coe.close()
