@@ -7,7 +7,6 @@ Tiny random-weight experts (no router: the default expert serves) where routing 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
