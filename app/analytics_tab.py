@@ -71,6 +71,9 @@ class AnalyticsTab:
         with gr.Row(equal_height=False):
             self.ttft = gr.Plot(label="Time to first token", elem_classes=["coe-plot"], show_label=False)
             self.swaps = gr.Plot(label="Swap times", elem_classes=["coe-plot"], show_label=False)
+        with gr.Row(equal_height=False):
+            self.serving = gr.Plot(label="Swaps per 100 turns and queue wait", elem_classes=["coe-plot"],
+                                   show_label=False)
         self.recent = gr.Dataframe(headers=RECENT_COLUMNS, label="Recent turns (newest first)", interactive=False,
                                    wrap=True)
         self.recent_md = gr.Markdown()
@@ -83,7 +86,7 @@ class AnalyticsTab:
 
     def wire(self, demo: gr.Blocks, tab: gr.Tab) -> None:
         private: dict[str, Any] = {"api_visibility": "private"}
-        view = [self.summary, self.over_time, self.usage, self.rates, self.ttft, self.swaps, self.recent,
+        view = [self.summary, self.over_time, self.usage, self.rates, self.ttft, self.swaps, self.serving, self.recent,
                 self.recent_md]
         tab.select(self.refresh, self.ctx.admin_state, view, **private)
         self.refresh_btn.click(self.refresh, self.ctx.admin_state, view, **private)
@@ -96,7 +99,7 @@ class AnalyticsTab:
         store = self.ctx.coe.store
         if store is None:
             msg = "This app runs without an interaction store: nothing is logged."
-            return (msg,) + (plots.empty_figure("no store"),) * 5 + ([], "")
+            return (msg,) + (plots.empty_figure("no store"),) * 6 + ([], "")
         everyone = self.ctx.gate.sees_private(unlocked)
         session = getattr(request, "session_hash", None) or "-"  # no session: nobody's turns
         try:
@@ -104,7 +107,7 @@ class AnalyticsTab:
             recent = store.recent_interactions(50, session_id=None if everyone else session)
         except (ValueError, RuntimeError, OSError) as exc:
             gr.Warning(f"Cannot read the log: {user_message(exc)}")
-            return (f"⚠️ {user_message(exc)}",) + (gr.update(),) * 7
+            return (f"⚠️ {user_message(exc)}",) + (gr.update(),) * 8
         whose = ("every session's turns (admin)" if everyone else
                  "only this browser session's turns: other people's prompts need the admin token")
         colors = self.ctx.colors
@@ -114,6 +117,7 @@ class AnalyticsTab:
                 plots.rates_figure(stats.get("fallback_rate") or 0.0, stats.get("feedback_rates") or {}),
                 plots.ttft_figure(stats.get("ttft_values") or []),
                 plots.swap_times_figure(stats.get("swap_seconds") or {}),
+                plots.serving_figure(stats.get("serving_by_hour") or []),
                 recent_rows(recent), f"Recent turns: {whose}.")
 
     def export(self, unlocked: bool, fmt: str) -> tuple[Any, str]:

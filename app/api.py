@@ -3,8 +3,8 @@
 Every other event of the UI is private (hidden from the API docs; each handler checks what it gives away).
 Errors a caller causes come back as ``gr.Error`` with one clear message (gradio_client raises it as
 ``AppError``). The same door policy as ``/v1``: ``COE_API_KEY``, when set, is needed here too
-(``Client(url, headers={"Authorization": "Bearer KEY"})``); turns take a slot of the shared admission
-(``api.max_concurrent_turns``); feedback binds to the gradio session that made the turn.
+(``Client(url, headers={"Authorization": "Bearer KEY"})``); turns wait in the engine's one queue
+(``serve.*``, "busy" beyond ``serve.max_queue``); feedback binds to the gradio session that made the turn.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 
 import gradio as gr
 
-from app.chat_tab import GENERATION_CONCURRENCY
+from app.chat_tab import generation_concurrency
 from app.context import AppContext, user_message
 from coe_core.engine import InvalidRequest
-from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
+from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
+from coe_core.serving import QueueFull
 
 
 def _history(history: list[dict] | str | None) -> list[dict]:
@@ -76,7 +77,8 @@ class PublicAPI:
 
     def register(self) -> None:
         gr.api(self.route, api_name="route")
-        gr.api(self.chat, api_name="chat", concurrency_limit=GENERATION_CONCURRENCY, concurrency_id="generation")
+        gr.api(self.chat, api_name="chat", concurrency_limit=generation_concurrency(self.coe),
+               concurrency_id="generation")
         gr.api(self.feedback, api_name="feedback")
 
     def route(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
@@ -126,13 +128,8 @@ class PublicAPI:
         """
         self._check_key(request)
         messages = _history(history) + [{"role": "user", "content": _text(prompt)}]
-        if not self.coe.admission.try_enter():
-            raise gr.Error(f"busy: {self.coe.admission.limit} turns are running (api.max_concurrent_turns); "
-                           "retry shortly")
-        try:
-            yield from self._chat(messages, category, expert, max_new_tokens, temperature, _session(request))
-        finally:
-            self.coe.admission.leave()
+        # the engine's one queue (serve.*): "queued" updates while others go first; "busy" beyond serve.max_queue
+        yield from self._chat(messages, category, expert, max_new_tokens, temperature, _session(request))
 
     def _chat(self, messages: list[dict], category: str | None, expert: str | None, max_new_tokens: Any,
               temperature: Any, session_id: str) -> Iterator[dict]:
@@ -146,6 +143,8 @@ class PublicAPI:
                     if isinstance(event, RouteDecision):
                         route = event.to_dict()
                         yield {"text": text, "route": route, "done": False}
+                    elif isinstance(event, Queued):
+                        yield {"text": text, "route": route, "done": False, "queued": event.to_dict()}
                     elif isinstance(event, SwapEvent):
                         swaps.append(event.to_dict())
                     elif isinstance(event, Notice):
@@ -158,7 +157,7 @@ class PublicAPI:
                         yield {"text": text, "route": route, "done": True, "status": stats["status"],
                                "error": stats["error"], "interaction_id": stats["interaction_id"],
                                "swaps": swaps, "notices": notices, "stats": stats}
-            except (InvalidRequest, ValueError, KeyError, TypeError) as exc:
+            except (InvalidRequest, ValueError, KeyError, TypeError, QueueFull) as exc:
                 raise gr.Error(user_message(exc)) from None
             finally:
                 cancel.set()  # the caller went away mid-stream: stop generating (the engine logs it)

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from app.plots import gb
-from coe_core.events import Notice, RouteDecision, SwapEvent, TurnStats
+from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TurnStats
 
 REASONS = {
     "mapped": "mapped by the optimiser",
@@ -110,6 +110,12 @@ def resident_message(expert: str, tier: str, parent_id: str) -> dict:
 def notice_message(n: Notice, parent_id: str) -> dict:
     return {"role": "assistant", "content": escape_html(n.message),
             "metadata": {"title": "⚠️ note" if n.kind == "warning" else "ℹ️ note", "parent_id": parent_id}}
+
+
+def queued_message(q: Queued, parent_id: str) -> dict:
+    """"waiting: 2 turns ahead on gemma3-270m, then a swap" (the serving queue; updated in place)."""
+    return {"role": "assistant", "content": escape_html(q.message),
+            "metadata": {"title": "⏳ queued", "parent_id": parent_id, "status": "pending"}}
 
 
 def stats_line(stats: TurnStats) -> str:

@@ -21,6 +21,7 @@ from app.chat_messages import (
     engine_messages,
     escape_html,
     notice_message,
+    queued_message,
     resident_message,
     routing_message,
     stats_line,
@@ -28,13 +29,16 @@ from app.chat_messages import (
 )
 from app.context import AppContext, user_message
 from coe_core.engine import InvalidRequest
-from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
+from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
 
 AUTO = "auto"
 FEEDBACK_WRONG = "Wrong category"
-#: turns that may generate at once (per app); further turns wait in the queue. CPU generation
-#: shares the cores, so more at once only makes each slower.
-GENERATION_CONCURRENCY = 2
+def generation_concurrency(coe) -> int:
+    """Chat jobs Gradio lets into the engine at once: the running turns and a share of the engine's queue
+    (``serve.*``), so a visitor waits in the one queue every door shares and sees "waiting: ..." there; capped at
+    32 (each waiting job holds one of Gradio's worker threads)."""
+    serve = coe.config.serve
+    return max(2, min(serve.max_running + serve.max_queue, 32))
 
 
 @dataclass
@@ -160,7 +164,7 @@ class ChatTab:
         for trigger in (self.prompt.submit, self.send.click):
             (trigger(self.start_turn, [self.prompt, self.session],
                      [self.prompt, self.pending, self.session, self.timer, self.send], queue=False, **private)
-             .then(self.respond, turn_inputs, turn_outputs, concurrency_limit=GENERATION_CONCURRENCY,
+             .then(self.respond, turn_inputs, turn_outputs, concurrency_limit=generation_concurrency(self.coe),
                    concurrency_id="generation", show_progress="hidden", **private)
              .then(self.end_turn, None, [self.prompt, self.timer, self.send, self.residency_plot,
                                          self.residency_md], **private))
@@ -218,18 +222,9 @@ class ChatTab:
                      if v and v != AUTO}
         history.append({"role": "user", "content": escape_html(prompt)})
         first_index = len(history)
-        # the same bound as every other door (api.max_concurrent_turns, shared with /v1 and the gradio API)
-        if not self.coe.admission.try_enter():
-            busy = (f"Busy: {self.coe.admission.limit} turns are running (api.max_concurrent_turns); "
-                    "send it again in a moment.")
-            gr.Warning(busy)
-            yield {self.chatbot: history[:-1], self.turn_md: f"⚠️ {busy}"}
-            return
-        try:
-            yield from self._respond(prompt, history, messages, session, overrides, first_index, max_new_tokens,
-                                     temperature)
-        finally:
-            self.coe.admission.leave()
+        # every door's turns wait in the engine's one queue (serve.*); beyond serve.max_queue it says busy
+        yield from self._respond(prompt, history, messages, session, overrides, first_index, max_new_tokens,
+                                 temperature)
 
     def _respond(self, prompt: str, history: list[dict], messages: list[dict], session: ChatSession,
                  overrides: dict, first_index: int, max_new_tokens: float, temperature: float) -> Iterator[dict]:
@@ -242,9 +237,12 @@ class ChatTab:
         raw = ""  # the answer as the expert wrote it; the chat shows it escaped
         decision: RouteDecision | None = None
         swaps: list[SwapEvent] = []
+        queued_msg: dict | None = None
         with contextlib.closing(events):
             try:
                 for event in events:
+                    if queued_msg is not None and not isinstance(event, Queued):
+                        queued_msg["metadata"]["status"] = "done"
                     if isinstance(event, RouteDecision):
                         decision = event
                         route_msg = routing_message(event, route_id)
@@ -259,6 +257,13 @@ class ChatTab:
                         swaps.append(event)
                         history.append(swap_message(event, route_id))
                         yield {self.chatbot: history}
+                    elif isinstance(event, Queued):
+                        if queued_msg is None:
+                            queued_msg = queued_message(event, route_id)
+                            history.append(queued_msg)
+                        else:  # one line, updated as the turn moves up
+                            queued_msg["content"] = escape_html(event.message)
+                        yield {self.chatbot: history, self.turn_md: f"⏳ {escape_html(event.message)}"}
                     elif isinstance(event, Notice):
                         history.append(notice_message(event, route_id))
                         yield {self.chatbot: history}

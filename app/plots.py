@@ -401,6 +401,29 @@ def ttft_figure(values: Sequence[float]) -> go.Figure:
     return _layout(fig, HEIGHT, title={"text": "Time to first token", "font": {"size": 13}}, showlegend=False)
 
 
+def serving_figure(by_hour: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Swaps per 100 turns (bars) and queue wait p50/p95 (lines, right axis) per hour: how well the serving
+    queue keeps experts resident, and what it costs the people waiting."""
+    rows = [r for r in by_hour if r.get("turns")]
+    if not rows:
+        return empty_figure("no turns logged yet")
+    hours = [r["hour"] for r in rows]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=hours, y=[r["swaps_per_100_turns"] for r in rows], name="swaps per 100 turns",
+                         marker={"color": PHASE_COLORS["swap"]}, customdata=[r["turns"] for r in rows],
+                         hovertemplate="%{x}: %{y:.0f} swaps per 100 turns (%{customdata} turns)<extra></extra>"))
+    for key, name, dash in (("queue_wait_p50_s", "queue wait p50", "dot"), ("queue_wait_p95_s", "queue wait p95",
+                                                                              "solid")):
+        fig.add_trace(go.Scatter(x=hours, y=[r.get(key) for r in rows], name=name, yaxis="y2", mode="lines+markers",
+                                 line={"color": PHASE_COLORS["queue"], "dash": dash},
+                                 hovertemplate="%{x}: %{y:.2f} s<extra>" + name + "</extra>"))
+    fig.update_yaxes(title_text="swaps per 100 turns", rangemode="tozero")
+    fig.update_xaxes(title_text="hour (UTC)")
+    return _layout(fig, HEIGHT, title={"text": "Serving: swaps per 100 turns and queue wait", "font": {"size": 13}},
+                   yaxis2={"title": {"text": "queue wait (s)"}, "overlaying": "y", "side": "right",
+                           "rangemode": "tozero"})
+
+
 def swap_times_figure(swap_seconds: Mapping[str, Sequence[float]]) -> go.Figure:
     """Swap time distributions (seconds) by tier pair (src->dst), coloured by the tier swapped into."""
     pairs = [p for p, v in swap_seconds.items() if v]

@@ -30,6 +30,7 @@ TIER_ORDER = ("gpu", "cpu", "disk")
 
 PHASE_COLORS = {
     "route": "#7B61FF",
+    "queue": "#CC79A7",
     "resident": "#9AA5B1",
     "swap": "#2F6FDE",
     "prefill": "#E69F00",

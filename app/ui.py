@@ -83,15 +83,16 @@ def build_app(coe: CoE, *, gate: AdminGate | None = None,
         token.submit(ctx.gate.unlock, token, [ctx.admin_state, admin_md], **unlock_args) \
             .then(lambda: "", None, token, **unlock_args)
         demo.load(lambda: status_line(coe, problems), None, status, **unlock_args)
-    # a bounded queue: one more job than this is refused ("queue is full"), not held; turns themselves also take
-    # a slot of the shared admission (api.max_concurrent_turns), like /v1 turns
+    # a bounded queue: one more job than this is refused ("queue is full"), not held; turns themselves then wait
+    # in the engine's one queue (serve.*), like /v1 turns
     demo.queue(default_concurrency_limit=4, max_size=queue_size(coe))
     return demo
 
 
 def queue_size(coe: CoE) -> int:
     """Jobs the playground's queue holds (running and waiting, every visitor's events together)."""
-    return max(16, 4 * coe.config.api.max_concurrent_turns)
+    serve = coe.config.serve
+    return max(16, serve.max_running + serve.max_queue)
 
 
 def launch_kwargs() -> dict[str, Any]:

@@ -55,7 +55,7 @@ def cmd_experts(args, config) -> int:
 
 # -- coe chat -------------------------------------------------------------------------------------------
 def cmd_chat(args, config) -> int:
-    from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
+    from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     overrides = {"expert": args.expert, "category": args.category}
@@ -76,6 +76,9 @@ def cmd_chat(args, config) -> int:
                 if not args.json:
                     print(f"[swap] {event.expert} {event.src}->{event.dst} {_gb(event.bytes)} in "
                           f"{event.seconds:.3f}s ({event.gbps:.1f} GB/s)", file=sys.stderr)
+            elif isinstance(event, Queued):
+                if not args.json:
+                    print(f"[queue] {event.message}", file=sys.stderr)
             elif isinstance(event, Notice):
                 out["notices"].append(event.message)
                 if not args.json:
@@ -87,7 +90,7 @@ def cmd_chat(args, config) -> int:
                 out.update(response=s.response, expert=s.expert, status=s.status, error=s.error,
                            ttft_s=s.ttft_s, total_s=s.total_s, prompt_tokens=s.prompt_tokens,
                            new_tokens=s.new_tokens, tokens_per_s=s.tokens_per_s, truncated=s.truncated,
-                           interaction_id=s.interaction_id)
+                           interaction_id=s.interaction_id, queue_s=round(s.queue_s, 3))
     except KeyboardInterrupt:
         cancel.set()
         print("\n[cancelled]", file=sys.stderr)
@@ -120,6 +123,12 @@ def cmd_bench(args, config) -> int:
 
         result = bench_runtime(config, tokens=args.tokens, repeats=args.repeats, users=args.users,
                                transformers=not args.no_transformers, threads=args.threads)
+    elif args.what == "serve":
+        from coe_core.bench.serve import bench_serve
+
+        result = bench_serve(config, levels=tuple(int(n) for n in args.levels.split(",")), turns=args.turns,
+                             tokens=args.tokens if args.tokens != 64 else 16, think_s=args.think_s,
+                             tight=not args.no_tight)
     elif args.what == "store":
         from coe_core.bench.store import bench_store
 
@@ -168,17 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (JSON figures, not tests)")
-    p.add_argument("what", choices=["swap", "route", "store", "runtime"])
+    p.add_argument("what", choices=["swap", "route", "store", "runtime", "serve"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--synthetic-gb", type=float, default=1.0, help="swap: size of the synthetic checkpoint")
     p.add_argument("--repeats", type=int, default=5, help="swap, runtime: repeats per measurement")
-    p.add_argument("--tokens", type=int, default=64, help="swap, runtime: tokens for the generation comparison")
+    p.add_argument("--tokens", type=int, default=64,
+                   help="swap, runtime: tokens for the generation comparison; serve: tokens per turn (default 16)")
     p.add_argument("--no-cold", action="store_true", help="swap: skip the cold page-cache runs")
     p.add_argument("--users", type=int, default=8, help="runtime: concurrent turns for the batch figure (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="runtime: llama.cpp threads (engine and raw alike)")
     p.add_argument("--no-transformers", action="store_true",
                    help="runtime: skip the transformers runtime (it converts each GGUF to float32 once)")
     p.add_argument("-n", type=int, default=200, help="route: prompts to time; store: turns to log")
+    p.add_argument("--levels", default="1,4,8,16", help="serve: concurrent users per level")
+    p.add_argument("--turns", type=int, default=2, help="serve: turns per user")
+    p.add_argument("--think-s", type=float, default=0.2, help="serve: seconds between a user's turns")
+    p.add_argument("--no-tight", action="store_true",
+                   help="serve: keep the configured execution-tier budget (default: room for one expert)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="start the playground and the OpenAI-compatible /v1 API on one port "

@@ -284,8 +284,19 @@ class ApiConfig(_Strict):
 
     #: request bodies above this size are refused with 413 (a prompt over limits.max_prompt_chars is a 400)
     max_body_bytes: int = Field(1_000_000, ge=1024)
-    #: turns the API runs at once; more get 429 (busy) with Retry-After
-    max_concurrent_turns: int = Field(4, ge=1, le=256)
+
+
+class ServeConfig(_Strict):
+    """The one queue every door's turns go through (``coe_core/serving``)."""
+
+    #: turns running at once, every door together (turns on one llama.cpp expert decode as one batch)
+    max_running: int = Field(8, ge=1, le=256)
+    #: turns waiting beyond the running ones; one more is refused (429 with Retry-After, "busy" in the UI)
+    max_queue: int = Field(64, ge=0, le=10_000)
+    #: a turn that has waited this long goes before every other waiting turn (aging bound)
+    max_wait_s: float = Field(60.0, gt=0, le=3600)
+    #: a turn that later turns went before this many times goes before every other (aging bound)
+    max_bypass: int = Field(8, ge=0, le=1000)
 
 
 class CoEConfig(_Strict):
@@ -300,6 +311,7 @@ class CoEConfig(_Strict):
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
     api: ApiConfig = ApiConfig()
+    serve: ServeConfig = ServeConfig()
     profiles: dict[str, ProfileConfig]
 
     #: where the config was read from (relative paths resolve against its folder)

@@ -1,7 +1,9 @@
 """One turn of the CoE: route -> acquire expert -> generate -> log, as typed events.
 
 Every front end (app, API, CLI) drives ``CoE.chat`` and gets the same event sequence:
-``RouteDecision``, ``SwapEvent``*, ``Notice``*, ``TextChunk``*, ``TurnDone``.
+``RouteDecision``, ``Queued``*, ``SwapEvent``*, ``Notice``*, ``TextChunk``*, ``TurnDone``. Every turn goes
+through the one serving queue (``CoE.scheduler``, ``serve.*``); beyond ``serve.max_queue`` it raises ``QueueFull``
+before anything is logged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.hf_spaces import on_zero_gpu
+from coe_core.serving import Scheduler
 from coe_core.tiers.manager import TierManager
 
 log = logging.getLogger(__name__)
@@ -52,21 +55,6 @@ def clean_text(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
-
-
-class Admission:
-    """At most ``limit`` turns at once across every front end (the playground, its gradio API and /v1):
-    ``api.max_concurrent_turns``. One more is refused at once, not queued (the scheduler of issue 8 may queue)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._free = threading.BoundedSemaphore(limit)
-
-    def try_enter(self) -> bool:
-        return self._free.acquire(blocking=False)
-
-    def leave(self) -> None:
-        self._free.release()
 
 
 class RateWindow:
@@ -123,7 +111,11 @@ class CoE:
                                      traffic_distribution=self.store.category_counts if self.store else None,
                                      store=self.store)
         self.routing = routing
-        self.admission = Admission(self.config.api.max_concurrent_turns)
+        serve = self.config.serve
+        #: the one queue every door's turns go through (serve.*): swap-aware order, refuses beyond max_queue
+        self.scheduler = Scheduler(max_running=serve.max_running, max_queue=serve.max_queue,
+                                   max_wait_s=serve.max_wait_s, max_bypass=serve.max_bypass,
+                                   swap_cost_s=self.swap_cost_s)
         self._feedback_rate = RateWindow(self.config.limits.feedback_per_minute, 60.0, "feedback",
                                          "limits.feedback_per_minute")
         self._closed = False
@@ -146,6 +138,28 @@ class CoE:
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
         return {e for e, slot in self.tiers.slots.items() if slot.unavailable is None}
+
+    def swap_cost_s(self, expert_id: str) -> float:
+        """0 when the expert runs without a swap (resident on the execution tier, remote, unknown), else the
+        estimated seconds to make it resident: its bytes at the mean GB/s of the tiers' recent swaps (1 GB/s
+        before any). The scheduler orders waiting turns by it."""
+        slot = self.tiers.slots.get(expert_id)
+        if slot is None or slot.remote is not None or slot.unavailable is not None:
+            return 0.0
+        if slot.placement in (self.tiers.exec_tier, "split"):
+            return 0.0
+        rates = [e.gbps for e in list(self.tiers.history)[-20:] if e.gbps > 0 and e.dst == self.tiers.exec_tier]
+        gbps = sum(rates) / len(rates) if rates else 1.0
+        return max(slot.bytes / (gbps * 1e9), 1e-3)
+
+    def _queue_key(self, decision: RouteDecision) -> str:
+        """The expert a turn waits for: the routed one, or the one that will stand in for it."""
+        if decision.expert in self.available_experts():
+            return decision.expert
+        try:
+            return self._stand_in(decision.expert, decision.category, "unavailable")
+        except Exception:
+            return decision.expert
 
     def expert_params(self) -> dict[str, int]:
         """Active parameters per materialised expert (from the disk tier manifests)."""
@@ -266,27 +280,48 @@ class CoE:
         route_end = time.perf_counter() - start
         params = self._params(max_new_tokens, temperature, top_p, stop, decision.expert, min_new_tokens)
         cancel = cancel or threading.Event()
-        stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
-        uid = self._log_start(decision, stats, messages, started_at, client, session_id, conversation_id)
-        swaps: list[SwapEvent] = []
-        pieces: list[str] = []
+        # beyond serve.max_queue: QueueFull, before anything is logged (the front end says busy / 429)
+        ticket = self.scheduler.admit(self._queue_key(decision))
         try:
-            yield decision
-            yield from self._serve(decision, messages, params, cancel, start, stats, swaps, pieces)
-        except (GeneratorExit, KeyboardInterrupt):  # the client went away (or Ctrl-C): stop, log what we have
-            cancel.set()
-            stats.status = "cancelled"
+            stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
+            uid = self._log_start(decision, stats, messages, started_at, client, session_id, conversation_id)
+            swaps: list[SwapEvent] = []
+            pieces: list[str] = []
+            try:
+                yield decision
+                t_queue = time.perf_counter() - start
+                queued = False
+                for event in self.scheduler.wait(ticket, cancel):
+                    queued = True
+                    yield event
+                stats.queue_s = time.perf_counter() - start - t_queue
+                if queued:
+                    stats.timeline.append(("queue", t_queue, t_queue + stats.queue_s))
+                if ticket.state == "cancelled":  # stopped while waiting: it never ran
+                    stats.status = "cancelled"
+                else:
+                    yield from self._serve(decision, messages, params, cancel, start, stats, swaps, pieces,
+                                           ready=lambda: self.scheduler.ready(ticket))
+            except (GeneratorExit, KeyboardInterrupt):  # the client went away (or Ctrl-C): stop, log what we have
+                cancel.set()
+                stats.status = "cancelled"
+                self.scheduler.leave(ticket)
+                self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
+                             conversation_id, wait=False, uid=uid)
+                raise
+            except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
+                log.warning("turn on %s failed: %s", stats.expert, exc)
+                stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
+            self.scheduler.leave(ticket)  # the next turn may start while this one is logged
             self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                         conversation_id, wait=False, uid=uid)
-            raise
-        except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
-            log.warning("turn on %s failed: %s", stats.expert, exc)
-            stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
-        self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                     conversation_id, wait=True, uid=uid)
+                         conversation_id, wait=True, uid=uid)
+        finally:
+            self.scheduler.leave(ticket)
         yield TurnDone(stats)
 
-    def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces) -> Iterator[Event]:
+    def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces, ready=lambda: None
+               ) -> Iterator[Event]:
+        """``ready()`` is called once the expert that serves is resident (the queue may then start others)."""
         expert = decision.expert
         if expert not in self.available_experts():
             replacement = self._stand_in(expert, decision.category,
@@ -297,6 +332,7 @@ class CoE:
             expert = stats.expert = replacement
         remote = self.tiers.remote(expert)
         if remote is not None:
+            ready()
             try:
                 yield from self._serve_remote(remote, messages, params, cancel, start, stats, swaps, pieces)
                 return
@@ -312,17 +348,19 @@ class CoE:
                 decision.explanation += f"; {expert} did not answer, {replacement} served instead"
                 params = self._restop(params, expert, replacement)
                 expert = stats.expert = replacement
-        yield from self._serve_local(decision, expert, messages, params, cancel, start, stats, swaps, pieces)
+        yield from self._serve_local(decision, expert, messages, params, cancel, start, stats, swaps, pieces,
+                                     ready)
 
     def _restop(self, params: GenerationParams, old: str, new: str) -> GenerationParams:
         """The stand-in's own stop strings (a plain-format expert needs its turn markers), plus the caller's."""
         caller = params.stop[len(self.config.experts[old].stop):]
         return replace(params, stop=(*self.config.experts[new].stop, *caller))
 
-    def _serve_local(self, decision, expert, messages, params, cancel, start, stats, swaps, pieces
-                     ) -> Iterator[Event]:
+    def _serve_local(self, decision, expert, messages, params, cancel, start, stats, swaps, pieces,
+                     ready=lambda: None) -> Iterator[Event]:
         t_acquire = time.perf_counter() - start
         with self.tiers.acquire(expert) as lease:
+            ready()
             self._maybe_prefetch(decision)  # only now: a prefetch must never take the room this turn needs
             for event in lease.events:
                 event.started_at = (event.started_at - start) if event.started_at else None

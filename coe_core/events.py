@@ -78,6 +78,36 @@ class Notice:
 
 
 @dataclass
+class Queued:
+    """The turn waits in the serving queue while others go first (``coe_core/serving``)."""
+
+    #: 1: next to start
+    position: int
+    #: turns that go first (running or waiting ahead), by expert
+    ahead_by_expert: dict[str, int] = field(default_factory=dict)
+    #: full (serve.max_running turns run) | behind (turns ahead go first) | swap (its expert needs a swap, so it
+    #: waits for the running expert's turns)
+    reason: str = "behind"
+    #: the expert it waits for
+    expert: str = ""
+
+    @property
+    def message(self) -> str:
+        """For the chat: "waiting: 2 turns ahead on gemma3-270m, then a swap"."""
+        ahead = sum(self.ahead_by_expert.values())
+        where = ", ".join(f"{n} on {e}" for e, n in sorted(self.ahead_by_expert.items()))
+        text = f"waiting: {ahead} turn{'s' if ahead != 1 else ''} ahead" + (f" ({where})" if where else "")
+        if len(self.ahead_by_expert) == 1:
+            text = f"waiting: {ahead} turn{'s' if ahead != 1 else ''} ahead on {where.split(' on ', 1)[1]}"
+        if self.reason == "swap":
+            text += f", then a swap to {self.expert}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "message": self.message}
+
+
+@dataclass
 class TurnStats:
     expert: str
     response: str
@@ -96,6 +126,8 @@ class TurnStats:
     #: expert -> state after the turn (disk, cpu, gpu, split, ...)
     tiers: dict[str, str] = field(default_factory=dict)
     interaction_id: int | None = None
+    #: seconds the turn waited in the serving queue before it ran
+    queue_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,4 +140,4 @@ class TurnDone:
     stats: TurnStats
 
 
-Event = RouteDecision | SwapEvent | TextChunk | Notice | TurnDone
+Event = RouteDecision | Queued | SwapEvent | TextChunk | Notice | TurnDone

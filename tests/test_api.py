@@ -7,7 +7,6 @@ Tiny random-weight experts (no router: the default expert serves) where routing 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -193,37 +192,26 @@ def test_api_key_guards_every_v1_route(tiny_sources, tmp_path, monkeypatch):
     assert [t["status"] for t in logged(coe)] == ["ok"]  # only the authorised turn
 
 
-def test_turn_limit_answers_429_while_a_turn_runs(tiny_sources, tmp_path, monkeypatch):
-    """With api.max_concurrent_turns 1, a second turn while one streams gets 429 busy; afterwards it is served."""
+def test_full_queue_answers_429_with_retry_after_from_the_queue(tiny_sources, tmp_path, monkeypatch):
+    """With serve.max_running 1 and serve.max_queue 0, a turn while another runs gets 429 busy, with a
+    Retry-After estimated from the queue; once that turn ends, the next one is served."""
     monkeypatch.delenv("COE_API_KEY", raising=False)
-    coe = make_tiny(tiny_sources, tmp_path, api__max_concurrent_turns=1)
-    started, release = threading.Event(), threading.Event()
-
-    def held_turn(messages, overrides=None, **kwargs):
-        yield coe.route(messages, overrides)
-        started.set()
-        release.wait(30)
-        yield TurnDone(TurnStats(expert="small", response=""))
-
+    coe = make_tiny(tiny_sources, tmp_path, serve__max_running=1, serve__max_queue=0)
+    held = coe.scheduler.admit("small")  # another door's turn holds the one running place
     try:
         with ServerThread(build_server(coe)) as url:
-            real_chat, coe.chat = coe.chat, held_turn
-            first = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                                                               json={"model": "coe", "messages": HELLO}))
-            first.start()
-            assert started.wait(30)
             with pytest.raises(openai.RateLimitError) as busy:
                 client(url).chat.completions.create(model="coe", messages=HELLO, max_tokens=4)
-            assert busy.value.response.headers["retry-after"] == "1"
+            assert int(busy.value.response.headers["retry-after"]) >= 1
             assert busy.value.body["code"] == "busy"
-            release.set()
-            first.join(30)
-            coe.chat = real_chat
+            assert "serve.max_queue" in busy.value.body["message"]
+            coe.scheduler.leave(held)
             answer = client(url).chat.completions.create(model="coe", messages=HELLO, max_tokens=4)
             assert answer.model_extra["coe"]["status"] == "ok"
     finally:
-        release.set()
+        coe.scheduler.leave(held)
         coe.close()
+    assert [t["status"] for t in logged(coe)] == ["ok"]  # the refused turn was never logged
 
 
 def test_turn_failing_before_text_maps_to_status(tiny_sources, tmp_path, monkeypatch):

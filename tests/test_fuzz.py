@@ -84,7 +84,7 @@ def fuzz_server(tiny_sources, tmp_path_factory):
 
     raw = tiny_config_dict(tiny_sources, tmp_path_factory.mktemp("fuzz") / "data")
     raw["limits"] = {"max_new_tokens": 4, "max_new_tokens_cap": 6, "max_prompt_chars": 4000, "max_messages": 64}
-    raw["api"] = {"max_body_bytes": 1_000_000, "max_concurrent_turns": 4}  # the default body limit
+    raw["api"] = {"max_body_bytes": 1_000_000}  # the default body limit
     coe = CoE(config_from_dict(raw, env=False), routing=None, progress=False)
     with ServerThread(build_server(coe, api_key="")) as url:
         yield coe, url

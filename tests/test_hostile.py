@@ -126,12 +126,22 @@ def test_a_garbage_database_file_is_one_clear_error(tmp_path):
     assert str(db) in str(info.value)
 
 
-def test_admission_is_one_bound_for_every_door(tiny_sources, tmp_path):
+def test_the_queue_is_one_bound_for_every_door(tiny_sources, tmp_path):
+    """Every door's turns wait in coe.scheduler; beyond serve.max_queue waiting turns one more is refused
+    (QueueFull, before anything is logged) with a Retry-After estimate."""
+    from coe_core.serving import QueueFull
+
     coe = tiny_engine(tiny_sources, tmp_path)
-    limit = coe.admission.limit
-    assert all(coe.admission.try_enter() for _ in range(limit)) and not coe.admission.try_enter()
-    coe.admission.leave()
-    assert coe.admission.try_enter()
+    sched = coe.scheduler
+    tickets = [sched.admit("small") for _ in range(sched.max_running + sched.max_queue)]
+    assert sum(t.state == "running" for t in tickets) == sched.max_running
+    with pytest.raises(QueueFull, match="serve.max_queue") as full:
+        sched.admit("small")
+    assert full.value.retry_after_s >= 1
+    with pytest.raises(QueueFull):
+        list(coe.chat("hello", {"expert": "small"}))
+    sched.leave(tickets[0])
+    assert sched.admit("small").state == "waiting"  # room again: queued behind the running turns
     coe.close()
 
 

@@ -333,13 +333,14 @@ def test_router_versions_keep_one_active(store: Store):
 
 # -- schema versions -----------------------------------------------------------------------------------------
 def _make_v1_database(url: str) -> None:
-    """The layout of schema version 1 (before route_latency_ms / route_threshold) with one logged turn."""
+    """The layout of schema version 1 (before route_latency_ms / route_threshold, queue_s) with one logged turn."""
     with Store(url) as store:
         store.log_turn(turn("from the old release"))
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE interactions DROP COLUMN route_latency_ms"))
         conn.execute(text("ALTER TABLE interactions DROP COLUMN route_threshold"))
+        conn.execute(text("ALTER TABLE interactions DROP COLUMN queue_s"))
         conn.execute(text("ALTER TABLE feedback DROP COLUMN review"))
         conn.execute(text("ALTER TABLE feedback DROP COLUMN author"))
         old_check = "status IN ('ok', 'cancelled', 'error')"
@@ -361,9 +362,9 @@ def _make_v1_database(url: str) -> None:
 def test_an_older_database_is_upgraded_and_keeps_its_turns(db_url: str):
     _make_v1_database(db_url)
     with Store(db_url) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         old = store.recent_interactions(1)[0]
-        assert old["prompt"] == "from the old release" and old["route_latency_ms"] is None
+        assert old["prompt"] == "from the old release" and old["route_latency_ms"] is None and old["queue_s"] is None
         new = store.log_turn(turn("after the upgrade", route_latency_ms=2.0))
         assert store.get_interaction(new)["route_latency_ms"] == 2.0
         running = store.log_turn(turn("still running", status="running"))  # v3 widened the status check

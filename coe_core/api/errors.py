@@ -9,8 +9,9 @@
                                    session's), or /v1 path (code ``not_found``)
 405    ``invalid_request_error``   wrong method on a /v1 path (code ``method_not_allowed``)
 413    ``invalid_request_error``   request body over ``api.max_body_bytes`` (code ``request_too_large``)
-429    ``rate_limit_error``        ``api.max_concurrent_turns`` turns already run, or the tiers are held
-                                   by experts that are generating (code ``busy``); too much feedback
+429    ``rate_limit_error``        ``serve.max_queue`` turns already wait (Retry-After estimated from the
+                                   queue), or the tiers are held by experts that are generating (code
+                                   ``busy``); too much feedback
                                    (code ``rate_limited``); comes with Retry-After
 503    ``server_error``            no expert can serve (code ``no_expert_available``)
 500    ``server_error``            anything else (the turn is logged as an error)

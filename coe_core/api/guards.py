@@ -8,7 +8,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coe_core.api.errors import APIError
-from coe_core.engine import Admission
 
 
 class ApiGuard:
@@ -65,20 +64,3 @@ class ApiGuard:
             return message
 
         return wrapped
-
-
-class TurnSlots:
-    """The API's door to the engine's shared admission (``CoE.admission``, one bound for every front end):
-    at most ``limit`` turns at once; one more is refused (429) rather than queued behind the others."""
-
-    def __init__(self, limit: int | Admission):
-        self._admission = limit if isinstance(limit, Admission) else Admission(limit)
-        self.limit = self._admission.limit
-
-    def take(self) -> None:
-        if not self._admission.try_enter():
-            raise APIError(429, f"busy: {self.limit} turns are running (api.max_concurrent_turns); retry shortly",
-                           code="busy", headers={"Retry-After": "1"})
-
-    def give_back(self) -> None:
-        self._admission.leave()

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from coe_core.api.errors import APIError
-from coe_core.api.guards import TurnSlots
 from coe_core.api.schemas import (
     COE_MODEL,
     ChatCompletionRequest,
@@ -32,7 +31,7 @@ from coe_core.engine import LABEL_KINDS, CoE, InvalidRequest, RateLimited, clean
 from coe_core.store.errors import InteractionNotFound, StoreError
 
 
-def build_router(coe: CoE, slots: TurnSlots, *, identity: str = "api:anonymous", trusted: bool = False
+def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = False
                  ) -> APIRouter:
     """``identity``: the session id the API's turns are logged under and feedback must come from;
     ``trusted``: whether its likes and corrections train the router without an admin's review."""
@@ -71,7 +70,7 @@ def build_router(coe: CoE, slots: TurnSlots, *, identity: str = "api:anonymous",
         events = coe.chat(messages, forced or None, max_new_tokens=body.new_tokens, temperature=body.temperature,
                           top_p=body.top_p, stop=body.stop, cancel=cancel, client="api", session_id=identity)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        turn = ApiTurn(events, cancel, slots, include_usage=include_usage,
+        turn = ApiTurn(events, cancel, include_usage=include_usage,
                        max_new_tokens=body.new_tokens or coe.config.limits.max_new_tokens)
         refused: APIError | None = None
         # a client that gives up stops the compute, from the moment the request arrived (validation, routing,

@@ -22,7 +22,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from coe_core.api.errors import APIError
-from coe_core.api.guards import TurnSlots
 from coe_core.api.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -34,6 +33,7 @@ from coe_core.api.schemas import (
 )
 from coe_core.engine import InvalidRequest, PromptTooLong
 from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
+from coe_core.serving import QueueFull
 
 _END = object()
 #: status of a turn that failed before any text, by the engine's exception class
@@ -42,10 +42,9 @@ _ERROR_STATUS = {"TierBusy": (429, "busy"), "ExpertUnavailable": (503, "no_exper
 
 
 class ApiTurn:
-    def __init__(self, events: Iterator[Event], cancel: threading.Event, slots: TurnSlots, *,
+    def __init__(self, events: Iterator[Event], cancel: threading.Event, *,
                  max_new_tokens: int, include_usage: bool = False):
-        slots.take()  # 429 when the API is at its turn limit
-        self._events, self._cancel, self._slots = events, cancel, slots
+        self._events, self._cancel = events, cancel
         self._closed = False
         self.max_new_tokens, self.include_usage = max_new_tokens, include_usage
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -84,6 +83,9 @@ class ApiTurn:
                 if text:
                     self._held.append(text)
                     break
+        except QueueFull as exc:  # serve.max_queue turns wait already: nothing was logged
+            await self.aclose()
+            raise APIError(429, str(exc), code="busy", headers={"Retry-After": str(exc.retry_after_s)}) from None
         except PromptTooLong as exc:
             await self.aclose()
             raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
@@ -110,11 +112,8 @@ class ApiTurn:
             return
         self._closed = True
         self._cancel.set()
-        try:
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(self._events.close)
-        finally:
-            self._slots.give_back()
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(self._events.close)
 
     # -- what the caller sees -------------------------------------------------------------------------
     @property

@@ -18,7 +18,7 @@ COLUMNS = [
     "id", "uid", "conversation_id", "turn_index", "client", "session_id", "started_at", "finished_at",
     "prompt", "routing_context", "response", "router_version", "category", "probabilities", "confidence",
     "fallback", "override", "expert", "reason", "swaps", "ttft_s", "total_s", "prompt_tokens", "new_tokens",
-    "tokens_per_s", "status", "error", "route_latency_ms", "route_threshold",
+    "tokens_per_s", "status", "error", "route_latency_ms", "route_threshold", "queue_s",
     "feedback_kind", "feedback_category", "feedback_comment", "feedback_at",
 ]
 _JSON_COLUMNS = {"probabilities", "override", "swaps"}

@@ -68,10 +68,15 @@ def _v3_running_turns_and_review(conn: Connection) -> None:
     conn.exec_driver_sql("UPDATE feedback SET review = 'accepted'")  # what older releases stored counted
 
 
+def _v4_queue_wait(conn: Connection) -> None:
+    add_column(conn, "interactions", Column("queue_s", Float))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(2, "interactions: route_latency_ms and route_threshold", _v2_route_timing),
     Migration(3, "interactions: running and interrupted turns; feedback: review state and author",
               _v3_running_turns_and_review),
+    Migration(4, "interactions: queue_s (seconds waited in the serving queue)", _v4_queue_wait),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASE_VERSION

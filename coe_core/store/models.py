@@ -131,6 +131,8 @@ class Interaction(Base):
     # schema v2: how long routing took and the confidence threshold it used (analytics of the fallback)
     route_latency_ms: Mapped[float | None] = mapped_column(Float)
     route_threshold: Mapped[float | None] = mapped_column(Float)
+    # schema v4: seconds the turn waited in the serving queue (coe_core/serving) before it ran
+    queue_s: Mapped[float | None] = mapped_column(Float)
 
     conversation: Mapped[Conversation] = relationship(back_populates="interactions")
     feedback: Mapped[list[Feedback]] = relationship(back_populates="interaction", order_by="Feedback.id")

@@ -43,6 +43,8 @@ class TurnRecord:
     #: how long routing took (RouteDecision.latency_ms) and the confidence threshold it applied
     route_latency_ms: float | None = None
     route_threshold: float | None = None
+    #: seconds it waited in the serving queue before it ran
+    queue_s: float | None = None
     #: None: a new conversation is started for this turn
     conversation_id: int | None = None
     #: None: the next index in the conversation
@@ -64,6 +66,7 @@ class TurnRecord:
             probabilities=dict(decision.probabilities), confidence=decision.confidence,
             fallback=decision.fallback, override=decision.override, reason=decision.reason,
             route_latency_ms=decision.latency_ms, route_threshold=decision.threshold,
+            queue_s=round(stats.queue_s, 4),
             swaps=[s.to_dict() for s in swaps], ttft_s=stats.ttft_s, total_s=stats.total_s,
             prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, tokens_per_s=stats.tokens_per_s,
             status=stats.status, error=stats.error, started_at=started_at,

@@ -13,6 +13,8 @@ from coe_core.store.models import Feedback, Interaction
 
 #: the distributions (ttft_values, swap_seconds) keep this many most recent values for plotting
 MAX_VALUES = 5000
+#: hours the serving figures cover (the newest)
+MAX_HOURS = 24 * 14
 _COUNTED_FEEDBACK = ("like", "dislike", "wrong_category")
 
 
@@ -59,6 +61,22 @@ def compute_stats(session: Session) -> dict[str, Any]:
     for started_at, category in session.execute(select(Interaction.started_at, Interaction.category)):
         by_day[(started_at.date().isoformat(), category or "unknown")] += 1
 
+    # serving by hour: swaps per 100 turns (local loads; a remote expert's connection is no swap) and queue wait
+    hours: dict[str, dict[str, Any]] = {}
+    for started_at, swaps, queue_s in session.execute(
+            select(Interaction.started_at, Interaction.swaps, Interaction.queue_s)
+            .where(Interaction.status.in_(("ok", "cancelled", "error")))):
+        hour = hours.setdefault(started_at.strftime("%Y-%m-%dT%H:00"), {"turns": 0, "swaps": 0, "waits": []})
+        hour["turns"] += 1
+        hour["swaps"] += sum(1 for swap in swaps or [] if isinstance(swap, dict) and swap.get("src") != "remote")
+        if queue_s is not None:
+            hour["waits"].append(float(queue_s))
+    serving_by_hour = [
+        {"hour": h, "turns": v["turns"], "swaps_per_100_turns": 100.0 * v["swaps"] / v["turns"],
+         "queue_wait_p50_s": _percentile(v["waits"], 50), "queue_wait_p95_s": _percentile(v["waits"], 95)}
+        for h, v in sorted(hours.items())
+    ][-MAX_HOURS:]
+
     by_status = counts(Interaction.status)
     pending = session.scalar(select(func.count()).where(
         Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category")))) or 0
@@ -85,6 +103,7 @@ def compute_stats(session: Session) -> dict[str, Any]:
         ],
         "swap_seconds": {pair: secs[:MAX_VALUES] for pair, secs in sorted(swap_seconds.items())},
         "ttft_values": ttft[:MAX_VALUES],
+        "serving_by_hour": serving_by_hour,
         "route_latency_p50_ms": _percentile(route_ms, 50),
         "route_latency_p95_ms": _percentile(route_ms, 95),
         "feedback_rates": {kind: (feedback[kind] / turns if turns else 0.0) for kind in _COUNTED_FEEDBACK},

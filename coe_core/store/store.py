@@ -168,6 +168,7 @@ class Store:
                 tokens_per_s=rec.tokens_per_s, status=rec.status, error=rec.error,
                 started_at=rec.started_at, finished_at=rec.finished_at,
                 route_latency_ms=rec.route_latency_ms, route_threshold=rec.route_threshold,
+                queue_s=rec.queue_s,
             )
             s.add(row)
             s.flush()
@@ -181,6 +182,7 @@ class Store:
         row.ttft_s, row.total_s, row.tokens_per_s = rec.ttft_s, rec.total_s, rec.tokens_per_s
         row.prompt_tokens, row.new_tokens = rec.prompt_tokens, rec.new_tokens
         row.status, row.error, row.finished_at = rec.status, rec.error, rec.finished_at
+        row.queue_s = rec.queue_s
 
     def mark_interrupted(self, started_before: datetime | None = None) -> int:
         """Turns logged as running that no process will complete (it crashed or was killed) become

@@ -1,0 +1,185 @@
+"""One bounded fair queue for every door (playground chat, gradio API, /v1, CLI).
+
+``Scheduler.admit`` puts a turn in the queue (or refuses it with ``QueueFull`` when ``serve.max_queue`` turns
+already wait); ``Scheduler.wait`` yields ``Queued`` events while others go first and returns when the turn may
+run; ``Scheduler.leave`` ends it (running, or still waiting: a cancelled queued turn never runs). Which waiting
+turn starts next is the policy function in ``coe_core/serving/policy.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from coe_core.events import Queued
+from coe_core.serving.policy import Waiting, next_turn, priority
+
+
+class QueueFull(RuntimeError):
+    """The queue holds ``serve.max_queue`` turns already; ``retry_after_s`` estimates when one will have left."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Ticket(Waiting):
+    """One admitted turn: waiting, running, done or cancelled (left the queue without running)."""
+
+    state: str = "waiting"
+    started: float | None = None
+    ended: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def waited_s(self) -> float:
+        return ((self.started or self.ended or time.monotonic()) - self.arrived)
+
+
+class Scheduler:
+    def __init__(self, *, max_running: int = 8, max_queue: int = 64, max_wait_s: float = 60.0,
+                 max_bypass: int = 8, swap_cost_s: Callable[[str], float] | None = None,
+                 policy: Callable[..., Waiting | None] = next_turn, clock: Callable[[], float] = time.monotonic):
+        self.max_running, self.max_queue = max_running, max_queue
+        self.max_wait_s, self.max_bypass = max_wait_s, max_bypass
+        self.swap_cost_s = swap_cost_s or (lambda expert: 0.0)
+        self.policy, self.clock = policy, clock
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._waiting: list[Ticket] = []
+        self._running: dict[str, int] = {}
+        #: (ticket id, expert) of a started turn whose expert is being swapped in
+        self._swapping: tuple[int, str] | None = None
+        #: moving average of a running turn's seconds (for Retry-After)
+        self._turn_s = 5.0
+        self.refused = 0
+        #: (monotonic time it started, seconds it waited) of recent turns
+        self.recent_waits: deque[tuple[float, float]] = deque(maxlen=1000)
+
+    # -- the doors ---------------------------------------------------------------------------------
+    def admit(self, expert: str) -> Ticket:
+        """Queue a turn for ``expert``; it may start at once. Raises ``QueueFull`` beyond ``serve.max_queue``."""
+        with self._cond:
+            ticket = Ticket(id=next(self._ids), expert=expert, arrived=self.clock())
+            self._waiting.append(ticket)
+            self._dispatch_locked()
+            if ticket.state == "waiting" and len(self._waiting) > self.max_queue:  # it cannot start and no room
+                self._waiting.remove(ticket)
+                ticket.state = "refused"
+                self.refused += 1
+                retry = self._retry_after_locked()
+                raise QueueFull(f"busy: {len(self._waiting)} turns are waiting already (serve.max_queue "
+                                f"{self.max_queue}); try again in about {retry} s", retry)
+            return ticket
+
+    def wait(self, ticket: Ticket, cancel: threading.Event | None = None, poll_s: float = 0.1
+             ) -> Iterator[Queued]:
+        """Yield a ``Queued`` event whenever the turn's place changes, until it may run. Returns early when
+        ``cancel`` is set (the ticket then left the queue: ``ticket.state == "cancelled"``)."""
+        last = None
+        while True:
+            with self._cond:
+                if ticket.state != "waiting":
+                    return
+                if cancel is not None and cancel.is_set():
+                    self._remove_locked(ticket, "cancelled")
+                    return
+                event = self._queued_locked(ticket)
+                seen = (event.position, tuple(sorted(event.ahead_by_expert.items())), event.reason)
+                if seen == last:
+                    self._cond.wait(poll_s)
+                    continue
+            last = seen
+            yield event
+
+    def ready(self, ticket: Ticket) -> None:
+        """The turn's expert is resident now (its swap, if any, is done): other experts' turns may start."""
+        with self._cond:
+            if self._swapping is not None and self._swapping[0] == ticket.id:
+                self._swapping = None
+                self._dispatch_locked()
+
+    def leave(self, ticket: Ticket) -> None:
+        """The turn ended (or was cancelled or failed); a waiting one leaves the queue without running."""
+        with self._cond:
+            if ticket.state == "waiting":
+                self._remove_locked(ticket, "cancelled")
+            elif ticket.state == "running":
+                ticket.state, ticket.ended = "done", self.clock()
+                if self._swapping is not None and self._swapping[0] == ticket.id:
+                    self._swapping = None
+                self._running[ticket.expert] -= 1
+                if not self._running[ticket.expert]:
+                    del self._running[ticket.expert]
+                self._turn_s = 0.8 * self._turn_s + 0.2 * (ticket.ended - (ticket.started or ticket.ended))
+                self._dispatch_locked()
+
+    # -- what the UI and the API show -----------------------------------------------------------------
+    def retry_after_s(self) -> int:
+        with self._cond:
+            return self._retry_after_locked()
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {"running": dict(self._running), "waiting": len(self._waiting),
+                    "waiting_by_expert": _count(t.expert for t in self._waiting), "refused": self.refused,
+                    "max_running": self.max_running, "max_queue": self.max_queue}
+
+    # -- inside ----------------------------------------------------------------------------------------
+    def _retry_after_locked(self) -> int:
+        """Seconds until the queue has room: the turns ahead, served ``max_running`` at a time."""
+        ahead = len(self._waiting) - self.max_queue + 1 + sum(self._running.values())
+        estimate = math.ceil(max(ahead, 1) * self._turn_s / self.max_running)
+        return int(min(max(estimate, 1), max(self.max_wait_s, 1)))
+
+    def _remove_locked(self, ticket: Ticket, state: str) -> None:
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+        ticket.state, ticket.ended = state, self.clock()
+        self._dispatch_locked()
+
+    def _dispatch_locked(self) -> None:
+        while True:
+            turn = self.policy(self._waiting, self._running, now=self.clock(), swap_cost_s=self.swap_cost_s,
+                               max_running=self.max_running, max_bypass=self.max_bypass,
+                               max_wait_s=self.max_wait_s,
+                               swapping=self._swapping[1] if self._swapping else None)
+            if turn is None:
+                break
+            self._waiting.remove(turn)
+            for other in self._waiting:  # every earlier turn it went before was bypassed once more
+                if (other.arrived, other.id) < (turn.arrived, turn.id):
+                    other.bypassed += 1
+            if self._swapping is None and not self._running.get(turn.expert) and self.swap_cost_s(turn.expert) > 0:
+                self._swapping = (turn.id, turn.expert)
+            turn.state, turn.started = "running", self.clock()
+            self._running[turn.expert] = self._running.get(turn.expert, 0) + 1
+            self.recent_waits.append((turn.started, turn.started - turn.arrived))
+        self._cond.notify_all()
+
+    def _queued_locked(self, ticket: Ticket) -> Queued:
+        now = self.clock()
+        key = {t.id: priority(t, now=now, running=self._running, swap_cost_s=self.swap_cost_s,
+                              max_bypass=self.max_bypass, max_wait_s=self.max_wait_s) for t in self._waiting}
+        ahead = [t for t in self._waiting if key[t.id] < key[ticket.id]]
+        by_expert = dict(self._running)
+        for t in ahead:
+            by_expert[t.expert] = by_expert.get(t.expert, 0) + 1
+        if self._running.get(ticket.expert) or self.swap_cost_s(ticket.expert) == 0.0:
+            reason = "full" if sum(self._running.values()) >= self.max_running else "behind"
+        else:
+            reason = "swap"
+        return Queued(position=len(ahead) + 1, ahead_by_expert=by_expert, reason=reason, expert=ticket.expert)
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
