@@ -361,7 +361,7 @@ class CoE:
         t_acquire = time.perf_counter() - start
         with self.tiers.acquire(expert) as lease:
             ready()
-            self._maybe_prefetch(decision)  # only now: a prefetch must never take the room this turn needs
+            self._maybe_prefetch(decision, expert)  # only now: a prefetch must never take the room this turn needs
             for event in lease.events:
                 event.started_at = (event.started_at - start) if event.started_at else None
                 swaps.append(event)
@@ -453,7 +453,15 @@ class CoE:
 
         return max(candidates, key=rank)
 
-    def _maybe_prefetch(self, decision: RouteDecision) -> None:
+    def _maybe_prefetch(self, decision: RouteDecision, serving: str) -> None:
+        """While ``serving`` decodes, stage the expert a later turn will need: first the one a waiting turn is
+        queued for (known; staged only into free room, so it never evicts what runs or waits), else the
+        router's close runner-up for this prompt (a guess at the conversation's next turn)."""
+        upcoming = self.scheduler.upcoming_expert()
+        if upcoming and upcoming != serving and upcoming in self.available_experts():
+            if self.tiers.remote(upcoming) is None:
+                self.tiers.prefetch(upcoming, evict=False)
+            return
         runner_up = getattr(self.routing, "runner_up", None)
         if runner_up is None or decision.override:
             return
@@ -461,7 +469,7 @@ class CoE:
             other = runner_up(decision)
         except Exception:  # prefetch is an optimisation; never let it break a turn
             return
-        if other and other != decision.expert and other in self.available_experts():
+        if other and other != serving and other in self.available_experts():
             self.tiers.prefetch(other)
 
     def _log_start(self, decision, stats, messages, started_at, client, session_id, conversation_id) -> str | None:

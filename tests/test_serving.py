@@ -94,6 +94,31 @@ def test_queued_events_say_who_goes_first():
     assert later.state == "running"
 
 
+def test_the_upcoming_expert_is_the_first_waiting_turns_expert_that_nothing_runs():
+    sched = Scheduler(max_running=1, max_queue=10, swap_cost_s=lambda e: 0.0 if e == "a" else 1.0)
+    running = sched.admit("a")
+    assert sched.upcoming_expert() is None            # nothing waits
+    sched.admit("a")
+    assert sched.upcoming_expert() is None            # the waiting turn joins a's batch: nothing to stage
+    sched.admit("b")
+    assert sched.upcoming_expert() == "b"             # worth prefetching while a decodes
+    sched.leave(running)
+
+
+def test_the_queue_prefetches_a_waiting_turns_expert_while_another_decodes(tiny_sources, tmp_path):
+    coe = tiny(tiny_sources, tmp_path, max_running=1)
+    coe.tiers.prepare()
+    first = coe.chat("hi", {"expert": "small"}, max_new_tokens=2, min_new_tokens=2, temperature=0)
+    second = coe.chat("hi", {"expert": "medium"}, max_new_tokens=2, temperature=0)
+    next(first)                                       # the decision: small's turn is admitted and runs
+    next(second)                                      # medium's turn waits behind it
+    staged = []
+    coe.tiers.prefetch = lambda expert, evict=True: staged.append((expert, evict))
+    list(first)
+    assert staged == [("medium", False)]              # into free room only, never evicting
+    assert any(isinstance(e, TurnDone) for e in second)
+
+
 # -- the engine ---------------------------------------------------------------------------------------------
 def tiny(tiny_sources, tmp_path, **serve) -> CoE:
     raw = tiny_config_dict(tiny_sources, tmp_path / "data")

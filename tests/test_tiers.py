@@ -223,6 +223,18 @@ def test_an_expert_larger_than_the_staging_tier_is_never_prefetched(tiny_config)
     assert tiers.state("small") == "cpu"
 
 
+def test_a_prefetch_into_free_room_only_evicts_nothing(tiny_config):
+    probe = sizes(manager(tiny_config()))
+    tiers = manager(tiny_config(cpu=max(probe["small"], probe["medium"]) + 1000))  # room for one of them
+    with tiers.acquire("small"):
+        pass
+    assert tiers.prefetch("medium", evict=False) is None
+    assert tiers.state("small") == "cpu"
+    thread = tiers.prefetch("medium")                 # the default may evict an idle expert for it
+    thread.join(30)
+    assert tiers.state("medium") == "cpu" and tiers.state("small") == "disk"
+
+
 def test_swaps_under_a_tight_budget_reuse_pooled_buffers(tiny_config, monkeypatch):
     from coe_core.tiers import loader
 

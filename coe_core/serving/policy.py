@@ -13,6 +13,10 @@ Swap-aware, with an aging bound:
    it can be evicted, and two experts never thrash the tiers in arrival order. Until its expert is resident
    (``swapping``), only turns for that expert start (they join it; nothing pins the expert it may evict).
 4. At most ``max_running`` turns run at once.
+
+While a turn decodes, the engine stages the expert of the first waiting turn that needs a swap in CPU RAM when
+the tier has free room (``Scheduler.upcoming_expert``, ``TierManager.prefetch(evict=False)``), so its swap
+to the execution tier starts from RAM.
 """
 
 from __future__ import annotations

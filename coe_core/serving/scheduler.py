@@ -121,6 +121,17 @@ class Scheduler:
                 self._dispatch_locked()
 
     # -- what the UI and the API show -----------------------------------------------------------------
+    def upcoming_expert(self) -> str | None:
+        """The expert the first waiting turn in the policy's order needs that no running turn uses: the one
+        worth prefetching while the current batch decodes (None when every waiting turn joins a running
+        expert, or nothing waits)."""
+        with self._cond:
+            now = self.clock()
+            ordered = sorted(self._waiting, key=lambda t: priority(
+                t, now=now, running=self._running, swap_cost_s=self.swap_cost_s, max_bypass=self.max_bypass,
+                max_wait_s=self.max_wait_s))
+            return next((t.expert for t in ordered if not self._running.get(t.expert)), None)
+
     def retry_after_s(self) -> int:
         with self._cond:
             return self._retry_after_locked()

@@ -346,12 +346,19 @@ class TierManager:
                 slot.last_used = time.monotonic()
                 self._changed.notify_all()
 
-    def prefetch(self, expert_id: str) -> threading.Thread | None:
-        """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn."""
+    def prefetch(self, expert_id: str, *, evict: bool = True) -> threading.Thread | None:
+        """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn.
+
+        ``evict=False``: only into free room (nothing resident is evicted for it), checked when it is asked for:
+        the serving queue prefetches a waiting turn's expert that way while another expert's batch decodes."""
         slot = self._slot(expert_id)
         if (slot.unavailable or slot.placement != "disk" or slot.loading
                 or slot.resident_bytes > self.tiers["cpu"].budget):
             return None  # nothing to do, or too big to stage (it will run split when asked for)
+        if not evict:
+            with self._lock:
+                if self._used("cpu") + slot.resident_bytes > self.tiers["cpu"].budget:
+                    return None
 
         def run() -> None:
             try:
