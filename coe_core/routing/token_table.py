@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from coe_core.errors import ConfigError
+
 #: the tensor of a GGUF file that holds the input token embeddings
 EMBEDDING_TENSOR = "token_embd.weight"
 
 
-class TokenTableError(ValueError):
+class TokenTableError(ConfigError):
     """The token table cannot be built or read; the message says what to do."""
 
 
