@@ -16,9 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from coe_core.api import build_server
-from coe_core.config import ConfigError, config_from_dict
+from coe_core.config import config_from_dict
 from coe_core.engine import CoE
-from coe_core.errors import RemoteExpertError
+from coe_core.errors import ConfigError, RemoteExpertError
 from coe_core.events import Notice, RemoteConnect, SwapEvent, TextChunk, TurnDone
 from coe_core.experts.generation import GenerationParams
 from coe_core.store import Store

@@ -35,7 +35,8 @@ class TokenTableError(ConfigError):
 
 
 def _gguf_path(source: str, scratch: Path) -> Path:
-    from coe_core.experts.sources import ExpertUnavailable, resolve_source
+    from coe_core.errors import ExpertUnavailable
+    from coe_core.experts.sources import resolve_source
 
     try:
         resolved = resolve_source(source, scratch)
