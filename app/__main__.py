@@ -23,7 +23,8 @@ from coe_core.hf_spaces import on_zero_gpu  # noqa: E402
 if on_zero_gpu():  # ZeroGPU: `spaces` patches torch and must come before anything touches CUDA (ZeroGPU docs)
     import spaces  # noqa: E402, F401
 
-from coe_core.config import CoEConfig, ConfigError, load_config  # noqa: E402
+from coe_core.config import CoEConfig, load_config  # noqa: E402
+from coe_core.errors import ConfigError  # noqa: E402
 
 
 def _say(message: str) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 import gradio as gr
 
 from app import plots
-from app.context import AppContext, user_message
+from app.context import AppContext
+from app.errors import user_message
 from coe_core.api.downloads import DOWNLOADS
 
 RECENT_COLUMNS = ["#", "started (UTC)", "client", "category", "conf.", "expert", "reason", "status",
@@ -116,7 +117,7 @@ class AnalyticsTab:
                 plots.expert_usage_figure(stats.get("by_expert") or {}),
                 plots.rates_figure(stats.get("fallback_rate") or 0.0, stats.get("feedback_rates") or {}),
                 plots.ttft_figure(stats.get("ttft_values") or []),
-                plots.swap_times_figure(stats.get("swap_seconds") or {}),
+                plots.swap_times_figure(stats.get("swap_seconds") or {}, stats.get("remote_first_byte_seconds")),
                 plots.serving_figure(stats.get("serving_by_hour") or []),
                 recent_rows(recent), f"Recent turns: {whose}.")
 

@@ -20,10 +20,9 @@ from typing import Any
 import gradio as gr
 
 from app.chat_tab import generation_concurrency
-from app.context import AppContext, user_message
-from coe_core.engine import InvalidRequest
-from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
-from coe_core.serving import QueueFull
+from app.context import AppContext
+from app.errors import ENGINE_ERRORS, app_error
+from coe_core.events import Queued, RouteDecision, TextChunk, Transcript, TurnDone
 
 
 def _history(history: list[dict] | str | None) -> list[dict]:
@@ -101,8 +100,8 @@ class PublicAPI:
         messages = _history(history) + [{"role": "user", "content": _text(prompt)}]
         try:
             return self.coe.route(messages, _overrides(category, expert)).to_dict()
-        except (InvalidRequest, ValueError, KeyError) as exc:
-            raise gr.Error(user_message(exc)) from None
+        except ENGINE_ERRORS as exc:
+            raise app_error(exc) from None
 
     def chat(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
              expert: str | None = None, max_new_tokens: int = 128, temperature: float = 0.7,
@@ -112,8 +111,9 @@ class PublicAPI:
         short answers, drafts and routing demos, not for facts you cannot check). Each turn is logged.
 
         Streams updates {"text": answer so far, "route": decision, "done": false}; the last one has
-        "done": true, "status", "interaction_id" (for /feedback), "swaps" (the memory-tier moves) and "stats"
-        (time to first token, tokens/s).
+        "done": true, "status", "interaction_id" (for /feedback), "expert" (who served), "swaps" (the
+        memory-tier moves), "connection" (a remote expert's connection timings, else null) and "stats" (time to
+        first token, tokens/s).
 
         Args:
             prompt: the user message to answer.
@@ -136,29 +136,25 @@ class PublicAPI:
         cancel = threading.Event()
         events = self.coe.chat(messages, _overrides(category, expert), max_new_tokens=max_new_tokens,
                                temperature=temperature, cancel=cancel, client="api", session_id=session_id)
-        text, route, swaps, notices = "", None, [], []
+        turn, route = Transcript(), None
         with contextlib.closing(events):
             try:
-                for event in events:
+                for event in turn.follow(events):
                     if isinstance(event, RouteDecision):
                         route = event.to_dict()
-                        yield {"text": text, "route": route, "done": False}
+                    if isinstance(event, (RouteDecision, TextChunk)):
+                        yield {"text": turn.text, "route": route, "done": False}
                     elif isinstance(event, Queued):
-                        yield {"text": text, "route": route, "done": False, "queued": event.to_dict()}
-                    elif isinstance(event, SwapEvent):
-                        swaps.append(event.to_dict())
-                    elif isinstance(event, Notice):
-                        notices.append(event.message)
-                    elif isinstance(event, TextChunk):
-                        text += event.text
-                        yield {"text": text, "route": route, "done": False}
+                        yield {"text": turn.text, "route": route, "done": False, "queued": event.to_dict()}
                     elif isinstance(event, TurnDone):
                         stats = event.stats.to_dict()
-                        yield {"text": text, "route": route, "done": True, "status": stats["status"],
+                        yield {"text": turn.text, "route": route, "done": True, "status": stats["status"],
                                "error": stats["error"], "interaction_id": stats["interaction_id"],
-                               "swaps": swaps, "notices": notices, "stats": stats}
-            except (InvalidRequest, ValueError, KeyError, TypeError, QueueFull) as exc:
-                raise gr.Error(user_message(exc)) from None
+                               "expert": turn.served_by, "swaps": [s.to_dict() for s in turn.swaps],
+                               "connection": turn.connection.to_dict() if turn.connection else None,
+                               "notices": [n.message for n in turn.notices], "stats": stats}
+            except ENGINE_ERRORS as exc:
+                raise app_error(exc) from None
             finally:
                 cancel.set()  # the caller went away mid-stream: stop generating (the engine logs it)
 
@@ -180,8 +176,8 @@ class PublicAPI:
         try:
             feedback_id = self.coe.feedback(turn, str(kind), corrected_category or None, owner=_session(request),
                                             trusted=False)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise gr.Error(user_message(exc)) from None
+        except ENGINE_ERRORS as exc:
+            raise app_error(exc) from None
         return {"feedback_id": feedback_id, "interaction_id": turn, "kind": kind,
                 "corrected_category": corrected_category or None,
                 "review": "pending" if kind in ("like", "wrong_category") else "accepted"}

@@ -1,7 +1,8 @@
 """Engine events as chat messages (pure functions): the routing "thought", its swap steps, the stats line.
 
 The Chatbot shows, before each answer, a collapsible routing message whose title says
-``category (p) -> expert`` and why; each swap of the turn is a child message under it.
+``category (p) -> expert`` and why; each swap of the turn (or a remote expert's connection) is a child message
+under it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from typing import Any
 
 from app.plots import gb
-from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TurnStats
+from coe_core.events import Notice, Queued, RemoteConnect, RouteDecision, SwapEvent, TurnStats
 
 REASONS = {
     "mapped": "mapped by the optimiser",
@@ -19,6 +20,7 @@ REASONS = {
     "override-expert": "expert forced by you",
     "mapping-override": "set in spaces.yaml",
     "default": "default expert (no router)",
+    "remote-fallback": "remote expert down: a local one served",
 }
 
 
@@ -100,6 +102,17 @@ def swap_message(s: SwapEvent, parent_id: str) -> dict:
         parts.append("evicted: " + ", ".join(s.evicted))
     return {"role": "assistant", "content": "; ".join(parts) or "moved",
             "metadata": {"title": title, "parent_id": parent_id}}
+
+
+def connection_message(c: RemoteConnect, parent_id: str) -> dict:
+    """A remote expert has no tiers: instead of a swap, how long reaching it took."""
+    title = f"🌐 {c.expert}: remote, first byte after {c.first_byte_s:.2f} s"
+    parts = ["phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in c.phases.items())]
+    if c.attempts > 1:
+        parts.append(f"{c.attempts} attempts")
+    if c.base_url:
+        parts.append(f"at {escape_html(c.base_url)}")
+    return {"role": "assistant", "content": "; ".join(parts), "metadata": {"title": title, "parent_id": parent_id}}
 
 
 def resident_message(expert: str, tier: str, parent_id: str) -> dict:

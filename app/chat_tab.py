@@ -18,6 +18,7 @@ import gradio as gr
 
 from app import plots
 from app.chat_messages import (
+    connection_message,
     engine_messages,
     escape_html,
     notice_message,
@@ -27,9 +28,9 @@ from app.chat_messages import (
     stats_line,
     swap_message,
 )
-from app.context import AppContext, user_message
-from coe_core.engine import InvalidRequest
-from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
+from app.context import AppContext
+from app.errors import ENGINE_ERRORS, user_message
+from coe_core.events import Notice, Queued, RemoteConnect, RouteDecision, SwapEvent, TextChunk, Transcript, TurnDone
 
 AUTO = "auto"
 FEEDBACK_WRONG = "Wrong category"
@@ -232,19 +233,16 @@ class ChatTab:
         events = self.coe.chat(messages, overrides or None, max_new_tokens=int(max_new_tokens),
                                temperature=float(temperature), cancel=session.cancel, client="app",
                                session_id=session.session_id)
+        turn = Transcript()
         route_msg: dict | None = None
         answer: dict | None = None
-        raw = ""  # the answer as the expert wrote it; the chat shows it escaped
-        decision: RouteDecision | None = None
-        swaps: list[SwapEvent] = []
         queued_msg: dict | None = None
         with contextlib.closing(events):
             try:
-                for event in events:
+                for event in turn.follow(events):
                     if queued_msg is not None and not isinstance(event, Queued):
                         queued_msg["metadata"]["status"] = "done"
                     if isinstance(event, RouteDecision):
-                        decision = event
                         route_msg = routing_message(event, route_id)
                         history.append(route_msg)
                         yield {self.chatbot: history, self.decision_md: f"**{event.explanation}**",
@@ -254,8 +252,10 @@ class ChatTab:
                                self.timeline_plot: plots.timeline_figure([]), self.turn_md: "routing done; "
                                "making the expert resident…"}
                     elif isinstance(event, SwapEvent):
-                        swaps.append(event)
                         history.append(swap_message(event, route_id))
+                        yield {self.chatbot: history}
+                    elif isinstance(event, RemoteConnect):
+                        history.append(connection_message(event, route_id))
                         yield {self.chatbot: history}
                     elif isinstance(event, Queued):
                         if queued_msg is None:
@@ -269,39 +269,38 @@ class ChatTab:
                         yield {self.chatbot: history}
                     elif isinstance(event, TextChunk):
                         if answer is None:
-                            answer = self._start_answer(history, route_msg, swaps, decision, route_id)
-                        raw += event.text
-                        answer["content"] = escape_html(raw)
+                            answer = self._start_answer(history, route_msg, turn, route_id)
+                        answer["content"] = escape_html(turn.text)  # the expert's text, shown escaped
                         yield {self.chatbot: history}
                     elif isinstance(event, TurnDone):
-                        yield self._finish(event, history, route_msg, answer, swaps, session, prompt,
-                                           first_index, decision)
-            except (InvalidRequest, ValueError, KeyError, RuntimeError) as exc:
+                        yield self._finish(turn, history, route_msg, answer, session, prompt, first_index)
+            except ENGINE_ERRORS as exc:
                 # a request the engine refused before anything ran (empty prompt, too long, bad override,
-                # no score table...): say so, keep the conversation as it was
-                gr.Warning(user_message(exc))
-                said = escape_html(f"⚠️ {user_message(exc)}")
-                if route_msg is None:
-                    history = history[:first_index - 1]
-                    yield {self.chatbot: history, self.turn_md: said}
-                else:
-                    history.append({"role": "assistant", "content": said})
-                    yield {self.chatbot: history, self.turn_md: said}
+                # busy...): say so, keep the conversation as it was
+                yield self._refused(exc, history, route_msg, first_index)
 
-    def _start_answer(self, history: list[dict], route_msg: dict | None, swaps: list[SwapEvent],
-                      decision: RouteDecision | None, route_id: str) -> dict:
+    def _refused(self, exc: Exception, history: list[dict], route_msg: dict | None, first_index: int) -> dict:
+        """The one place the chat maps an engine error: a toast, and a line in the chat and the stats."""
+        gr.Warning(user_message(exc))
+        said = escape_html(f"⚠️ {user_message(exc)}")
+        if route_msg is None:
+            history = history[:first_index - 1]
+        else:
+            history.append({"role": "assistant", "content": said})
+        return {self.chatbot: history, self.turn_md: said}
+
+    def _start_answer(self, history: list[dict], route_msg: dict | None, turn: Transcript, route_id: str) -> dict:
         if route_msg is not None:
-            if not swaps and decision is not None:
-                history.append(resident_message(decision.expert, self.coe.tiers.exec_tier, route_id))
+            if not turn.swaps and turn.connection is None and turn.served_by is not None:
+                history.append(resident_message(turn.served_by, self.coe.tiers.exec_tier, route_id))
             route_msg["metadata"]["status"] = "done"
         answer = {"role": "assistant", "content": ""}
         history.append(answer)
         return answer
 
-    def _finish(self, done: TurnDone, history: list[dict], route_msg: dict | None, answer: dict | None,
-                swaps: list[SwapEvent], session: ChatSession, prompt: str, first_index: int,
-                decision: RouteDecision | None) -> dict:
-        stats = done.stats
+    def _finish(self, turn: Transcript, history: list[dict], route_msg: dict | None, answer: dict | None,
+                session: ChatSession, prompt: str, first_index: int) -> dict:
+        stats = turn.stats
         if route_msg is not None:
             route_msg["metadata"]["status"] = "done"
             if stats.timeline:
@@ -312,14 +311,16 @@ class ChatTab:
         if stats.status == "cancelled":
             answer["content"] += "\n\n_(stopped)_" if answer["content"] else "_(stopped before the first token)_"
         elif stats.status == "error":
-            answer["content"] += escape_html(f"\n\n⚠️ {stats.expert} failed: {stats.error}. Other experts keep serving.")
+            why = user_message(turn.error) if turn.error is not None else stats.error
+            answer["content"] += escape_html(f"\n\n⚠️ {stats.expert} failed: {why}. Other experts keep serving.")
         elif not answer["content"].strip():
             answer["content"] = "_(the expert returned no text)_"
         session.turns.append(TurnRef(stats.interaction_id, first_index, len(history) - 1, prompt,
-                                     decision.category if decision else "?"))
+                                     turn.decision.category if turn.decision else "?"))
         if stats.interaction_id is None:
             gr.Warning("This turn could not be logged yet, so it cannot take feedback.")
-        timeline = plots.timeline_figure(stats.timeline, [s.to_dict() for s in swaps],
+        timeline = plots.timeline_figure(stats.timeline, [s.to_dict() for s in turn.swaps],
+                                         connection=turn.connection.to_dict() if turn.connection else None,
                                          tokens_per_s=stats.tokens_per_s, new_tokens=stats.new_tokens)
         choices = turn_choices(session)
         return {self.chatbot: history, self.timeline_plot: timeline, self.turn_md: stats_line(stats),
@@ -334,7 +335,7 @@ class ChatTab:
         try:
             self.coe.feedback(interaction_id, kind, corrected, owner=session.session_id,
                               trusted=self.ctx.gate.sees_private(unlocked))
-        except (ValueError, RuntimeError, KeyError) as exc:
+        except ENGINE_ERRORS as exc:
             gr.Warning(f"Feedback not stored: {user_message(exc)}")
             return False
         return True

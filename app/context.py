@@ -36,9 +36,3 @@ class AppContext:
     def experts(self) -> list[str]:
         return list(self.coe.config.experts)
 
-
-def user_message(exc: BaseException) -> str:
-    """The one-line message of an error a user caused (KeyError quotes its argument; strip that)."""
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc) or type(exc).__name__

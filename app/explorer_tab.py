@@ -10,7 +10,8 @@ import numpy as np
 from sklearn.decomposition import PCA
 
 from app import plots
-from app.context import AppContext, user_message
+from app.context import AppContext
+from app.errors import user_message
 
 MAX_PROMPTS = 200
 COLUMNS = ["#", "prompt", "category", "confidence", "fallback", "expert", "why"]

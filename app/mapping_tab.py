@@ -12,7 +12,8 @@ from typing import Any
 import gradio as gr
 
 from app import plots
-from app.context import AppContext, user_message
+from app.context import AppContext
+from app.errors import user_message
 
 MAPPING_COLUMNS = ["category", "expert", "why", "share of traffic"]
 

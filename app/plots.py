@@ -159,13 +159,21 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
 
 
 def timeline_figure(timeline: Sequence[Sequence[Any]], swaps: Sequence[Mapping[str, Any]] = (), *,
-                    tokens_per_s: float | None = None, new_tokens: int | None = None) -> go.Figure:
-    """This turn as a Gantt chart: route, swap (and each swap phase), prefill, generate; seconds on x."""
+                    connection: Mapping[str, Any] | None = None, tokens_per_s: float | None = None,
+                    new_tokens: int | None = None) -> go.Figure:
+    """This turn as a Gantt chart: route, swap (and each swap phase) or a remote expert's connection (and its
+    phases), prefill, generate; seconds on x. ``swaps``: SwapEvent.to_dict(); ``connection``:
+    RemoteConnect.to_dict()."""
     if not timeline:
         return empty_figure("the timeline of a turn appears here when it has run")
     rows: list[tuple[str, float, float, str]] = []  # (label, start, end, colour)
     for phase, start, end in timeline:
         rows.append((str(phase), float(start), float(end), PHASE_COLORS.get(str(phase), UNKNOWN_COLOR)))
+        if phase == "connect" and connection:
+            t = float(connection.get("started_at") or start)
+            for name, secs in (connection.get("phases") or {}).items():
+                rows.append((f"  {connection.get('expert')}: {name}", t, t + float(secs), PHASE_COLORS["connect"]))
+                t += float(secs)
         if phase != "swap":
             continue
         for swap in swaps:
@@ -424,18 +432,20 @@ def serving_figure(by_hour: Sequence[Mapping[str, Any]]) -> go.Figure:
                            "rangemode": "tozero"})
 
 
-def swap_times_figure(swap_seconds: Mapping[str, Sequence[float]]) -> go.Figure:
-    """Swap time distributions (seconds) by tier pair (src->dst), coloured by the tier swapped into."""
-    pairs = [p for p, v in swap_seconds.items() if v]
-    if not pairs:
+def swap_times_figure(swap_seconds: Mapping[str, Sequence[float]],
+                      first_byte_seconds: Mapping[str, Sequence[float]] | None = None) -> go.Figure:
+    """Swap time distributions (seconds) by tier pair (src->dst), coloured by the tier swapped into; beside
+    them, a remote expert's seconds to its first byte (what it costs instead of a swap)."""
+    boxes = [(pair.replace("->", " → "), secs, tier_pair_color(pair)) for pair, secs in swap_seconds.items() if secs]
+    boxes += [(f"{expert}: first byte", secs, UNKNOWN_COLOR) for expert, secs in (first_byte_seconds or {}).items()
+              if secs]
+    if not boxes:
         return empty_figure("no swaps logged yet")
     fig = go.Figure()
-    for pair in pairs:
-        label = pair.replace("->", " → ")
-        fig.add_trace(go.Box(y=list(swap_seconds[pair]), name=label, boxpoints="all", jitter=0.4, pointpos=0,
-                             marker={"color": tier_pair_color(pair), "size": 5},
-                             line={"color": tier_pair_color(pair)},
+    for label, secs, color in boxes:
+        fig.add_trace(go.Box(y=list(secs), name=label, boxpoints="all", jitter=0.4, pointpos=0,
+                             marker={"color": color, "size": 5}, line={"color": color},
                              hovertemplate=f"{label}: " + "%{y:.2f} s<extra></extra>"))
     fig.update_yaxes(title_text="swap time (s)", rangemode="tozero")
-    fig.update_xaxes(title_text="tier pair (from → to)")
+    fig.update_xaxes(title_text="tier pair (from → to), remote expert")
     return _layout(fig, HEIGHT, title={"text": "Swap time by tier pair", "font": {"size": 13}}, showlegend=False)

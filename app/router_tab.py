@@ -9,7 +9,8 @@ import gradio as gr
 import numpy as np
 
 from app import plots
-from app.context import AppContext, user_message
+from app.context import AppContext
+from app.errors import user_message
 
 F1_COLUMNS = ["category", "precision", "recall", "F1", "held-out prompts"]
 REVIEW_COLUMNS = ["feedback #", "turn #", "kind", "routed", "corrected to", "from", "prompt"]

@@ -33,6 +33,7 @@ PHASE_COLORS = {
     "queue": "#CC79A7",
     "resident": "#9AA5B1",
     "swap": "#2F6FDE",
+    "connect": "#56B4E9",  # a remote expert's connection (no swap)
     "prefill": "#E69F00",
     "generate": "#009E73",
 }

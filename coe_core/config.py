@@ -25,15 +25,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from coe_core.errors import ConfigError  # raised here; its old import path, coe_core.config.ConfigError, stays
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CATEGORIES = ["coding", "math", "reasoning", "writing", "roleplay", "extraction", "stem", "humanities"]
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
                "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-class ConfigError(ValueError):
-    """A user-fixable problem in spaces.yaml or the environment; the message says what to do."""
 
 
 def parse_size(value: int | float | str, what: str = "size") -> int:

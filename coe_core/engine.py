@@ -1,7 +1,8 @@
 """One turn of the CoE: route -> acquire expert -> generate -> log, as typed events.
 
 Every front end (app, API, CLI) drives ``CoE.chat`` and gets the same event sequence:
-``RouteDecision``, ``Queued``*, ``SwapEvent``*, ``Notice``*, ``TextChunk``*, ``TurnDone``. Every turn goes
+``RouteDecision``, ``Queued``*, ``SwapEvent``* (or one ``RemoteConnect``), ``Notice``*, ``TextChunk``*,
+``TurnDone``, and gathers it with ``events.Transcript``. Errors are ``coe_core.errors.CoEError``s. Every turn goes
 through the one serving queue (``CoE.scheduler``, ``serve.*``); beyond ``serve.max_queue`` it raises ``QueueFull``
 before anything is logged.
 """
@@ -18,10 +19,20 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from coe_core.config import CoEConfig, load_config
-from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
+from coe_core.errors import ExpertUnavailable, InvalidRequest, PromptTooLong, RateLimited, RemoteExpertError, StoreError
+from coe_core.events import (
+    Event,
+    Notice,
+    RemoteConnect,
+    RouteDecision,
+    SwapEvent,
+    TextChunk,
+    Transcript,
+    TurnDone,
+    TurnStats,
+)
 from coe_core.experts.generation import GenerationParams, GenerationResult
-from coe_core.experts.remote import RemoteExpert, RemoteExpertError
-from coe_core.experts.sources import ExpertUnavailable
+from coe_core.experts.remote import RemoteExpert
 from coe_core.hf_spaces import on_zero_gpu
 from coe_core.serving import Scheduler
 from coe_core.tiers.manager import TierManager
@@ -29,18 +40,6 @@ from coe_core.tiers.manager import TierManager
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
-
-
-class InvalidRequest(ValueError):
-    """The request itself is wrong (empty prompt, bad messages, unknown expert); nothing is logged."""
-
-
-class PromptTooLong(InvalidRequest):
-    """The conversation is longer than ``limits.max_prompt_chars`` or ``limits.max_messages``."""
-
-
-class RateLimited(InvalidRequest):
-    """One session (or key) sent more than its limit (``limits.feedback_per_minute``)."""
 
 
 #: feedback kinds that become training labels (a like confirms the routed category)
@@ -287,6 +286,7 @@ class CoE:
             uid = self._log_start(decision, stats, messages, started_at, client, session_id, conversation_id)
             swaps: list[SwapEvent] = []
             pieces: list[str] = []
+            failure: Exception | None = None
             try:
                 yield decision
                 t_queue = time.perf_counter() - start
@@ -312,12 +312,13 @@ class CoE:
             except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
                 log.warning("turn on %s failed: %s", stats.expert, exc)
                 stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
+                failure = exc
             self.scheduler.leave(ticket)  # the next turn may start while this one is logged
             self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
                          conversation_id, wait=True, uid=uid)
         finally:
             self.scheduler.leave(ticket)
-        yield TurnDone(stats)
+        yield TurnDone(stats, error=failure)
 
     def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces, ready=lambda: None
                ) -> Iterator[Event]:
@@ -403,7 +404,7 @@ class CoE:
 
     def _serve_remote(self, remote: RemoteExpert, messages, params, cancel, start, stats, swaps, pieces
                       ) -> Iterator[Event]:
-        """A remote expert: no tiers to fill; the connection's timings stand in for the swap."""
+        """A remote expert: no tiers to fill, so no swap; its connection is reported as a ``RemoteConnect``."""
         down = remote.down_reason()
         if down:
             raise RemoteExpertError(f"{remote.describe()} is down ({down})")
@@ -411,11 +412,9 @@ class CoE:
         reply = remote.open(messages, params, cancel)
         try:
             t = reply.timings
-            event = SwapEvent(remote.id, "remote", "connect", 0, t.first_byte_s, started_at=t_open,
-                              phases={"connect": round(t.connect_s, 4), "headers": round(t.headers_s, 4),
-                                      "first_byte": round(t.first_byte_s, 4)})
-            swaps.append(event)
-            yield event
+            stats.connection = RemoteConnect(remote.id, t.connect_s, t.headers_s, t.first_byte_s,
+                                             attempts=t.attempts, base_url=remote.base_url, started_at=t_open)
+            yield stats.connection
             t_gen = time.perf_counter() - start
             stats.timeline.append(("connect", t_open, t_gen))
             for piece in reply.text(cancel):
@@ -517,16 +516,10 @@ class CoE:
 
     # -- other engine services ---------------------------------------------------------------------
     def run(self, messages, overrides=None, **kwargs) -> tuple[RouteDecision, list[SwapEvent], TurnStats]:
-        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``."""
-        decision, swaps, stats = None, [], None
-        for event in self.chat(messages, overrides, **kwargs):
-            if isinstance(event, RouteDecision):
-                decision = event
-            elif isinstance(event, SwapEvent):
-                swaps.append(event)
-            elif isinstance(event, TurnDone):
-                stats = event.stats
-        return decision, swaps, stats
+        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``
+        (``Transcript.collect(coe.chat(...))`` keeps the rest: connection, notices, the failure)."""
+        turn = Transcript.collect(self.chat(messages, overrides, **kwargs))
+        return turn.decision, turn.swaps, turn.stats
 
     def reference_logprob(self, expert_id: str, messages: list[dict], reference: str) -> tuple[float, int]:
         """Sum of log-probs of ``reference`` as the expert's answer (same prompt format as generation)."""
@@ -539,7 +532,7 @@ class CoE:
         (None: not checked, the CLI). An untrusted author's like or correction waits for an admin's review
         before it trains the router; ``limits.feedback_per_minute`` bounds each owner."""
         if self.store is None:
-            raise RuntimeError("this engine runs without a store; feedback needs one")
+            raise StoreError("this engine runs without a store; feedback needs one")
         if owner is not None:
             self._feedback_rate.hit(owner)
         review = "pending" if not trusted and kind in LABEL_KINDS else "accepted"

@@ -1,7 +1,13 @@
-"""Typed events of one turn. The engine yields these to every front end (app, API, CLI) alike."""
+"""Typed events of one turn, and the one collector every front end gathers them with.
+
+The engine yields ``RouteDecision``, ``Queued``*, ``SwapEvent``* or a ``RemoteConnect``, ``Notice``*,
+``TextChunk``*, ``TurnDone`` to every front end (app, gradio API, OpenAI-compatible API, CLI) alike; each front
+end feeds them to a ``Transcript`` and reads the turn from it, instead of a loop of its own.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +64,34 @@ class SwapEvent:
         d = asdict(self)
         d["gbps"] = round(self.gbps, 3)
         return d
+
+
+@dataclass
+class RemoteConnect:
+    """How a remote expert (an ``openai:`` source) was reached for a turn. It has no weights here, so nothing
+    moves between tiers and it is no swap: its cost is the connection. Seconds from the start of the request."""
+
+    expert: str
+    #: TCP connect done (0 on a reused connection)
+    connect_s: float
+    #: response headers received
+    headers_s: float
+    #: first server-sent event read
+    first_byte_s: float
+    #: tries it took (connections refused or reset, 5xx and 429 are retried)
+    attempts: int = 1
+    base_url: str = ""
+    #: when it started, seconds relative to the turn start
+    started_at: float | None = None
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Consecutive stretches (they add up to ``first_byte_s``): connect, wait for headers, first byte."""
+        return {"connect": self.connect_s, "headers": max(self.headers_s - self.connect_s, 0.0),
+                "first_byte": max(self.first_byte_s - self.headers_s, 0.0)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "phases": {k: round(v, 4) for k, v in self.phases.items()}}
 
 
 @dataclass
@@ -128,6 +162,8 @@ class TurnStats:
     interaction_id: int | None = None
     #: seconds the turn waited in the serving queue before it ran
     queue_s: float = 0.0
+    #: how the remote expert that served was reached (None: a local expert served)
+    connection: RemoteConnect | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +174,82 @@ class TurnDone:
     """Last event of every turn, also when it was cancelled or failed."""
 
     stats: TurnStats
+    #: the exception that failed the turn (``stats.status == "error"``), for a front end to map to its medium
+    #: like any raised ``CoEError``; never logged as an object (``stats.error`` holds its message)
+    error: Exception | None = None
 
 
-Event = RouteDecision | Queued | SwapEvent | TextChunk | Notice | TurnDone
+Event = RouteDecision | Queued | SwapEvent | RemoteConnect | TextChunk | Notice | TurnDone
+
+
+@dataclass
+class Transcript:
+    """One turn as a front end sees it, gathered from its events: ``add`` each event (or iterate
+    ``follow(events)``), then read the fields. Errors the engine raises before the turn starts (a bad request,
+    a full queue) propagate out of the iterator as they are; a turn that fails later ends with ``TurnDone`` and
+    its exception in ``error``."""
+
+    decision: RouteDecision | None = None
+    #: the turn's waits in the serving queue, in order (empty: it started at once)
+    queued: list[Queued] = field(default_factory=list)
+    swaps: list[SwapEvent] = field(default_factory=list)
+    #: set when a remote expert answered (or was reached and then failed mid-answer)
+    connection: RemoteConnect | None = None
+    notices: list[Notice] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    stats: TurnStats | None = None
+    error: Exception | None = None
+
+    def add(self, event: Event) -> Event:
+        """Keep what ``event`` says about the turn; returns the event (so a loop can go on with it)."""
+        if isinstance(event, RouteDecision):
+            self.decision = event
+        elif isinstance(event, Queued):
+            self.queued.append(event)
+        elif isinstance(event, SwapEvent):
+            self.swaps.append(event)
+        elif isinstance(event, RemoteConnect):
+            self.connection = event
+        elif isinstance(event, Notice):
+            self.notices.append(event)
+        elif isinstance(event, TextChunk):
+            self.pieces.append(event.text)
+        elif isinstance(event, TurnDone):
+            self.stats, self.error = event.stats, event.error
+        return event
+
+    def follow(self, events: Iterable[Event]) -> Iterator[Event]:
+        """Each event of ``events``, kept here before it is handed on."""
+        for event in events:
+            yield self.add(event)
+
+    @classmethod
+    def collect(cls, events: Iterable[Event]) -> Transcript:
+        """Run a whole turn and keep it (the non-streaming form)."""
+        transcript = cls()
+        for _ in transcript.follow(events):
+            pass
+        return transcript
+
+    @property
+    def text(self) -> str:
+        """The answer so far."""
+        return "".join(self.pieces)
+
+    @property
+    def done(self) -> bool:
+        return self.stats is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.stats is not None and self.stats.status == "error"
+
+    @property
+    def served_by(self) -> str | None:
+        """The expert that serves (or served) the turn: the routed one, or the one a notice says stands in."""
+        if self.stats is not None:
+            return self.stats.expert
+        stand_ins = [n.expert for n in self.notices if n.expert]
+        if stand_ins:
+            return stand_ins[-1]
+        return self.decision.expert if self.decision is not None else None

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from coe_core.errors import Unavailable
+
 #: File systems whose locking SQLite cannot trust (the SQLite FAQ and "How To Corrupt An SQLite Database File"
 #: name network file systems). Any FUSE mount is counted too: on a Space the only one is a storage bucket
 #: (``hf-mount``, type ``fuse``), and a FUSE file system's locking is whatever its daemon implements.
@@ -138,7 +140,7 @@ def zero_gpu_duration(max_new_tokens: int, prompt_tokens: int = 0) -> int:
     return int(min(max(seconds, ZERO_GPU_MIN_S), ZERO_GPU_MAX_S) + 0.999)
 
 
-class GPUQuotaError(RuntimeError):
+class GPUQuotaError(Unavailable):
     """ZeroGPU refused or lost the GPU for this turn (quota used up, duration too long, queue failure)."""
 
 

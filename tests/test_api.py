@@ -14,10 +14,24 @@ import openai
 import pytest
 
 from coe_core.api import build_server
+from coe_core.api.errors import api_error
 from coe_core.config import config_from_dict
 from coe_core.engine import CoE
+from coe_core.errors import (
+    ConfigError,
+    ExpertUnavailable,
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+    RateLimited,
+    RemoteExpertError,
+    StoreError,
+    TierBusy,
+)
 from coe_core.events import RouteDecision, TextChunk, TurnDone, TurnStats
+from coe_core.hf_spaces import GPUQuotaError
 from coe_core.store import Store
+from coe_core.store.errors import InteractionNotFound
 from tests.conftest import REPO, SHARED_EXPERTS, tiny_config_dict
 from tests.http_server import ServerThread, free_port, smollm2_data_dir, start_process, stop_process, wait_ready
 
@@ -215,27 +229,59 @@ def test_full_queue_answers_429_with_retry_after_from_the_queue(tiny_sources, tm
 
 
 def test_turn_failing_before_text_maps_to_status(tiny_sources, tmp_path, monkeypatch):
-    """TierBusy -> 429, no expert -> 503, in the OpenAI error shape, for streaming requests too."""
+    """The exception that failed a turn before its text picks the status: TierBusy -> 429 with Retry-After, no
+    expert -> 503, anything else -> 500, in the OpenAI error shape, for streaming requests too."""
     monkeypatch.delenv("COE_API_KEY", raising=False)
     coe = make_tiny(tiny_sources, tmp_path)
-    failure = {}
+    failure: dict = {}
 
     def failing_turn(messages, overrides=None, **kwargs):
         yield RouteDecision(category="general", expert="small", reason="default")
-        yield TurnDone(TurnStats(expert="small", response="", status="error", **failure))
+        exc = failure["exc"]
+        yield TurnDone(TurnStats(expert="small", response="", status="error", error=str(exc),
+                                 error_type=type(exc).__name__), error=exc)
 
     coe.chat = failing_turn
     try:
         with ServerThread(build_server(coe)) as url:
-            for error_type, status in (("TierBusy", 429), ("ExpertUnavailable", 503), ("OSError", 500)):
-                failure.update(error=f"{error_type} happened", error_type=error_type)
+            for exc, status, code in ((TierBusy("TierBusy happened", 3), 429, "busy"),
+                                      (ExpertUnavailable("ExpertUnavailable happened"), 503, "no_expert_available"),
+                                      (RemoteExpertError("the remote is down"), 503, "no_expert_available"),
+                                      (OSError("OSError happened"), 500, "turn_failed")):
+                failure["exc"] = exc
                 for stream in (False, True):
                     response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                                           json={"model": "coe", "messages": HELLO, "stream": stream})
                     assert response.status_code == status
-                    assert response.json()["error"]["message"] == f"{error_type} happened"
+                    assert response.json()["error"]["message"] == str(exc)
+                    assert response.json()["error"]["code"] == code
+                    assert response.headers.get("retry-after") == ("3" if status == 429 else None)
     finally:
         coe.close()
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (PromptTooLong("too long"), 400, "context_length_exceeded"),
+    (InvalidRequest("unknown expert 'x'"), 400, "invalid_value"),
+    (InteractionNotFound("no turn 5"), 404, "interaction_not_found"),
+    (RateLimited("too much feedback"), 429, "rate_limited"),
+    (QueueFull("busy: 64 turns wait", 7), 429, "busy"),
+    (TierBusy("the gpu tier is full"), 429, "busy"),
+    (ExpertUnavailable("no weights"), 503, "no_expert_available"),
+    (GPUQuotaError("the GPU of this Space is not available to you right now"), 503, "unavailable"),
+    (StoreError("the interaction store failed"), 503, "store_error"),
+    (ConfigError("router.embedder: no such package"), 500, "config_error"),
+    (RuntimeError("a bug"), 500, "turn_failed"),
+])
+def test_every_engine_error_has_one_status(exc, status, code):
+    """``api_error`` is the API's one map from the engine's errors to HTTP: a caller's mistake is a 4xx, a busy
+    CoE a 429 that says when to retry, a CoE that cannot serve a 503, anything else a 500."""
+    error = api_error(exc)
+    assert (error.status, error.code, error.message) == (status, code, str(exc))
+    if status == 429:
+        assert int(error.headers["Retry-After"]) == exc.retry_after_s >= 1
+    if isinstance(exc, InvalidRequest):
+        assert isinstance(exc, ValueError)  # code that still catches ValueError keeps working
 
 
 def test_failure_after_text_ends_the_stream_with_an_error(tiny_sources, tmp_path, monkeypatch):

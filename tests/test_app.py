@@ -16,11 +16,11 @@ import pytest
 
 from app import plots
 from app.admin import AdminGate
-from app.chat_messages import engine_messages, routing_message, swap_message, text_of
+from app.chat_messages import connection_message, engine_messages, routing_message, swap_message, text_of
 from app.explorer_tab import parse_prompts
 from app.mapping_tab import point_for_budget, single_expert_points
 from app.theme import FALLBACK_COLOR, TIER_COLORS, category_colors
-from coe_core.events import RouteDecision, SwapEvent
+from coe_core.events import RemoteConnect, RouteDecision, SwapEvent
 
 CATS = ["coding", "math", "writing"]
 COLORS = category_colors(CATS, "general")
@@ -97,6 +97,23 @@ def test_timeline_shows_each_phase_and_the_swap_steps_with_tokens_per_second():
     assert bar.base[read] == pytest.approx(0.1) and bar.x[read] == pytest.approx(0.4)
     assert "12.5 tokens/s" in fig.layout.title.text and "25 tokens" in fig.layout.title.text
     assert "(s)" in fig.layout.xaxis.title.text
+
+
+def test_a_remote_experts_connection_shows_as_its_own_step_not_as_a_swap():
+    connection = RemoteConnect("edge", connect_s=0.05, headers_s=0.2, first_byte_s=0.3, started_at=0.1,
+                               base_url="http://gpu-box:8000/v1")
+    timeline = [("route", 0.0, 0.05), ("connect", 0.1, 0.4), ("prefill", 0.4, 0.5), ("generate", 0.5, 1.0)]
+    fig = plots.timeline_figure(timeline, [], connection=connection.to_dict())
+    labels, bar = list(fig.data[0].y), fig.data[0]
+    steps = [label for label in labels if label.startswith("  edge: ")]
+    assert steps == ["  edge: connect", "  edge: headers", "  edge: first_byte"]
+    first_byte = labels.index("  edge: first_byte")  # the stretches follow each other and end at the first byte
+    assert bar.base[first_byte] + bar.x[first_byte] == pytest.approx(0.1 + 0.3)
+    msg = connection_message(connection, "route-1")
+    assert msg["metadata"]["parent_id"] == "route-1" and "first byte after 0.30 s" in msg["metadata"]["title"]
+    assert "⇄" not in msg["metadata"]["title"] and "gpu-box" in msg["content"]
+    boxes = plots.swap_times_figure({"disk->cpu": [1.0]}, {"edge": [0.3, 0.4]})
+    assert [t.name for t in boxes.data] == ["disk → cpu", "edge: first byte"]
 
 
 # -- explorer, router, mapping, analytics figures --------------------------------------------------------

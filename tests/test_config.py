@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from coe_core.config import ConfigError, config_from_dict, load_config, parse_size
+from coe_core.config import config_from_dict, load_config, parse_size
+from coe_core.errors import ConfigError
 from tests.conftest import REPO, write_yaml
 
 

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from coe_core.config import config_from_dict
-from coe_core.engine import CoE, InvalidRequest
+from coe_core.engine import CoE
+from coe_core.errors import InvalidRequest
 from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
 from coe_core.experts.generation import _StopStringFilter
 from tests.conftest import tiny_config_dict

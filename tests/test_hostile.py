@@ -10,7 +10,8 @@ import time
 import pytest
 
 from coe_core.config import config_from_dict
-from coe_core.engine import CoE, PromptTooLong
+from coe_core.engine import CoE
+from coe_core.errors import PromptTooLong
 from coe_core.experts.prompt_format import format_prompt
 from tests.conftest import make_tokenizer, tiny_config_dict
 
@@ -117,7 +118,8 @@ def test_an_export_link_serves_its_file_once_and_deletes_it(tiny_sources, tmp_pa
 
 
 def test_a_garbage_database_file_is_one_clear_error(tmp_path):
-    from coe_core.store import Store, StoreError
+    from coe_core.errors import StoreError
+    from coe_core.store import Store
 
     db = tmp_path / "coe.sqlite3"
     db.write_bytes(b"this is not a database, just garbage " * 200)
@@ -129,7 +131,7 @@ def test_a_garbage_database_file_is_one_clear_error(tmp_path):
 def test_the_queue_is_one_bound_for_every_door(tiny_sources, tmp_path):
     """Every door's turns wait in coe.scheduler; beyond serve.max_queue waiting turns one more is refused
     (QueueFull, before anything is logged) with a Retry-After estimate."""
-    from coe_core.serving import QueueFull
+    from coe_core.errors import QueueFull
 
     coe = tiny_engine(tiny_sources, tmp_path)
     sched = coe.scheduler
@@ -146,7 +148,7 @@ def test_the_queue_is_one_bound_for_every_door(tiny_sources, tmp_path):
 
 
 def test_feedback_is_rate_limited_per_session(tiny_sources, tmp_path):
-    from coe_core.engine import RateLimited
+    from coe_core.errors import RateLimited
 
     raw = tiny_config_dict(tiny_sources, tmp_path / "data")
     raw["limits"] = {"feedback_per_minute": 3}

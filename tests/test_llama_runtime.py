@@ -11,10 +11,10 @@ import pytest
 
 from coe_core.config import config_from_dict
 from coe_core.engine import CoE
+from coe_core.errors import TierBusy
 from coe_core.events import Notice, TurnDone
 from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.llama_cpp_runtime import llama_cpp_unavailable
-from coe_core.tiers.manager import TierBusy
 from tests.conftest import tiny_config_dict
 
 needs_llama = pytest.mark.skipif(llama_cpp_unavailable() is not None,
@@ -180,7 +180,7 @@ def test_without_llama_cpp_a_gguf_expert_falls_back_to_transformers_with_one_lin
 
 
 def test_llama_cpp_runtime_needs_a_gguf_source():
-    from coe_core.config import ConfigError
+    from coe_core.errors import ConfigError
 
     raw = {"profiles": {"offline": {"default_expert": "x", "experts": {
         "x": {"source": "hf:Qwen/Qwen2.5-0.5B-Instruct", "runtime": "llama_cpp"}}}}}

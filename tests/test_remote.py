@@ -16,11 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from coe_core.api import build_server
-from coe_core.config import ConfigError, config_from_dict
+from coe_core.config import config_from_dict
 from coe_core.engine import CoE
-from coe_core.events import Notice, SwapEvent, TextChunk, TurnDone
+from coe_core.errors import ConfigError, RemoteExpertError
+from coe_core.events import Notice, RemoteConnect, SwapEvent, TextChunk, TurnDone
 from coe_core.experts.generation import GenerationParams
-from coe_core.experts.remote import RemoteExpertError
 from coe_core.store import Store
 from tests.conftest import REPO, SHARED_EXPERTS, tiny_config_dict
 from tests.http_server import ServerThread, free_port, smollm2_data_dir, start_process, stop_process, wait_ready
@@ -121,9 +121,12 @@ def test_remote_expert_streams_token_by_token(tiny_sources, tmp_path, stub):
         assert coe.prepare(["edge"]) == {"edge": None}  # GET /models answered and lists the model
         events, _ = run(coe, stop=["\nUser:"], temperature=0.2)
         assert [c.text for c in of(events, TextChunk)] == STUB_PIECES  # passed through piece by piece
-        (swap,) = of(events, SwapEvent)
-        assert (swap.src, swap.dst, swap.bytes) == ("remote", "connect", 0)
-        assert set(swap.phases) == {"connect", "headers", "first_byte"} and swap.phases["first_byte"] > 0
+        assert not of(events, SwapEvent)  # nothing moved between tiers: a connection is no swap
+        (connection,) = of(events, RemoteConnect)
+        assert connection.expert == "edge" and connection.base_url.endswith("/ok/v1")
+        assert 0 <= connection.connect_s <= connection.headers_s <= connection.first_byte_s
+        assert set(connection.phases) == {"connect", "headers", "first_byte"}
+        assert sum(connection.phases.values()) == pytest.approx(connection.first_byte_s)
         stats = of(events, TurnDone)[0].stats
         assert (stats.status, stats.expert, stats.response) == ("ok", "edge", "Hello from the stub")
         assert (stats.new_tokens, stats.prompt_tokens) == (3, 7)  # from the server's usage
@@ -135,7 +138,9 @@ def test_remote_expert_streams_token_by_token(tiny_sources, tmp_path, stub):
         assert edge["state"] == "remote" and edge["tiers"] == {"gpu": 0, "cpu": 0, "disk": 0}
         assert edge["remote"]["health"]["ok"] is True and edge["reason"] is None
         turn = coe.store.get_interaction(stats.interaction_id)
-        assert turn["expert"] == "edge" and turn["swaps"][0]["src"] == "remote"
+        assert turn["expert"] == "edge" and turn["swaps"] == []
+        assert turn["remote_connection"]["first_byte_s"] == connection.first_byte_s
+        assert coe.store.stats()["serving_by_hour"][-1]["swaps_per_100_turns"] == 0
     finally:
         coe.close()
 
@@ -232,7 +237,8 @@ def test_a_coe_serves_as_an_expert_of_another_coe(downstream_coe, tiny_sources, 
         decision, stats = events[0], of(events, TurnDone)[0].stats
         assert decision.category == "coding" and decision.expert == "edge" and decision.router_version
         assert stats.status == "ok" and stats.expert == "edge" and stats.response.strip()
-        assert of(events, SwapEvent)[0].src == "remote" and not [n for n in of(events, Notice) if n.expert]
+        assert of(events, RemoteConnect) and not of(events, SwapEvent)
+        assert not [n for n in of(events, Notice) if n.expert]
         assert 1 <= stats.new_tokens <= 12
         with Store(f"sqlite:///{downstream_data / 'coe.sqlite3'}") as downstream:  # the hop was a logged API turn
             (turn,) = downstream.recent_interactions(5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from coe_core.errors import InvalidRequest
 from coe_core.routing.service import RoutingService
 
 
@@ -83,5 +84,5 @@ def test_odd_input_gets_a_decision_not_a_trace(service, text):
 
 def test_empty_and_whitespace_prompts_are_refused_clearly(service):
     for text in ("", "   \n\t "):
-        with pytest.raises(ValueError, match="empty prompt"):
+        with pytest.raises(InvalidRequest, match="empty prompt"):
             service.decide([{"role": "user", "content": text}])

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from coe_core.config import PACKAGE_ROOT, config_from_dict
+from coe_core.errors import InvalidRequest
 from coe_core.routing.artifact import RouterArtifactError, check_compatible, read_active
 from coe_core.routing.embedder import get_embedder
 from coe_core.routing.service import RouterUnavailableError, RoutingService
@@ -181,12 +182,12 @@ def test_overrides_are_honoured_and_validated(trained):
     d = service.decide(_ask("Write a Python function"), {"expert": "smollm2-135m"})
     assert (d.expert, d.reason) == ("smollm2-135m", "override-expert")
     with pytest.raises(
-        ValueError, match=r"unknown category 'sports'; valid categories: code, cooking, travel, general"
+        InvalidRequest, match=r"unknown category 'sports'; valid categories: code, cooking, travel, general"
     ):
         service.decide(_ask("hi"), {"category": "sports"})
-    with pytest.raises(ValueError, match=r"unknown expert 'gpt5'; valid experts: smollm2-135m, gemma3-270m"):
+    with pytest.raises(InvalidRequest, match=r"unknown expert 'gpt5'; valid experts: smollm2-135m, gemma3-270m"):
         service.decide(_ask("hi"), {"expert": "gpt5"})
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(InvalidRequest, match="empty prompt"):
         service.decide(_ask("   "))
 
 

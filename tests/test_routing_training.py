@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from coe_core.errors import InvalidRequest
 from coe_core.routing.calibration import pick_threshold, threshold_effect
 from coe_core.routing.classifier import confidence
 from coe_core.routing.expert_eval import eval_experts, load_eval_sets, normalise
@@ -98,9 +99,9 @@ def test_routed_text_ends_with_the_latest_turn_and_keeps_both_ends_of_a_long_one
     # earlier turns never take more than a fifth of the budget
     chat = [{"role": "user", "content": "y" * 5000}, {"role": "user", "content": "and in rust?"}]
     assert routed_text(chat, 1, 500) == "y" * 100 + "\nand in rust?"
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(InvalidRequest, match="empty prompt"):
         routed_text([{"role": "user", "content": "hi"}, {"role": "user", "content": "   "}], 1, 2000)
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(InvalidRequest, match="empty prompt"):
         routed_text([{"role": "assistant", "content": "hi"}], 1, 2000)
 
 def test_confidence_kinds():

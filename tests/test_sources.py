@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coe_core.experts.sources import ExpertUnavailable, resolve_source
+from coe_core.errors import ExpertUnavailable
+from coe_core.experts.sources import resolve_source
 
 
 def test_package_gguf_is_found_without_importing_the_package(tmp_path):

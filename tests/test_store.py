@@ -332,12 +332,21 @@ def test_router_versions_keep_one_active(store: Store):
 
 
 # -- schema versions -----------------------------------------------------------------------------------------
+#: how releases before schema v5 logged a remote expert's connection: as a swap from tier "remote", its phases
+#: cumulative seconds
+_LEGACY_REMOTE_SWAP = {"expert": "edge", "src": "remote", "dst": "connect", "bytes": 0, "seconds": 0.3,
+                       "phases": {"connect": 0.05, "headers": 0.2, "first_byte": 0.3}, "started_at": 0.01}
+
+
 def _make_v1_database(url: str) -> None:
-    """The layout of schema version 1 (before route_latency_ms / route_threshold, queue_s) with one logged turn."""
+    """The layout of schema version 1 (before route_latency_ms / route_threshold, queue_s, remote_connection)
+    with one logged local turn and one remote turn logged the old way."""
     with Store(url) as store:
         store.log_turn(turn("from the old release"))
+        store.log_turn(turn("a remote answer", expert="edge", swaps=[_LEGACY_REMOTE_SWAP]))
     engine = create_engine(url)
     with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE interactions DROP COLUMN remote_connection"))
         conn.execute(text("ALTER TABLE interactions DROP COLUMN route_latency_ms"))
         conn.execute(text("ALTER TABLE interactions DROP COLUMN route_threshold"))
         conn.execute(text("ALTER TABLE interactions DROP COLUMN queue_s"))
@@ -362,9 +371,15 @@ def _make_v1_database(url: str) -> None:
 def test_an_older_database_is_upgraded_and_keeps_its_turns(db_url: str):
     _make_v1_database(db_url)
     with Store(db_url) as store:
-        assert store.schema_version == SCHEMA_VERSION == 4
-        old = store.recent_interactions(1)[0]
+        assert store.schema_version == SCHEMA_VERSION == 5
+        remote, old = store.recent_interactions(2)
         assert old["prompt"] == "from the old release" and old["route_latency_ms"] is None and old["queue_s"] is None
+        assert old["remote_connection"] is None
+        # v5: the remote connection left the swaps, with its phases as consecutive stretches
+        assert remote["swaps"] == [] and remote["remote_connection"]["expert"] == "edge"
+        assert remote["remote_connection"]["phases"] == pytest.approx({"connect": 0.05, "headers": 0.15,
+                                                                       "first_byte": 0.1})
+        assert store.stats()["swaps"] == {} and store.stats()["remote_first_byte_seconds"] == {"edge": [0.3]}
         new = store.log_turn(turn("after the upgrade", route_latency_ms=2.0))
         assert store.get_interaction(new)["route_latency_ms"] == 2.0
         running = store.log_turn(turn("still running", status="running"))  # v3 widened the status check

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from coe_core.errors import ExpertUnavailable, TierBusy
 from coe_core.experts.materialize import MANIFEST_FILE, WEIGHTS_FILE
-from coe_core.experts.sources import ExpertUnavailable
-from coe_core.tiers.manager import TierBusy, TierManager
+from coe_core.tiers.manager import TierManager
 
 
 def manager(config) -> TierManager:

@@ -9,7 +9,8 @@ import os
 import sys
 import time
 
-from coe_core.config import ConfigError, load_config
+from coe_core.config import load_config
+from coe_core.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

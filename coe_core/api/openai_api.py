@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from coe_core.api.errors import APIError
+from coe_core.api.errors import APIError, api_error
 from coe_core.api.schemas import (
     COE_MODEL,
     ChatCompletionRequest,
@@ -27,8 +27,8 @@ from coe_core.api.schemas import (
     RouteRequest,
 )
 from coe_core.api.turns import ApiTurn, TurnStream
-from coe_core.engine import LABEL_KINDS, CoE, InvalidRequest, RateLimited, clean_text
-from coe_core.store.errors import InteractionNotFound, StoreError
+from coe_core.engine import LABEL_KINDS, CoE, clean_text
+from coe_core.errors import CoEError
 
 
 def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = False
@@ -119,8 +119,8 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
                            code="invalid_value", param="messages")
         try:
             decision = await run_in_threadpool(coe.route, messages, forced or None)
-        except (InvalidRequest, ValueError) as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
+        except CoEError as exc:
+            raise api_error(exc) from None
         return {**decision.to_dict(), "expert_available": decision.expert in coe.available_experts()}
 
     @router.post("/feedback")
@@ -133,12 +133,8 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
                 lambda: coe.feedback(body.interaction_id, body.kind, body.corrected_category,
                                      clean_text(body.comment) if body.comment else None, owner=identity,
                                      trusted=trusted))
-        except InteractionNotFound as exc:
-            raise APIError(404, str(exc), code="interaction_not_found", param="interaction_id") from None
-        except RateLimited as exc:
-            raise APIError(429, str(exc), code="rate_limited", headers={"Retry-After": "60"}) from None
-        except StoreError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
+        except CoEError as exc:  # another session's turn is "not found"; too much feedback is 429
+            raise api_error(exc) from None
         return {"id": feedback_id, "interaction_id": body.interaction_id, "kind": body.kind,
                 "corrected_category": body.corrected_category,
                 "review": "accepted" if trusted or body.kind not in LABEL_KINDS else "pending"}

@@ -4,7 +4,8 @@ The engine's iterator blocks (routing, swaps, generation), so every step runs in
 the event loop never waits on it. ``start`` runs the turn up to its first text: the routing decision, swaps
 and notices are known by then, so they go into the response headers, the ``coe`` object and the first
 stream chunk, and a turn that fails before any text gets a real HTTP error status. Closing the turn (the
-client went away) cancels the compute; the engine logs the turn as cancelled.
+client went away) cancels the compute; the engine logs the turn as cancelled. The turn's events are kept in
+an ``events.Transcript``; its errors become HTTP errors in ``errors.api_error`` alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from coe_core.api.errors import APIError
+from coe_core.api.errors import APIError, api_error
 from coe_core.api.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -31,14 +32,10 @@ from coe_core.api.schemas import (
     Delta,
     Usage,
 )
-from coe_core.engine import InvalidRequest, PromptTooLong
-from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
-from coe_core.serving import QueueFull
+from coe_core.errors import CoEError
+from coe_core.events import Event, RouteDecision, TextChunk, Transcript, TurnStats
 
 _END = object()
-#: status of a turn that failed before any text, by the engine's exception class
-_ERROR_STATUS = {"TierBusy": (429, "busy"), "ExpertUnavailable": (503, "no_expert_available"),
-                 "RemoteExpertError": (503, "no_expert_available")}
 
 
 class ApiTurn:
@@ -49,10 +46,7 @@ class ApiTurn:
         self.max_new_tokens, self.include_usage = max_new_tokens, include_usage
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.decision: RouteDecision | None = None
-        self.swaps: list[SwapEvent] = []
-        self.notices: list[Notice] = []
-        self.stats: TurnStats | None = None
+        self.transcript = Transcript()
         self._held: list[str] = []  # text read by start(), not sent yet
 
     # -- driving the engine -----------------------------------------------------------------------
@@ -60,17 +54,17 @@ class ApiTurn:
         return await run_in_threadpool(next, self._events, _END)
 
     def _absorb(self, event: Event) -> str | None:
-        if isinstance(event, RouteDecision):
-            self.decision = event
-        elif isinstance(event, SwapEvent):
-            self.swaps.append(event)
-        elif isinstance(event, Notice):
-            self.notices.append(event)
-        elif isinstance(event, TurnDone):
-            self.stats = event.stats
-        elif isinstance(event, TextChunk):
-            return event.text
-        return None
+        """Keep the event; its text, if it is a piece of the answer."""
+        self.transcript.add(event)
+        return event.text if isinstance(event, TextChunk) else None
+
+    @property
+    def decision(self) -> RouteDecision | None:
+        return self.transcript.decision
+
+    @property
+    def stats(self) -> TurnStats | None:
+        return self.transcript.stats
 
     async def start(self) -> None:
         """Run the turn up to its first text. Raises APIError for a bad request or a turn that failed first."""
@@ -83,23 +77,17 @@ class ApiTurn:
                 if text:
                     self._held.append(text)
                     break
-        except QueueFull as exc:  # serve.max_queue turns wait already: nothing was logged
+        except CoEError as exc:  # refused before anything ran (a bad request, a full queue): nothing was logged
             await self.aclose()
-            raise APIError(429, str(exc), code="busy", headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except PromptTooLong as exc:
-            await self.aclose()
-            raise APIError(400, str(exc), code="context_length_exceeded", param="messages") from None
-        except (InvalidRequest, ValueError, KeyError) as exc:  # raised before anything is logged
-            await self.aclose()
-            raise APIError(400, str(exc).strip("'\""), code="invalid_value") from None
+            raise api_error(exc) from None
         except BaseException:
             await self.aclose()
             raise
-        if self.stats is not None and self.stats.status == "error" and not self.stats.response:
+        if self.transcript.failed and not self.stats.response:  # it failed before its first text
             await self.aclose()
-            status, code = _ERROR_STATUS.get(self.stats.error_type or "", (500, "turn_failed"))
-            raise APIError(status, self.stats.error or "the turn failed", code=code,
-                           headers={"Retry-After": "1"} if status == 429 else None)
+            error = self.transcript.error
+            raise (api_error(error) if error is not None
+                   else APIError(500, self.stats.error or "the turn failed", code="turn_failed"))
 
     def cancel(self) -> None:
         """Ask the engine to stop generating (the turn ends at the next token)."""
@@ -118,10 +106,7 @@ class ApiTurn:
     # -- what the caller sees -------------------------------------------------------------------------
     @property
     def served_by(self) -> str:
-        if self.stats is not None:
-            return self.stats.expert
-        replaced = [n.expert for n in self.notices if n.expert]
-        return replaced[-1] if replaced else self.decision.expert
+        return self.transcript.served_by or ""
 
     def headers(self) -> dict[str, str]:
         d = self.decision
@@ -133,8 +118,9 @@ class ApiTurn:
         return {"category": d.category, "expert": self.served_by, "routed_expert": d.expert, "reason": d.reason,
                 "confidence": d.confidence, "fallback": d.fallback, "probabilities": d.probabilities,
                 "router_version": d.router_version, "explanation": d.explanation,
-                "swaps": [s.to_dict() for s in self.swaps],
-                "notices": [{"kind": n.kind, "message": n.message} for n in self.notices]}
+                "swaps": [s.to_dict() for s in self.transcript.swaps],
+                "connection": self.transcript.connection.to_dict() if self.transcript.connection else None,
+                "notices": [{"kind": n.kind, "message": n.message} for n in self.transcript.notices]}
 
     def end_summary(self) -> dict[str, Any]:
         s = self.stats

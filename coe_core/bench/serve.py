@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from coe_core.config import CoEConfig
-from coe_core.serving import QueueFull, Scheduler, fifo
+from coe_core.errors import QueueFull
+from coe_core.serving import Scheduler, fifo
 
 PROMPTS = [
     "Write a Python function that reverses a string.",

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from coe_core.config import ExpertConfig
-from coe_core.experts.sources import ExpertUnavailable, load_from_source, resolve_source
+from coe_core.errors import ExpertUnavailable
+from coe_core.experts.sources import load_from_source, resolve_source
 
 WEIGHTS_FILE = "model.safetensors"
 GGUF_FILE = "model.gguf"

@@ -19,20 +19,15 @@ from dataclasses import dataclass
 import httpx
 
 from coe_core.config import ExpertConfig
+from coe_core.errors import RemoteExpertError
 from coe_core.experts.generation import GenerationParams
 from coe_core.experts.prompt_format import with_system
-from coe_core.experts.sources import ExpertUnavailable
 
 #: how long a health result (or a failed turn) stands before the endpoint is checked again
 HEALTH_TTL_S = 15.0
 #: a health check waits at most this long
 HEALTH_TIMEOUT_S = 3.0
 _MAX_ERROR_BODY = 500
-
-
-class RemoteExpertError(ExpertUnavailable):
-    """The remote server is down, too slow, refused the request or answered something that is not the
-    OpenAI streaming format. The message says which and names the server."""
 
 
 @dataclass

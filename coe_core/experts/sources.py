@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-class ExpertUnavailable(RuntimeError):
-    """An expert cannot be served; the message says why and what to do. Other experts keep serving."""
+from coe_core.errors import ExpertUnavailable
 
 
 @dataclass(frozen=True)

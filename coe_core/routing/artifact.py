@@ -21,8 +21,10 @@ from typing import Any
 import joblib
 import numpy as np
 
+from coe_core.errors import ConfigError
 
-class RouterArtifactError(ValueError):
+
+class RouterArtifactError(ConfigError):
     """A router version is missing or does not fit the current config; the message says what to do."""
 
 

@@ -7,23 +7,24 @@ import time
 from typing import Any
 
 from coe_core.config import CoEConfig
+from coe_core.errors import InvalidRequest
 from coe_core.events import RouteDecision
 from coe_core.routing.mapping import MappingResult
 from coe_core.routing.router import Classification, Router
 
 
 def check_overrides(config: CoEConfig, overrides: dict | None) -> dict[str, str] | None:
-    """The user's forced category or expert, validated (an unknown one is a clear ValueError)."""
+    """The user's forced category or expert, validated (an unknown one is a clear InvalidRequest)."""
     if not overrides:
         return None
     unknown_keys = set(overrides) - {"category", "expert"}
     if unknown_keys:
-        raise ValueError(f"unknown override {sorted(unknown_keys)}: use {{'category': c}} or {{'expert': e}}")
+        raise InvalidRequest(f"unknown override {sorted(unknown_keys)}: use {{'category': c}} or {{'expert': e}}")
     cat, expert = overrides.get("category"), overrides.get("expert")
     if cat is not None and cat not in config.all_categories:
-        raise ValueError(f"unknown category {cat!r}; valid categories: {', '.join(config.all_categories)}")
+        raise InvalidRequest(f"unknown category {cat!r}; valid categories: {', '.join(config.all_categories)}")
     if expert is not None and expert not in config.experts:
-        raise ValueError(f"unknown expert {expert!r}; valid experts: {', '.join(config.experts)}")
+        raise InvalidRequest(f"unknown expert {expert!r}; valid experts: {', '.join(config.experts)}")
     return {k: v for k, v in overrides.items() if v is not None}
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from coe_core.errors import ConfigError
 
-class EmbedderError(ValueError):
+
+class EmbedderError(ConfigError):
     """The configured embedder cannot be found or loaded; the message says what to do."""
 
 

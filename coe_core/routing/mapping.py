@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from coe_core.errors import ConfigError
 
-class ScoreTableError(ValueError):
+
+class ScoreTableError(ConfigError):
     """A score table file is missing or malformed; the message says what to fix."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from coe_core.config import CoEConfig
+from coe_core.errors import InvalidRequest
 from coe_core.events import RouteDecision
 from coe_core.routing import decisions
 from coe_core.routing.calibration import pick_threshold, threshold_effect
@@ -219,7 +220,7 @@ class RoutingService:
     def set_threshold(self, t: float, *, source: str = "manual", calibration: dict | None = None) -> dict[str, Any]:
         """Persist ``t`` into the active version's metadata (it then wins over spaces.yaml)."""
         if not isinstance(t, (int, float)) or not 0 <= t <= 1:
-            raise ValueError(f"threshold must be a number between 0 and 1, not {t!r}")
+            raise InvalidRequest(f"threshold must be a number between 0 and 1, not {t!r}")
         changes: dict[str, Any] = {"threshold": float(t), "threshold_set_by": source}
         if calibration is not None:
             changes["calibration"] = calibration

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from coe_core.errors import InvalidRequest
+
 #: marks where the middle of a long turn was left out
 ELLIPSIS = " … "
 #: share of the character budget that earlier turns may take in a multi-turn chat
@@ -46,10 +48,10 @@ def routed_text(messages: list[dict[str, Any]], context_turns: int, context_char
     that does not fit in the rest keeps its start and its end.
     """
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
+        raise InvalidRequest('messages must be a list of {"role": ..., "content": ...} dicts')
     users = [text_of(m.get("content")).strip() for m in messages if m.get("role") == "user"]
     if not users or not users[-1]:
-        raise ValueError("empty prompt: the latest user message has no text; type a question or instruction")
+        raise InvalidRequest("empty prompt: the latest user message has no text; type a question or instruction")
     earlier = [u for u in users[:-1] if u][-context_turns:] if context_turns > 0 else []
     context = "\n".join(earlier)
     if context:

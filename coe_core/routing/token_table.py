@@ -24,16 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
+from coe_core.errors import ConfigError
+
 #: the tensor of a GGUF file that holds the input token embeddings
 EMBEDDING_TENSOR = "token_embd.weight"
 
 
-class TokenTableError(ValueError):
+class TokenTableError(ConfigError):
     """The token table cannot be built or read; the message says what to do."""
 
 
 def _gguf_path(source: str, scratch: Path) -> Path:
-    from coe_core.experts.sources import ExpertUnavailable, resolve_source
+    from coe_core.errors import ExpertUnavailable
+    from coe_core.experts.sources import resolve_source
 
     try:
         resolved = resolve_source(source, scratch)

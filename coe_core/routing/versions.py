@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from coe_core.config import CoEConfig
+from coe_core.errors import ConfigError
 from coe_core.routing import artifact as artifacts
 from coe_core.routing.calibration import calibrate_on_examples, pick_threshold, top_choice_scores
 from coe_core.routing.datasets import Datasets
@@ -35,7 +36,7 @@ from coe_core.routing.training import (
 )
 
 
-class RouterUnavailableError(ValueError):
+class RouterUnavailableError(ConfigError):
     """No router can be loaded or trained (e.g. no seed data); the message says what to do."""
 
 

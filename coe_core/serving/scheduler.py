@@ -16,16 +16,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from coe_core.errors import QueueFull
 from coe_core.events import Queued
 from coe_core.serving.policy import Waiting, next_turn, priority
-
-
-class QueueFull(RuntimeError):
-    """The queue holds ``serve.max_queue`` turns already; ``retry_after_s`` estimates when one will have left."""
-
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass

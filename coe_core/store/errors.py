@@ -1,13 +1,19 @@
-"""Errors of the interaction store; each message says what to do."""
+"""Errors of the interaction store; each message says what to do. ``StoreError``, their root, lives in
+``coe_core/errors.py`` with the engine's other errors."""
 
 from __future__ import annotations
 
+from coe_core.errors import InvalidRequest, StoreError
 
-class StoreError(RuntimeError):
-    """A user-fixable problem with the interaction store (bad id, bad URL, bad feedback kind...)."""
+__all__ = ["InteractionNotFound", "InvalidStoreRequest", "SchemaVersionError", "StoreError", "TurnNotLoggedError"]
 
 
-class InteractionNotFound(StoreError):
+class InvalidStoreRequest(StoreError, InvalidRequest):
+    """The caller asked the store for something wrong (a bad feedback kind or category, a bad limit or export
+    format): the caller's fault, unlike a database that failed."""
+
+
+class InteractionNotFound(InvalidStoreRequest):
     """No such turn in the log, or not one the caller made (feedback is bound to the session that made it)."""
 
 

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from sqlalchemy.orm import Session
 
-from coe_core.store.errors import StoreError
+from coe_core.store.errors import InvalidStoreRequest
 from coe_core.store.models import Interaction
 from coe_core.store.selects import interaction_dict, turns_with_feedback
 
@@ -19,9 +19,10 @@ COLUMNS = [
     "prompt", "routing_context", "response", "router_version", "category", "probabilities", "confidence",
     "fallback", "override", "expert", "reason", "swaps", "ttft_s", "total_s", "prompt_tokens", "new_tokens",
     "tokens_per_s", "status", "error", "route_latency_ms", "route_threshold", "queue_s",
+    "remote_connection",
     "feedback_kind", "feedback_category", "feedback_comment", "feedback_at",
 ]
-_JSON_COLUMNS = {"probabilities", "override", "swaps"}
+_JSON_COLUMNS = {"probabilities", "override", "swaps", "remote_connection"}
 
 
 def export_rows(session: Session, since: datetime | None = None) -> Any:
@@ -39,7 +40,7 @@ def export_rows(session: Session, since: datetime | None = None) -> Any:
 
 def write_export(session: Session, fmt: str, out: TextIO, since: datetime | None = None) -> int:
     if fmt not in FORMATS:
-        raise StoreError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise InvalidStoreRequest(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     count = 0
     if fmt == "jsonl":
         for data in export_rows(session, since):

@@ -133,6 +133,8 @@ class Interaction(Base):
     route_threshold: Mapped[float | None] = mapped_column(Float)
     # schema v4: seconds the turn waited in the serving queue (coe_core/serving) before it ran
     queue_s: Mapped[float | None] = mapped_column(Float)
+    # schema v5: RemoteConnect.to_dict() when a remote expert served (its connection is no swap)
+    remote_connection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     conversation: Mapped[Conversation] = relationship(back_populates="interactions")
     feedback: Mapped[list[Feedback]] = relationship(back_populates="interaction", order_by="Feedback.id")

@@ -45,6 +45,8 @@ class TurnRecord:
     route_threshold: float | None = None
     #: seconds it waited in the serving queue before it ran
     queue_s: float | None = None
+    #: RemoteConnect.to_dict() when a remote expert served (None: a local one)
+    remote_connection: dict[str, Any] | None = None
     #: None: a new conversation is started for this turn
     conversation_id: int | None = None
     #: None: the next index in the conversation
@@ -67,6 +69,7 @@ class TurnRecord:
             fallback=decision.fallback, override=decision.override, reason=decision.reason,
             route_latency_ms=decision.latency_ms, route_threshold=decision.threshold,
             queue_s=round(stats.queue_s, 4),
+            remote_connection=stats.connection.to_dict() if stats.connection else None,
             swaps=[s.to_dict() for s in swaps], ttft_s=stats.ttft_s, total_s=stats.total_s,
             prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, tokens_per_s=stats.tokens_per_s,
             status=stats.status, error=stats.error, started_at=started_at,

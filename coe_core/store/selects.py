@@ -52,6 +52,6 @@ def interaction_dict(row: Interaction, conv: Conversation, fb: Feedback | None) 
         "new_tokens": row.new_tokens, "tokens_per_s": row.tokens_per_s, "status": row.status,
         "error": row.error, "started_at": iso(row.started_at), "finished_at": iso(row.finished_at),
         "route_latency_ms": row.route_latency_ms, "route_threshold": row.route_threshold,
-        "queue_s": row.queue_s,
+        "queue_s": row.queue_s, "remote_connection": row.remote_connection,
         "feedback": feedback_dict(fb),
     }

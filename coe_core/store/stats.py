@@ -50,25 +50,33 @@ def compute_stats(session: Session) -> dict[str, Any]:
     )]
 
     swap_seconds: dict[str, list[float]] = defaultdict(list)
-    for (swaps,) in session.execute(select(Interaction.swaps).order_by(Interaction.id.desc())):
+    #: a remote expert's seconds to its first byte, by expert (its connection is no swap)
+    connect_seconds: dict[str, list[float]] = defaultdict(list)
+    for swaps, connection in session.execute(select(Interaction.swaps, Interaction.remote_connection)
+                                             .order_by(Interaction.id.desc())):
         for swap in swaps or []:
             try:
                 swap_seconds[f"{swap['src']}->{swap['dst']}"].append(float(swap["seconds"]))
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed swap entry must not break the analytics of everything else
+        try:
+            if connection:
+                connect_seconds[str(connection["expert"])].append(float(connection["first_byte_s"]))
+        except (KeyError, TypeError, ValueError):
+            pass
 
     by_day: Counter[tuple[str, str]] = Counter()
     for started_at, category in session.execute(select(Interaction.started_at, Interaction.category)):
         by_day[(started_at.date().isoformat(), category or "unknown")] += 1
 
-    # serving by hour: swaps per 100 turns (local loads; a remote expert's connection is no swap) and queue wait
+    # serving by hour: swaps per 100 turns (loads between tiers; a remote connection is logged apart) and queue wait
     hours: dict[str, dict[str, Any]] = {}
     for started_at, swaps, queue_s in session.execute(
             select(Interaction.started_at, Interaction.swaps, Interaction.queue_s)
             .where(Interaction.status.in_(("ok", "cancelled", "error")))):
         hour = hours.setdefault(started_at.strftime("%Y-%m-%dT%H:00"), {"turns": 0, "swaps": 0, "waits": []})
         hour["turns"] += 1
-        hour["swaps"] += sum(1 for swap in swaps or [] if isinstance(swap, dict) and swap.get("src") != "remote")
+        hour["swaps"] += len(swaps or [])
         if queue_s is not None:
             hour["waits"].append(float(queue_s))
     serving_by_hour = [
@@ -102,6 +110,7 @@ def compute_stats(session: Session) -> dict[str, Any]:
             {"day": day, "category": cat, "turns": n} for (day, cat), n in sorted(by_day.items())
         ],
         "swap_seconds": {pair: secs[:MAX_VALUES] for pair, secs in sorted(swap_seconds.items())},
+        "remote_first_byte_seconds": {e: secs[:MAX_VALUES] for e, secs in sorted(connect_seconds.items())},
         "ttft_values": ttft[:MAX_VALUES],
         "serving_by_hour": serving_by_hour,
         "route_latency_p50_ms": _percentile(route_ms, 50),

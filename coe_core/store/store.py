@@ -12,7 +12,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from coe_core.store.database import create_store_engine, safe_url, writer_engine
-from coe_core.store.errors import InteractionNotFound, StoreError
+from coe_core.store.errors import InteractionNotFound, InvalidStoreRequest, StoreError
 from coe_core.store.export import write_export
 from coe_core.store.migrations import ensure_schema
 from coe_core.store.models import (
@@ -168,7 +168,7 @@ class Store:
                 tokens_per_s=rec.tokens_per_s, status=rec.status, error=rec.error,
                 started_at=rec.started_at, finished_at=rec.finished_at,
                 route_latency_ms=rec.route_latency_ms, route_threshold=rec.route_threshold,
-                queue_s=rec.queue_s,
+                queue_s=rec.queue_s, remote_connection=rec.remote_connection,
             )
             s.add(row)
             s.flush()
@@ -182,7 +182,7 @@ class Store:
         row.ttft_s, row.total_s, row.tokens_per_s = rec.ttft_s, rec.total_s, rec.tokens_per_s
         row.prompt_tokens, row.new_tokens = rec.prompt_tokens, rec.new_tokens
         row.status, row.error, row.finished_at = rec.status, rec.error, rec.finished_at
-        row.queue_s = rec.queue_s
+        row.queue_s, row.remote_connection = rec.queue_s, rec.remote_connection
 
     def mark_interrupted(self, started_before: datetime | None = None) -> int:
         """Turns logged as running that no process will complete (it crashed or was killed) become
@@ -204,7 +204,7 @@ class Store:
     def recent_interactions(self, limit: int = 20, *, session_id: str | None = None) -> list[dict[str, Any]]:
         """The newest turns first; only those of ``session_id`` when it is given."""
         if limit < 1:
-            raise StoreError(f"limit must be at least 1, not {limit}")
+            raise InvalidStoreRequest(f"limit must be at least 1, not {limit}")
         stmt = turns_with_feedback().order_by(None).order_by(Interaction.id.desc()).limit(limit)
         if session_id is not None:
             stmt = stmt.where(Conversation.session_id == session_id)
@@ -219,19 +219,19 @@ class Store:
         turn (None: not checked, a trusted caller such as the CLI). ``review``: ``pending`` keeps it out of
         training until an admin accepts it."""
         if review not in REVIEW_STATES:
-            raise StoreError(f"review must be one of {', '.join(REVIEW_STATES)}, not {review!r}")
+            raise InvalidStoreRequest(f"review must be one of {', '.join(REVIEW_STATES)}, not {review!r}")
         if not isinstance(interaction_id, int) or not 0 < interaction_id < 2**63:
             raise InteractionNotFound(_no_interaction(interaction_id))
         if kind not in FEEDBACK_KINDS:
-            raise StoreError(f"unknown feedback kind {kind!r}: use one of {', '.join(FEEDBACK_KINDS)}")
+            raise InvalidStoreRequest(f"unknown feedback kind {kind!r}: use one of {', '.join(FEEDBACK_KINDS)}")
         if corrected_category is not None:
             if kind != "wrong_category":
-                raise StoreError(
+                raise InvalidStoreRequest(
                     f"only wrong_category feedback may name a corrected category, not {kind!r}: "
                     f"use kind wrong_category with category {corrected_category!r}"
                 )
             if corrected_category not in categories:
-                raise StoreError(
+                raise InvalidStoreRequest(
                     f"unknown category {corrected_category!r}: use one of {', '.join(categories)}"
                 )
         with self._session(write=True) as s:
@@ -315,7 +315,7 @@ class Store:
             if s.get(RouterVersion, id) is None:
                 known = s.scalars(select(RouterVersion.id).order_by(RouterVersion.created_at.desc())).all()
                 recorded = ", ".join(known) if known else "none (run coe retrain)"
-                raise StoreError(f"no router version {id!r}; recorded: {recorded}")
+                raise InvalidStoreRequest(f"no router version {id!r}; recorded: {recorded}")
             s.execute(update(RouterVersion).values(active=RouterVersion.id == id))
 
     def list_router_versions(self) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from coe_core.config import CoEConfig
+from coe_core.errors import ExpertUnavailable, InvalidRequest, TierBusy
 from coe_core.events import SwapEvent
 from coe_core.experts.llama_cpp_runtime import DEFAULT_N_CTX
 from coe_core.experts.materialize import (
@@ -38,16 +39,11 @@ from coe_core.experts.materialize import (
 )
 from coe_core.experts.remote import RemoteExpert
 from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, TransformersRuntime, choose_runtime
-from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
 from coe_core.tiers.budgets import Tier, detect_tiers
 from coe_core.tiers.split import SplitPlacement, place_split
 
 log = logging.getLogger(__name__)
-
-
-class TierBusy(RuntimeError):
-    """The execution tier is full of experts that are generating right now; try again shortly."""
 
 
 class LlamaLoadError(ExpertUnavailable):
@@ -170,7 +166,7 @@ class TierManager:
         try:
             return self.slots[expert_id]
         except KeyError:
-            raise KeyError(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
+            raise InvalidRequest(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
 
     def _read_disk(self, slot: ExpertSlot) -> None:
         """The expert's existing disk copy for its runtime (None when there is none or its source changed)."""
