@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,6 +20,7 @@ from coe_core.api import downloads
 from coe_core.api.errors import error_body, install_error_handlers
 from coe_core.api.guards import ApiGuard
 from coe_core.api.openai_api import build_router
+from coe_core.config import CoEConfig
 from coe_core.engine import CoE
 
 
@@ -103,6 +106,32 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def serve_api(config: CoEConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """The API alone (``python -m coe_core.api``, ``coe serve --no-ui``): prepare the engine, say what is ready,
+    serve until interrupted. Returns an exit code (1: the address cannot be bound)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    coe = CoE(config, progress=True)
+    try:
+        for expert, problem in coe.prepare().items():
+            print(f"[coe] {expert}: {'ready' if problem is None else 'UNAVAILABLE: ' + problem}", flush=True)
+        print(f"[coe] ready in {time.perf_counter() - start:.1f} s; API on http://{host}:{port}/v1", flush=True)
+        serve(build_server(coe), host, port)
+    except OSError as exc:
+        return cannot_serve(host, port, exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coe.close()
+    return 0
+
+
+def cannot_serve(host: str, port: int, exc: OSError) -> int:
+    """An address that cannot be bound: one line that says what to do, and exit code 1."""
+    print(f"error: cannot serve on {host}:{port}: {exc}. Pick another port with --port.", file=sys.stderr)
+    return 1
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
