@@ -14,8 +14,9 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
 
 from coe_core.config import CoEConfig, load_config
 from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
@@ -23,8 +24,12 @@ from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.hf_spaces import on_zero_gpu
+from coe_core.routing.protocol import Routing
 from coe_core.serving import Scheduler
 from coe_core.tiers.manager import TierManager
+
+if TYPE_CHECKING:
+    from coe_core.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +87,32 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass
+class Readiness:
+    """Whether the engine can serve a turn now (the API's ``/readyz``)."""
+
+    ready: bool
+    #: ``loaded``; ``not loaded`` (no prompt routed and no warm-up yet); ``none`` (no router: the default expert
+    #: serves, which is ready)
+    router_state: Literal["loaded", "not loaded", "none"]
+    available_experts: list[str] = field(default_factory=list)
+    #: expert -> why it cannot serve now (failed to materialise, remote endpoint down lately)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
 class CoE:
     """The Composition of Experts built from a config. Thread-safe: many turns may run at once."""
 
-    def __init__(self, config: CoEConfig | None = None, *, routing: object | str | None = "auto",
-                 store: object | str | None = "auto", gpu: bool | None = None, progress: bool = True):
+    def __init__(self, config: CoEConfig | None = None, *, routing: Routing | Literal["auto"] | None = "auto",
+                 store: Store | Literal["auto"] | None = "auto", gpu: bool | None = None, progress: bool = True):
+        if routing is not None and routing != "auto" and not isinstance(routing, Routing):
+            raise TypeError(f"routing must be 'auto', None or a Routing (decide, warm_up, runner_up, score_table, "
+                            f"router_loaded: a RoutingService), not {type(routing).__name__}")
         self.config = config or load_config()
         #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
         self.zero_gpu = on_zero_gpu()
         self.tiers = TierManager(self.config, gpu=False if self.zero_gpu and gpu is None else gpu, progress=progress)
-        self.store = None
+        self.store: Store | None = None
         self.turn_logger = None
         if store == "auto":
             from coe_core.store.store import Store
@@ -110,7 +131,7 @@ class CoE:
                                      expert_params=self.expert_params,
                                      traffic_distribution=self.store.category_counts if self.store else None,
                                      store=self.store)
-        self.routing = routing
+        self.routing: Routing | None = routing
         serve = self.config.serve
         #: the one queue every door's turns go through (serve.*): swap-aware order, refuses beyond max_queue
         self.scheduler = Scheduler(max_running=serve.max_running, max_queue=serve.max_queue,
@@ -192,9 +213,27 @@ class CoE:
             from coe_core.experts.zero_gpu import stage_for_gpu_calls
 
             stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items() if problem is None])
-        if self.routing is not None and hasattr(self.routing, "warm_up"):
+        if self.routing is not None:
             self.routing.warm_up()
         return problems
+
+    def readiness(self) -> Readiness:
+        """Whether a turn can be served now: the router is loaded (or there is none) and at least one expert is
+        available; a remote expert whose endpoint failed lately counts as unavailable. Loads nothing, so a
+        readiness probe may call it often. Never raises."""
+        if self.routing is None:
+            router_state = "none"
+        else:
+            router_state = "loaded" if self.routing.router_loaded() else "not loaded"
+        unavailable = {e: slot.unavailable for e, slot in self.tiers.slots.items() if slot.unavailable}
+        for e in self.available_experts():
+            remote = self.tiers.remote(e)
+            down = remote.down_reason() if remote is not None else None
+            if down:
+                unavailable[e] = f"remote endpoint down: {down}"
+        available = sorted(self.available_experts() - set(unavailable))
+        return Readiness(ready=router_state != "not loaded" and bool(available), router_state=router_state,
+                         available_experts=available, unavailable=unavailable)
 
     # -- routing -------------------------------------------------------------------------------------
     def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
@@ -440,7 +479,7 @@ class CoE:
             where = "local expert" if local_only else "other expert"
             raise ExpertUnavailable(f"{problem}; no {where} is available to stand in")
         scores: dict = {}
-        if hasattr(self.routing, "score_table"):
+        if self.routing is not None:
             with contextlib.suppress(Exception):  # the score table only orders candidates
                 scores = self.routing.score_table().get("scores", {})
         cfgs = self.config.experts
@@ -454,11 +493,10 @@ class CoE:
         return max(candidates, key=rank)
 
     def _maybe_prefetch(self, decision: RouteDecision) -> None:
-        runner_up = getattr(self.routing, "runner_up", None)
-        if runner_up is None or decision.override:
+        if self.routing is None or decision.override:
             return
         try:
-            other = runner_up(decision)
+            other = self.routing.runner_up(decision)
         except Exception:  # prefetch is an optimisation; never let it break a turn
             return
         if other and other != decision.expert and other in self.available_experts():

@@ -24,14 +24,6 @@ from coe_core.config import CoEConfig
 from coe_core.engine import CoE
 
 
-def router_state(coe: CoE) -> str:
-    """``loaded``, ``not loaded`` (no prompt routed and no warm-up yet) or ``none`` (the engine runs without a
-    router: the default expert serves)."""
-    if coe.routing is None:
-        return "none"
-    return "loaded" if coe.routing.router_loaded() else "not loaded"
-
-
 def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None,
                  **mount_kwargs: Any) -> FastAPI:
     """The API for ``coe`` and, when ``blocks`` is given, the Gradio app at ``/`` (``mount_kwargs`` go to
@@ -66,15 +58,10 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """Readiness: the router is loaded and at least one expert is available (503 otherwise, with why)."""
-        router = router_state(coe)
-        problems = {e: s.unavailable for e, s in coe.tiers.slots.items() if s.unavailable}
-        for e, slot in coe.tiers.slots.items():  # a remote expert whose endpoint failed lately is not ready
-            if slot.remote and not slot.unavailable and slot.remote.down_reason():
-                problems[e] = f"remote endpoint down: {slot.remote.down_reason()}"
-        available = sorted(coe.available_experts() - set(problems))
-        ready = router != "not loaded" and bool(available)
-        body = {"ready": ready, "router": router, "available_experts": available, "unavailable": problems}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        r = coe.readiness()
+        body = {"ready": r.ready, "router": r.router_state, "available_experts": r.available_experts,
+                "unavailable": r.unavailable}
+        return JSONResponse(body, status_code=200 if r.ready else 503)
 
     if blocks is not None:
         import gradio as gr

@@ -29,7 +29,7 @@ def _service(config: CoEConfig, *, engine: bool = False, store: bool = False):
             from coe_core.engine import CoE
 
             coe = CoE(config, progress=False)
-            if coe.routing is not None:
+            if isinstance(coe.routing, RoutingService):  # what routing="auto" builds; the commands need all of it
                 return coe.routing, coe
         except Exception as exc:  # noqa: BLE001 - routing must work even when the engine cannot start
             say(f"note: engine unavailable ({exc}); routing with the score table's sizes and all experts")
