@@ -101,10 +101,24 @@ class Readiness:
 
 
 class CoE:
-    """The Composition of Experts built from a config. Thread-safe: many turns may run at once."""
+    """The Composition of Experts built from a config: routes a conversation, makes the chosen expert resident,
+    streams its answer and logs the turn (``chat``), and the services around it (experts, readiness, feedback).
+    Thread-safe: many turns may run at once; they share one serving queue (``scheduler``).
+
+    Attributes front ends read: ``config``; ``routing`` (what the engine needs of routing, or None);
+    ``tiers`` (residency); ``store`` (the interaction log, or None); ``zero_gpu``.
+    """
 
     def __init__(self, config: CoEConfig | None = None, *, routing: Routing | Literal["auto"] | None = "auto",
                  store: Store | Literal["auto"] | None = "auto", gpu: bool | None = None, progress: bool = True):
+        """Build the engine: tiers (expert residency), the store (``"auto"``: the config's; None: no log), the
+        routing (``"auto"``: a ``RoutingService`` fed with this engine's experts and traffic; None: the default
+        expert, or a forced one, serves every turn) and the serving queue. Nothing is loaded yet (``prepare``).
+
+        ``config``: None reads spaces.yaml (``load_config``). ``gpu``: None uses CUDA when present.
+        ``progress``: print materialising progress. Raises ``StoreError`` when the log cannot be opened, and
+        ``TypeError`` when ``routing`` is neither ``"auto"``, None nor a ``Routing``.
+        """
         if routing is not None and routing != "auto" and not isinstance(routing, Routing):
             raise TypeError(f"routing must be 'auto', None or a Routing (decide, warm_up, runner_up, score_table, "
                             f"router_loaded: a RoutingService), not {type(routing).__name__}")
@@ -158,12 +172,13 @@ class CoE:
 
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
+        """The ids of the experts that can serve (not marked unavailable: weights failed, runtime missing, ...)."""
         return {e for e, slot in self.tiers.slots.items() if slot.unavailable is None}
 
     def swap_cost_s(self, expert_id: str) -> float:
         """0 when the expert runs without a swap (resident on the execution tier, remote, unknown), else the
         estimated seconds to make it resident: its bytes at the mean GB/s of the tiers' recent swaps (1 GB/s
-        before any). The scheduler orders waiting turns by it."""
+        before any). The scheduler orders waiting turns by it. Never raises: an unknown id costs 0."""
         slot = self.tiers.slots.get(expert_id)
         if slot is None or slot.remote is not None or slot.unavailable is not None:
             return 0.0
@@ -187,7 +202,9 @@ class CoE:
         return {e: slot.params for e, slot in self.tiers.slots.items() if slot.disk}
 
     def experts_info(self) -> dict:
-        """The ``coe experts --json`` shape."""
+        """The ``coe experts --json`` shape: ``{"experts": [{id, source, params, bytes, state, tiers, available,
+        reason, runtime, ...}], "tiers": {name: {exists, budget, used, free, budget_source}}, "exec_tier",
+        "profile"}``. Loads nothing."""
         snap = self.tiers.snapshot()
         experts = []
         for eid, cfg in self.config.experts.items():
@@ -207,7 +224,9 @@ class CoE:
         return {"experts": experts, "tiers": tiers, "exec_tier": snap["exec_tier"], "profile": self.config.profile}
 
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
-        """Materialise and verify experts and warm the router up (the first start of the app)."""
+        """Materialise and verify ``experts`` (None: all of the profile) and warm the router up (the first start
+        of the app). Returns expert -> None when ready, else why not; an expert that fails is marked unavailable
+        rather than raising. Errors of the router's warm-up (e.g. its training data missing) propagate."""
         problems = self.tiers.prepare(experts)
         if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
             from coe_core.experts.zero_gpu import stage_for_gpu_calls
@@ -237,6 +256,10 @@ class CoE:
 
     # -- routing -------------------------------------------------------------------------------------
     def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
+        """The routing decision for a conversation (a string is one user message), without generating or
+        logging. ``overrides``: ``{"category": c}`` or ``{"expert": e}`` forces that step. Raises
+        ``InvalidRequest`` for bad messages or overrides (``ValueError`` from the router for an unknown
+        category or expert)."""
         messages = self._validate(messages)
         overrides = {k: v for k, v in (overrides or {}).items() if v}
         if any(not isinstance(v, str) for v in overrides.values()):
@@ -307,10 +330,15 @@ class CoE:
              stop: list[str] | None = None, cancel: threading.Event | None = None, client: str = "cli",
              session_id: str | None = None, conversation_id: int | None = None,
              min_new_tokens: int = 0) -> Iterator[Event]:
-        """Run one turn, yielding its events. Closing the iterator cancels generation (logged as cancelled).
+        """Run one turn, yielding its events: ``RouteDecision``, ``Queued``*, ``SwapEvent``*, ``Notice``*,
+        ``TextChunk``*, ``TurnDone`` (its stats carry the logged interaction id). Closing the iterator, or
+        setting ``cancel``, cancels generation (logged as cancelled). ``overrides`` force a category or expert;
+        ``max_new_tokens``/``temperature``/``top_p`` default to ``limits.*``; ``client``, ``session_id`` and
+        ``conversation_id`` go into the log.
 
         Bad requests raise ``InvalidRequest`` before anything is yielded or logged. Expert failures end the turn
-        with ``status == "error"`` in ``TurnDone`` (logged), and other experts keep serving.
+        with ``status == "error"`` in ``TurnDone`` (logged), and other experts keep serving. Beyond
+        ``serve.max_queue`` waiting turns it raises ``QueueFull``, also before anything is logged.
         """
         messages = self._validate(messages)
         start = time.perf_counter()
@@ -547,7 +575,8 @@ class CoE:
 
     # -- other engine services ---------------------------------------------------------------------
     def run(self, messages, overrides=None, **kwargs) -> tuple[RouteDecision, list[SwapEvent], TurnStats]:
-        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``."""
+        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``, with its
+        arguments and its errors."""
         decision, swaps, stats = None, [], None
         for event in self.chat(messages, overrides, **kwargs):
             if isinstance(event, RouteDecision):
@@ -559,7 +588,9 @@ class CoE:
         return decision, swaps, stats
 
     def reference_logprob(self, expert_id: str, messages: list[dict], reference: str) -> tuple[float, int]:
-        """Sum of log-probs of ``reference`` as the expert's answer (same prompt format as generation)."""
+        """Sum of log-probs of ``reference`` as the expert's answer to ``messages`` (same prompt format as
+        generation) and the number of its tokens. Makes the expert resident; raises ``KeyError`` for an unknown
+        expert and ``ExpertUnavailable`` for one that cannot be loaded."""
         with self.tiers.acquire(expert_id) as lease:
             return lease.runtime.reference_logprob(messages, reference, self.config.experts[expert_id])
 
@@ -567,7 +598,9 @@ class CoE:
                  comment: str | None = None, *, owner: str | None = None, trusted: bool = True) -> int:
         """Feedback on a logged turn. ``owner``: the session or key giving it; it must have made the turn
         (None: not checked, the CLI). An untrusted author's like or correction waits for an admin's review
-        before it trains the router; ``limits.feedback_per_minute`` bounds each owner."""
+        before it trains the router; ``limits.feedback_per_minute`` bounds each owner. Returns the feedback id.
+        Raises ``RuntimeError`` without a store, ``RateLimited`` past the limit, ``StoreError`` for an unknown
+        turn, kind or category, or a turn of another owner."""
         if self.store is None:
             raise RuntimeError("this engine runs without a store; feedback needs one")
         if owner is not None:
@@ -578,6 +611,7 @@ class CoE:
                                        author=owner)
 
     def close(self) -> None:
+        """Close remote experts' connections, write the turns still queued for the log and close it. Idempotent."""
         if self._closed:
             return
         self._closed = True
