@@ -23,8 +23,7 @@ from coe_core.hf_spaces import on_zero_gpu  # noqa: E402
 if on_zero_gpu():  # ZeroGPU: `spaces` patches torch and must come before anything touches CUDA (ZeroGPU docs)
     import spaces  # noqa: E402, F401
 
-from coe_core.config import CoEConfig, load_config  # noqa: E402
-from coe_core.errors import ConfigError  # noqa: E402
+from coe_core.config import CoEConfig, add_config_options, with_config  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -35,7 +34,7 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
     """Prepare the engine, build the app, serve until interrupted. Returns an exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from app.ui import build_app, launch_kwargs
-    from coe_core.api.server import build_server
+    from coe_core.api.server import build_server, cannot_serve
     from coe_core.api.server import serve as serve_both
     from coe_core.engine import CoE
     from coe_core.hf_spaces import space_notes, storage_warnings
@@ -75,8 +74,7 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
                      "no MCP server: the mcp package is missing (pip install 'gradio[mcp]')")
                 serve_both(build_server(coe, demo, **launch_kwargs()), host=host, port=port)
         except OSError as exc:
-            print(f"error: cannot serve on {host}:{port}: {exc}. Pick another port with --port.", file=sys.stderr)
-            return 1
+            return cannot_serve(host, port, exc)
     except KeyboardInterrupt:
         pass
     finally:
@@ -94,15 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="interface to listen on (default 127.0.0.1; 0.0.0.0 to serve your network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--config", help="path of spaces.yaml (default: ./spaces.yaml or $COE_CONFIG)")
-    parser.add_argument("--data-dir", help="data directory (overrides spaces.yaml and $COE_DATA_DIR)")
+    add_config_options(parser)
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, **({"data_dir": args.data_dir} if args.data_dir else {}))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    return serve(config, host=args.host, port=args.port, share=args.share)
+    return with_config(args, lambda config: serve(config, host=args.host, port=args.port, share=args.share))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ class SeedMap:
     def get(self) -> tuple[PCA, np.ndarray, list[str], list[str]]:
         with self._lock:
             if self._fitted is None:
-                seeds = self.ctx.coe.routing.seed_examples()
+                seeds = self.ctx.routing.seed_examples()
                 texts = [p for p, _ in seeds]
-                vectors = np.asarray(self.ctx.coe.routing.embed(texts), dtype=np.float32)
+                vectors = np.asarray(self.ctx.routing.embed(texts), dtype=np.float32)
                 pca = PCA(n_components=2, random_state=0).fit(vectors)
                 self._fitted = (pca, pca.transform(vectors), [c for _, c in seeds], texts)
             return self._fitted
@@ -78,7 +78,7 @@ class ExplorerTab:
             prompts = prompts[:MAX_PROMPTS]
         progress(0.1, desc="routing")
         try:
-            decisions = self.ctx.coe.routing.route_many(prompts)
+            decisions = self.ctx.routing.route_many(prompts)
         except (ValueError, KeyError, RuntimeError) as exc:
             gr.Warning(f"Routing failed: {user_message(exc)}")
             return gr.update(), gr.update(), f"⚠️ {user_message(exc)}"
@@ -87,7 +87,7 @@ class ExplorerTab:
         progress(0.5, desc="placing prompts on the map (the first time embeds the seed set)")
         try:
             pca, seed_xy, seed_cats, seed_texts = self.seed_map.get()
-            new_xy = pca.transform(np.asarray(self.ctx.coe.routing.embed(prompts), dtype=np.float32))
+            new_xy = pca.transform(np.asarray(self.ctx.routing.embed(prompts), dtype=np.float32))
             fig = plots.routing_map_figure(seed_xy, seed_cats, self.ctx.colors, new_xy=new_xy,
                                            new_categories=[d.category for d in decisions], new_labels=prompts,
                                            seed_labels=seed_texts)

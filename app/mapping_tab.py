@@ -50,7 +50,7 @@ def mapping_rows(assignment: Mapping[str, str], reasons: Mapping[str, str],
 class MappingTab:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.routing = ctx.coe.routing
+        self.routing = ctx.routing
 
     def _params(self) -> dict[str, int]:
         table = self.routing.score_table()

@@ -89,7 +89,7 @@ def category_scopes(config: Any) -> str:
 class RouterTab:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.routing = ctx.coe.routing
+        self.routing = ctx.routing
 
     def build(self) -> None:
         with gr.Row(equal_height=False):

@@ -1,5 +1,11 @@
 """The playground as one ``gr.Blocks``: a header with the status line and the admin panel, then one tab per
-concern (chat, routing explorer, router, mapping, analytics). The app talks only to the engine (``CoE``)."""
+concern (chat, routing explorer, router, mapping, analytics).
+
+What the app talks to, all reached from the engine it is given (``AppContext``): the engine (``CoE``) for turns,
+routing decisions, feedback, the experts and their residency (``chat``, ``route``, ``feedback``,
+``experts_info``, ``tiers.snapshot()``); the engine's ``RoutingService`` for what the Router, Mapping and
+explorer tabs show and change (versions, threshold, mapping, embeddings); and the engine's store for the
+Analytics tab and the review queue. It reaches into no private member of any of them."""
 
 from __future__ import annotations
 
@@ -17,17 +23,18 @@ from app.mapping_tab import MappingTab
 from app.router_tab import RouterTab
 from app.theme import CSS, gradio_theme
 from coe_core.engine import CoE
+from coe_core.routing.service import RoutingService
 
 
-def status_line(coe: CoE, problems: dict[str, str | None] | None = None) -> str:
+def status_line(coe: CoE, routing: RoutingService, problems: dict[str, str | None] | None = None) -> str:
     """One line: which experts are ready (or why not), where they execute, which router routes."""
     info = coe.experts_info()
     ready = [e["id"] for e in info["experts"] if e["available"] and e["bytes"]]
     parts = [f"**{len(ready)}/{len(info['experts'])} experts ready** ({', '.join(ready) or 'none'})",
-             ("executes on **ZeroGPU** (a GPU slice attached per answer)" if getattr(coe, "zero_gpu", False)
+             ("executes on **ZeroGPU** (a GPU slice attached per answer)" if coe.zero_gpu
               else f"executes on **{info['exec_tier']}**"), f"profile **{info['profile']}**"]
     try:
-        version = coe.routing.active_version()["id"] if coe.routing is not None else None
+        version = routing.active_version()["id"]
         parts.append(f"router `{version}`" if version else "no router: default expert serves")
     except (ValueError, OSError, RuntimeError) as exc:
         parts.append(f"⚠️ no router ({exc})")
@@ -50,7 +57,7 @@ def build_app(coe: CoE, *, gate: AdminGate | None = None,
             gr.Markdown(f"# {coe.config.name}\nA Composition of Experts: a router picks a category, the mapping "
                         "picks one expert, the memory tiers swap it in, and it streams the answer.",
                         elem_id="coe-header")
-        status = gr.Markdown(status_line(coe, problems), elem_id="coe-status")
+        status = gr.Markdown(status_line(coe, ctx.routing, problems), elem_id="coe-status")
         ctx.admin_state = gr.State(False)
         with gr.Accordion("Admin", open=False):
             admin_md = gr.Markdown(ctx.gate.status_text(False))
@@ -82,7 +89,7 @@ def build_app(coe: CoE, *, gate: AdminGate | None = None,
             .then(lambda: "", None, token, **unlock_args)
         token.submit(ctx.gate.unlock, token, [ctx.admin_state, admin_md], **unlock_args) \
             .then(lambda: "", None, token, **unlock_args)
-        demo.load(lambda: status_line(coe, problems), None, status, **unlock_args)
+        demo.load(lambda: status_line(coe, ctx.routing, problems), None, status, **unlock_args)
     # a bounded queue: one more job than this is refused ("queue is full"), not held; turns themselves then wait
     # in the engine's one queue (serve.*), like /v1 turns
     demo.queue(default_concurrency_limit=4, max_size=queue_size(coe))

@@ -17,8 +17,11 @@ unknown keys are errors. Environment variables override paths and budgets:
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -410,6 +413,25 @@ def load_config(path: str | Path | None = None, *, env: bool = True, **overrides
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of keys (experts, tiers, router, ...) at the top level")
     return config_from_dict(raw, origin=str(path), source_path=str(path.resolve()), env=env, **overrides)
+
+
+# -- the command-line options that pick the config (here, not in the CLI package: `coe`, `python -m app` and
+# `python -m coe_core.api` all take them, and all three may import this ground floor) -------------------------
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--data-dir``: which spaces.yaml, and where its data lives (both win over the env)."""
+    parser.add_argument("--config", help="path of spaces.yaml (default: ./spaces.yaml or $COE_CONFIG)")
+    parser.add_argument("--data-dir", help="data directory (overrides spaces.yaml and $COE_DATA_DIR)")
+
+
+def with_config(args: argparse.Namespace, run: Callable[[CoEConfig], int]) -> int:
+    """Load the config that ``--config``/``--data-dir`` name and return ``run(config)``, an exit code. A config
+    error, while loading or running, is one line on stderr (``config error: ...``) and exit code 2."""
+    try:
+        config = load_config(args.config, **({"data_dir": args.data_dir} if args.data_dir else {}))
+        return run(config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
 
 
 def config_from_dict(raw: dict, *, origin: str = "config", source_path: str | None = None,

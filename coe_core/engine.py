@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
 
 from coe_core.config import CoEConfig, load_config
 from coe_core.errors import ExpertUnavailable, InvalidRequest, PromptTooLong, RateLimited, RemoteExpertError, StoreError
@@ -34,8 +35,12 @@ from coe_core.events import (
 from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.remote import RemoteExpert
 from coe_core.hf_spaces import on_zero_gpu
+from coe_core.routing.protocol import Routing
 from coe_core.serving import Scheduler
 from coe_core.tiers.manager import TierManager
+
+if TYPE_CHECKING:
+    from coe_core.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +86,46 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class CoE:
-    """The Composition of Experts built from a config. Thread-safe: many turns may run at once."""
+@dataclass
+class Readiness:
+    """Whether the engine can serve a turn now (the API's ``/readyz``)."""
 
-    def __init__(self, config: CoEConfig | None = None, *, routing: object | str | None = "auto",
-                 store: object | str | None = "auto", gpu: bool | None = None, progress: bool = True):
+    ready: bool
+    #: ``loaded``; ``not loaded`` (no prompt routed and no warm-up yet); ``none`` (no router: the default expert
+    #: serves, which is ready)
+    router_state: Literal["loaded", "not loaded", "none"]
+    available_experts: list[str] = field(default_factory=list)
+    #: expert -> why it cannot serve now (failed to materialise, remote endpoint down lately)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+class CoE:
+    """The Composition of Experts built from a config: routes a conversation, makes the chosen expert resident,
+    streams its answer and logs the turn (``chat``), and the services around it (experts, readiness, feedback).
+    Thread-safe: many turns may run at once; they share one serving queue (``scheduler``).
+
+    Attributes front ends read: ``config``; ``routing`` (what the engine needs of routing, or None);
+    ``tiers`` (residency); ``store`` (the interaction log, or None); ``zero_gpu``.
+    """
+
+    def __init__(self, config: CoEConfig | None = None, *, routing: Routing | Literal["auto"] | None = "auto",
+                 store: Store | Literal["auto"] | None = "auto", gpu: bool | None = None, progress: bool = True):
+        """Build the engine: tiers (expert residency), the store (``"auto"``: the config's; None: no log), the
+        routing (``"auto"``: a ``RoutingService`` fed with this engine's experts and traffic; None: the default
+        expert, or a forced one, serves every turn) and the serving queue. Nothing is loaded yet (``prepare``).
+
+        ``config``: None reads spaces.yaml (``load_config``). ``gpu``: None uses CUDA when present.
+        ``progress``: print materialising progress. Raises ``StoreError`` when the log cannot be opened, and
+        ``TypeError`` when ``routing`` is neither ``"auto"``, None nor a ``Routing``.
+        """
+        if routing is not None and routing != "auto" and not isinstance(routing, Routing):
+            raise TypeError(f"routing must be 'auto', None or a Routing (decide, warm_up, runner_up, score_table, "
+                            f"router_loaded: a RoutingService), not {type(routing).__name__}")
         self.config = config or load_config()
         #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
         self.zero_gpu = on_zero_gpu()
         self.tiers = TierManager(self.config, gpu=False if self.zero_gpu and gpu is None else gpu, progress=progress)
-        self.store = None
+        self.store: Store | None = None
         self.turn_logger = None
         if store == "auto":
             from coe_core.store.store import Store
@@ -109,7 +144,7 @@ class CoE:
                                      expert_params=self.expert_params,
                                      traffic_distribution=self.store.category_counts if self.store else None,
                                      store=self.store)
-        self.routing = routing
+        self.routing: Routing | None = routing
         serve = self.config.serve
         #: the one queue every door's turns go through (serve.*): swap-aware order, refuses beyond max_queue
         self.scheduler = Scheduler(max_running=serve.max_running, max_queue=serve.max_queue,
@@ -136,12 +171,13 @@ class CoE:
 
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
+        """The ids of the experts that can serve (not marked unavailable: weights failed, runtime missing, ...)."""
         return {e for e, slot in self.tiers.slots.items() if slot.unavailable is None}
 
     def swap_cost_s(self, expert_id: str) -> float:
         """0 when the expert runs without a swap (resident on the execution tier, remote, unknown), else the
         estimated seconds to make it resident: its bytes at the mean GB/s of the tiers' recent swaps (1 GB/s
-        before any). The scheduler orders waiting turns by it."""
+        before any). The scheduler orders waiting turns by it. Never raises: an unknown id costs 0."""
         slot = self.tiers.slots.get(expert_id)
         if slot is None or slot.remote is not None or slot.unavailable is not None:
             return 0.0
@@ -165,7 +201,9 @@ class CoE:
         return {e: slot.params for e, slot in self.tiers.slots.items() if slot.disk}
 
     def experts_info(self) -> dict:
-        """The ``coe experts --json`` shape."""
+        """The ``coe experts --json`` shape: ``{"experts": [{id, source, params, bytes, state, tiers, available,
+        reason, runtime, ...}], "tiers": {name: {exists, budget, used, free, budget_source}}, "exec_tier",
+        "profile"}``. Loads nothing."""
         snap = self.tiers.snapshot()
         experts = []
         for eid, cfg in self.config.experts.items():
@@ -185,18 +223,42 @@ class CoE:
         return {"experts": experts, "tiers": tiers, "exec_tier": snap["exec_tier"], "profile": self.config.profile}
 
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
-        """Materialise and verify experts and warm the router up (the first start of the app)."""
+        """Materialise and verify ``experts`` (None: all of the profile) and warm the router up (the first start
+        of the app). Returns expert -> None when ready, else why not; an expert that fails is marked unavailable
+        rather than raising. Errors of the router's warm-up (e.g. its training data missing) propagate."""
         problems = self.tiers.prepare(experts)
         if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
             from coe_core.experts.zero_gpu import stage_for_gpu_calls
 
             stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items() if problem is None])
-        if self.routing is not None and hasattr(self.routing, "warm_up"):
+        if self.routing is not None:
             self.routing.warm_up()
         return problems
 
+    def readiness(self) -> Readiness:
+        """Whether a turn can be served now: the router is loaded (or there is none) and at least one expert is
+        available; a remote expert whose endpoint failed lately counts as unavailable. Loads nothing, so a
+        readiness probe may call it often. Never raises."""
+        if self.routing is None:
+            router_state = "none"
+        else:
+            router_state = "loaded" if self.routing.router_loaded() else "not loaded"
+        unavailable = {e: slot.unavailable for e, slot in self.tiers.slots.items() if slot.unavailable}
+        for e in self.available_experts():
+            remote = self.tiers.remote(e)
+            down = remote.down_reason() if remote is not None else None
+            if down:
+                unavailable[e] = f"remote endpoint down: {down}"
+        available = sorted(self.available_experts() - set(unavailable))
+        return Readiness(ready=router_state != "not loaded" and bool(available), router_state=router_state,
+                         available_experts=available, unavailable=unavailable)
+
     # -- routing -------------------------------------------------------------------------------------
     def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
+        """The routing decision for a conversation (a string is one user message), without generating or
+        logging. ``overrides``: ``{"category": c}`` or ``{"expert": e}`` forces that step. Raises
+        ``InvalidRequest`` for bad messages or overrides (``ValueError`` from the router for an unknown
+        category or expert)."""
         messages = self._validate(messages)
         overrides = {k: v for k, v in (overrides or {}).items() if v}
         if any(not isinstance(v, str) for v in overrides.values()):
@@ -267,10 +329,15 @@ class CoE:
              stop: list[str] | None = None, cancel: threading.Event | None = None, client: str = "cli",
              session_id: str | None = None, conversation_id: int | None = None,
              min_new_tokens: int = 0) -> Iterator[Event]:
-        """Run one turn, yielding its events. Closing the iterator cancels generation (logged as cancelled).
+        """Run one turn, yielding its events: ``RouteDecision``, ``Queued``*, ``SwapEvent``*, ``Notice``*,
+        ``TextChunk``*, ``TurnDone`` (its stats carry the logged interaction id). Closing the iterator, or
+        setting ``cancel``, cancels generation (logged as cancelled). ``overrides`` force a category or expert;
+        ``max_new_tokens``/``temperature``/``top_p`` default to ``limits.*``; ``client``, ``session_id`` and
+        ``conversation_id`` go into the log.
 
         Bad requests raise ``InvalidRequest`` before anything is yielded or logged. Expert failures end the turn
-        with ``status == "error"`` in ``TurnDone`` (logged), and other experts keep serving.
+        with ``status == "error"`` in ``TurnDone`` (logged), and other experts keep serving. Beyond
+        ``serve.max_queue`` waiting turns it raises ``QueueFull``, also before anything is logged.
         """
         messages = self._validate(messages)
         start = time.perf_counter()
@@ -439,7 +506,7 @@ class CoE:
             where = "local expert" if local_only else "other expert"
             raise ExpertUnavailable(f"{problem}; no {where} is available to stand in")
         scores: dict = {}
-        if hasattr(self.routing, "score_table"):
+        if self.routing is not None:
             with contextlib.suppress(Exception):  # the score table only orders candidates
                 scores = self.routing.score_table().get("scores", {})
         cfgs = self.config.experts
@@ -461,11 +528,10 @@ class CoE:
             if self.tiers.remote(upcoming) is None:
                 self.tiers.prefetch(upcoming, evict=False)
             return
-        runner_up = getattr(self.routing, "runner_up", None)
-        if runner_up is None or decision.override:
+        if self.routing is None or decision.override:
             return
         try:
-            other = runner_up(decision)
+            other = self.routing.runner_up(decision)
         except Exception:  # prefetch is an optimisation; never let it break a turn
             return
         if other and other != serving and other in self.available_experts():
@@ -516,13 +582,16 @@ class CoE:
 
     # -- other engine services ---------------------------------------------------------------------
     def run(self, messages, overrides=None, **kwargs) -> tuple[RouteDecision, list[SwapEvent], TurnStats]:
-        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``
-        (``Transcript.collect(coe.chat(...))`` keeps the rest: connection, notices, the failure)."""
+        """Run a whole turn and return (decision, swaps, stats): the non-streaming form of ``chat``, with its
+        arguments and its errors (``Transcript.collect(coe.chat(...))`` keeps the rest: connection, notices, the
+        failure)."""
         turn = Transcript.collect(self.chat(messages, overrides, **kwargs))
         return turn.decision, turn.swaps, turn.stats
 
     def reference_logprob(self, expert_id: str, messages: list[dict], reference: str) -> tuple[float, int]:
-        """Sum of log-probs of ``reference`` as the expert's answer (same prompt format as generation)."""
+        """Sum of log-probs of ``reference`` as the expert's answer to ``messages`` (same prompt format as
+        generation) and the number of its tokens. Makes the expert resident; raises ``InvalidRequest`` for an
+        unknown expert and ``ExpertUnavailable`` for one that cannot be loaded."""
         with self.tiers.acquire(expert_id) as lease:
             return lease.runtime.reference_logprob(messages, reference, self.config.experts[expert_id])
 
@@ -530,7 +599,9 @@ class CoE:
                  comment: str | None = None, *, owner: str | None = None, trusted: bool = True) -> int:
         """Feedback on a logged turn. ``owner``: the session or key giving it; it must have made the turn
         (None: not checked, the CLI). An untrusted author's like or correction waits for an admin's review
-        before it trains the router; ``limits.feedback_per_minute`` bounds each owner."""
+        before it trains the router; ``limits.feedback_per_minute`` bounds each owner. Returns the feedback id.
+        Raises ``StoreError`` without a store, ``RateLimited`` past the limit, ``StoreError`` for an unknown
+        turn, kind or category, or a turn of another owner."""
         if self.store is None:
             raise StoreError("this engine runs without a store; feedback needs one")
         if owner is not None:
@@ -541,6 +612,7 @@ class CoE:
                                        author=owner)
 
     def close(self) -> None:
+        """Close remote experts' connections, write the turns still queued for the log and close it. Idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -334,7 +334,7 @@ def test_cli_route_and_eval_router_json(trained, tmp_path, capsys):
 
 
 def test_bench_route_reports_latency_and_throughput(trained):
-    from coe_core.routing.cli import bench_route
+    from coe_core.routing.bench import bench_route
 
     _, service, _ = trained
     result = bench_route(service.config, n=10)

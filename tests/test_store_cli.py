@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from coe_core.cli.store import register
 from coe_core.config import PACKAGE_ROOT, load_config
 from coe_core.store import Store, TurnRecord
-from coe_core.store.cli import register
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,15 +20,8 @@ from coe_core.api import downloads
 from coe_core.api.errors import error_body, install_error_handlers
 from coe_core.api.guards import ApiGuard
 from coe_core.api.openai_api import build_router
+from coe_core.config import CoEConfig
 from coe_core.engine import CoE
-
-
-def router_state(coe: CoE) -> str:
-    """``loaded``, ``not loaded`` (no prompt routed and no warm-up yet) or ``none`` (the engine runs without a
-    router: the default expert serves)."""
-    if coe.routing is None:
-        return "none"
-    return "loaded" if coe.routing.router_loaded() else "not loaded"
 
 
 def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None,
@@ -63,15 +58,10 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """Readiness: the router is loaded and at least one expert is available (503 otherwise, with why)."""
-        router = router_state(coe)
-        problems = {e: s.unavailable for e, s in coe.tiers.slots.items() if s.unavailable}
-        for e, slot in coe.tiers.slots.items():  # a remote expert whose endpoint failed lately is not ready
-            if slot.remote and not slot.unavailable and slot.remote.down_reason():
-                problems[e] = f"remote endpoint down: {slot.remote.down_reason()}"
-        available = sorted(coe.available_experts() - set(problems))
-        ready = router != "not loaded" and bool(available)
-        body = {"ready": ready, "router": router, "available_experts": available, "unavailable": problems}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        r = coe.readiness()
+        body = {"ready": r.ready, "router": r.router_state, "available_experts": r.available_experts,
+                "unavailable": r.unavailable}
+        return JSONResponse(body, status_code=200 if r.ready else 503)
 
     if blocks is not None:
         import gradio as gr
@@ -103,6 +93,32 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def serve_api(config: CoEConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """The API alone (``python -m coe_core.api``, ``coe serve --no-ui``): prepare the engine, say what is ready,
+    serve until interrupted. Returns an exit code (1: the address cannot be bound)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    coe = CoE(config, progress=True)
+    try:
+        for expert, problem in coe.prepare().items():
+            print(f"[coe] {expert}: {'ready' if problem is None else 'UNAVAILABLE: ' + problem}", flush=True)
+        print(f"[coe] ready in {time.perf_counter() - start:.1f} s; API on http://{host}:{port}/v1", flush=True)
+        serve(build_server(coe), host, port)
+    except OSError as exc:
+        return cannot_serve(host, port, exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coe.close()
+    return 0
+
+
+def cannot_serve(host: str, port: int, exc: OSError) -> int:
+    """An address that cannot be bound: one line that says what to do, and exit code 1."""
+    print(f"error: cannot serve on {host}:{port}: {exc}. Pick another port with --port.", file=sys.stderr)
+    return 1
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -7,11 +7,11 @@ code``. Errors print one line to stderr and return 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from coe_core.cli.common import add_command, print_json
 from coe_core.store.errors import StoreError
 from coe_core.store.export import FORMATS
 from coe_core.store.models import FEEDBACK_KINDS
@@ -21,40 +21,37 @@ if TYPE_CHECKING:
     from coe_core.config import CoEConfig
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "export", help="export the interaction log: one line per turn with its latest feedback",
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers, "export", cmd_export,
+        help="export the interaction log: one line per turn with its latest feedback",
         description="Export every logged turn (route, expert, swaps, timings, answer, latest feedback).",
     )
     p.add_argument("--format", choices=FORMATS, default="jsonl", help="jsonl (default) or csv")
     p.add_argument("--since", metavar="DATE",
                    help="only turns started at or after this UTC date or time (2025-01-31, 2025-01-31T12:00)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
-    p.set_defaults(func=cmd_export)
 
-    p = subparsers.add_parser("stats", help="summary of the interaction log (traffic, fallback, TTFT, swaps)")
-    p.add_argument("--json", action="store_true", help="print the full statistics as JSON")
-    p.set_defaults(func=cmd_stats)
+    add_command(subparsers, "stats", cmd_stats, json_output=True,
+                help="summary of the interaction log (traffic, fallback, TTFT, swaps)")
 
-    p = subparsers.add_parser(
-        "feedback", help="record feedback on a logged turn",
+    p = add_command(
+        subparsers, "feedback", cmd_feedback, help="record feedback on a logged turn",
         description="Record feedback on a turn; the latest feedback of a turn counts, 'retracted' clears it.",
     )
     p.add_argument("id", type=int, help="interaction id (shown after each turn, and in coe export)")
     p.add_argument("kind", metavar="KIND", help=f"one of {', '.join(FEEDBACK_KINDS)}")
     p.add_argument("--category", help="with wrong_category: the category the prompt should have gone to")
     p.add_argument("--comment", help="free text")
-    p.set_defaults(func=cmd_feedback)
 
-    p = subparsers.add_parser(
-        "review", help="list, accept or reject visitors' feedback waiting for review",
+    p = add_command(
+        subparsers, "review", cmd_review, help="list, accept or reject visitors' feedback waiting for review",
         description="Visitors' likes and corrections train the router only once accepted (the app's Router tab "
                     "does the same with the admin token). Without options: list what waits.",
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--accept", metavar="ID", type=int, nargs="+", help="feedback ids to accept as labels")
     which.add_argument("--reject", metavar="ID", type=int, nargs="+", help="feedback ids to reject")
-    p.set_defaults(func=cmd_review)
 
 
 def _fail(command: str, message: str) -> int:
@@ -118,7 +115,10 @@ def cmd_stats(args: argparse.Namespace, config: CoEConfig) -> int:
             stats = store.stats()
     except StoreError as exc:
         return _fail("stats", str(exc))
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    if args.json:
+        print_json(stats)
+    else:
+        print(format_stats(stats))
     return 0
 
 

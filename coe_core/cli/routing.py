@@ -1,31 +1,21 @@
 """Routing subcommands of ``coe``: route, train-router, retrain, eval-router, calibrate-router,
-router-versions, mapping, eval-experts (``coe bench route`` calls :func:`bench_route`).
+router-versions, mapping, eval-experts.
 
 Each handler takes ``(args, config)`` and returns an exit code; ``--json`` prints the JSON shape other
-tools read, otherwise a readable table.
+tools read, otherwise a readable table. They live here, above the engine, because ``route``, ``mapping`` and
+``eval-experts`` use the engine (available experts and their sizes, reference log-likelihoods), and routing
+itself must not import it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from coe_core.cli.common import add_command, print_json, say
 from coe_core.config import CoEConfig, parse_params
-from coe_core.routing.bench import bench_route
 from coe_core.routing.metrics import format_confusion
-
-__all__ = ["register", "bench_route"]
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _service(config: CoEConfig, *, engine: bool = False, store: bool = False):
@@ -39,12 +29,12 @@ def _service(config: CoEConfig, *, engine: bool = False, store: bool = False):
             from coe_core.engine import CoE
 
             coe = CoE(config, progress=False)
-            if coe.routing is not None:
+            if isinstance(coe.routing, RoutingService):  # what routing="auto" builds; the commands need all of it
                 return coe.routing, coe
         except Exception as exc:  # noqa: BLE001 - routing must work even when the engine cannot start
-            _say(f"note: engine unavailable ({exc}); routing with the score table's sizes and all experts")
+            say(f"note: engine unavailable ({exc}); routing with the score table's sizes and all experts")
     log = _store(config) if store else None
-    return RoutingService(config, progress=_say, store=log), log
+    return RoutingService(config, progress=say, store=log), log
 
 
 def _store(config: CoEConfig):
@@ -53,7 +43,7 @@ def _store(config: CoEConfig):
 
         return Store.from_config(config)
     except Exception as exc:  # noqa: BLE001 - the store is optional for these commands
-        _say(f"note: store unavailable ({exc}); versions are recorded in the data dir only")
+        say(f"note: store unavailable ({exc}); versions are recorded in the data dir only")
         return None
 
 
@@ -96,7 +86,7 @@ def cmd_route(args, config) -> int:
         "explanation": d.explanation,
     }
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(d.explanation)
     for cat, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1]):
@@ -125,7 +115,7 @@ def cmd_train_router(args, config) -> int:
         "parent": meta["parent"],
     }
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(f"trained router {meta['id']} (active): {meta['classifier']['name']}, {meta['classifier']['why']}")
     print(_metrics_table(meta["metrics"]))
@@ -140,7 +130,7 @@ def cmd_retrain(args, config) -> int:
         if log is not None:
             log.close()
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     verb = "promoted" if result["promoted"] else "NOT promoted"
     print(f"candidate {result['candidate']} {verb}: {result['why']}")
@@ -185,7 +175,7 @@ def cmd_eval_router(args, config) -> int:
         out["in_sample"] = True
         out["ece_crossfit"] = stored.get("ece")
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(
         f"router {router.version_id} on {' '.join(args.files)} (threshold {router.threshold:.3f}; a fallback to "
@@ -215,7 +205,7 @@ def cmd_calibrate_router(args, config) -> int:
     service, _ = _service(config)
     result = service.calibrate(args.target)
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     state = "reaches" if result["achieved"] else "does NOT reach (best precision shown)"
     print(
@@ -250,7 +240,7 @@ def cmd_router_versions(args, config) -> int:
         for m in service.list_versions()
     ]
     if args.json:
-        _print_json(versions)
+        print_json(versions)
         return 0
     for v in versions:
         print(
@@ -267,7 +257,7 @@ def cmd_mapping(args, config) -> int:
     points = service.frontier()
     out = {**result.to_dict(), "frontier": points}
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(
         f"budget {_fmt_params(result.budget) if result.budget else 'none'}: expected score "
@@ -323,7 +313,7 @@ def cmd_eval_experts(args, config) -> int:
         coe.close()
     out = {"path": str(cache), "skipped_unavailable": skipped, **table}
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(f"score table written to {cache} ({table['method']['normalisation']})")
     cats = [*config.categories, config.fallback_category]
@@ -337,7 +327,8 @@ def cmd_eval_experts(args, config) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the routing subcommands to the ``coe`` parser."""
-    p = subparsers.add_parser("route", help="route one prompt: category, probabilities, expert and why")
+    p = add_command(subparsers, "route", cmd_route, json_output=True,
+                    help="route one prompt: category, probabilities, expert and why")
     p.add_argument("prompt")
     p.add_argument("--category", help="force this category")
     p.add_argument("--expert", help="force this expert")
@@ -346,59 +337,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip the engine (faster; all experts count as available, sizes from the score table)",
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_route)
 
-    p = subparsers.add_parser("train-router", help="train a router version on the seed set and activate it")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_train_router)
+    add_command(subparsers, "train-router", cmd_train_router, json_output=True,
+                help="train a router version on the seed set and activate it")
 
-    p = subparsers.add_parser("retrain", help="retrain on seed + logged feedback; promote only if not worse")
+    p = add_command(subparsers, "retrain", cmd_retrain, json_output=True,
+                    help="retrain on seed + logged feedback; promote only if not worse")
     p.add_argument("--force", action="store_true", help="promote the candidate even if it is worse")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_retrain)
 
-    p = subparsers.add_parser("eval-router", help="evaluate the active router on labelled JSONL files")
+    p = add_command(subparsers, "eval-router", cmd_eval_router, json_output=True,
+                    help="evaluate the active router on labelled JSONL files")
     p.add_argument("files", nargs="+", metavar="FILE",
                    help='JSONL files or globs: lines {"prompt" | "messages", "category"[, "lang", "style"]}')
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval_router)
 
-    p = subparsers.add_parser(
-        "calibrate-router",
-        help="pick the fallback threshold from held-out data and store it in the active router",
-    )
+    p = add_command(subparsers, "calibrate-router", cmd_calibrate_router, json_output=True,
+                    help="pick the fallback threshold from held-out data and store it in the active router")
     p.add_argument(
         "--target",
         type=float,
         default=None,
         help="routed precision to keep (default router.target_precision)",
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_calibrate_router)
 
-    p = subparsers.add_parser("router-versions", help="list router versions; --activate ID switches")
+    p = add_command(subparsers, "router-versions", cmd_router_versions, json_output=True,
+                    help="list router versions; --activate ID switches")
     p.add_argument("--activate", metavar="ID")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_router_versions)
 
-    p = subparsers.add_parser(
-        "mapping", help="category -> expert mapping under a budget, and the Pareto frontier"
-    )
+    p = add_command(subparsers, "mapping", cmd_mapping, json_output=True,
+                    help="category -> expert mapping under a budget, and the Pareto frontier")
     p.add_argument("--budget", type=_budget_arg, help="average active parameters, e.g. 300M, 1.5B, auto")
     p.add_argument("--no-engine", action="store_true", help="skip the engine (all experts available)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_mapping)
 
-    p = subparsers.add_parser(
-        "eval-experts", help="measure the expert score table on assets/eval/<category>.jsonl"
-    )
+    p = add_command(subparsers, "eval-experts", cmd_eval_experts, json_output=True,
+                    help="measure the expert score table on assets/eval/<category>.jsonl")
     p.add_argument("--experts", help="comma-separated subset (default: every expert of the profile)")
     p.add_argument("--eval-dir", default="assets/eval")
     p.add_argument("--limit", type=int, default=None, help="first N pairs per category (quick look)")
     p.add_argument("--force", action="store_true", help="re-measure cached values too")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval_experts)
 
 
 def _budget_arg(value: str) -> str:
