@@ -164,7 +164,7 @@ def test_feedback_is_rate_limited_per_session(tiny_sources, tmp_path):
 def test_a_sha256_mismatch_says_in_one_log_line_which_file_and_what_is_done(tiny_config, caplog):
     import logging
 
-    from coe_core.experts.materialize import WEIGHTS_FILE
+    from coe_core.experts.weights import WEIGHTS_FILE
     from coe_core.tiers.manager import TierManager
 
     config = tiny_config()

@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 from coe_core.config import PACKAGE_ROOT, config_from_dict
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing.artifact import RouterArtifactError, check_compatible, read_active
 from coe_core.routing.embedder import get_embedder
 from coe_core.routing.service import RouterUnavailableError, RoutingService
-from coe_core.routing.training import LabelledPrompt, is_heldout
+from coe_core.routing.training import is_heldout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

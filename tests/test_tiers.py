@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from coe_core.experts.materialize import MANIFEST_FILE, WEIGHTS_FILE
 from coe_core.experts.sources import ExpertUnavailable
+from coe_core.experts.weights import MANIFEST_FILE, WEIGHTS_FILE
 from coe_core.tiers.manager import TierBusy, TierManager
 
 

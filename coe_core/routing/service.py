@@ -18,6 +18,7 @@ import numpy as np
 
 from coe_core.config import CoEConfig
 from coe_core.events import RouteDecision
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing import decisions
 from coe_core.routing.calibration import pick_threshold, threshold_effect
 from coe_core.routing.datasets import Datasets
@@ -27,7 +28,7 @@ from coe_core.routing.mapping import MappingResult
 from coe_core.routing.mapping_state import MappingState
 from coe_core.routing.router import Router
 from coe_core.routing.text import routed_text
-from coe_core.routing.training import LabelledPrompt, print_progress
+from coe_core.routing.training import print_progress
 from coe_core.routing.versions import RouterUnavailableError, RouterVersions
 
 __all__ = ["RoutingService", "RouterUnavailableError"]
