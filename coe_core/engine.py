@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from coe_core.config import CoEConfig, load_config
 from coe_core.events import Event, Notice, RouteDecision, SwapEvent, TextChunk, TurnDone, TurnStats
+from coe_core.experts.catalog import ExpertCatalog
 from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.remote import RemoteExpert, RemoteExpertError
 from coe_core.experts.sources import ExpertUnavailable
@@ -91,6 +92,8 @@ class CoE:
         #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
         self.zero_gpu = on_zero_gpu()
         self.tiers = TierManager(self.config, gpu=False if self.zero_gpu and gpu is None else gpu, progress=progress)
+        #: every expert, local and remote, with its availability; ``tiers`` holds the local ones' residency
+        self.catalog = ExpertCatalog(self.config, self.tiers)
         self.store = None
         self.turn_logger = None
         if store == "auto":
@@ -137,14 +140,15 @@ class CoE:
 
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
-        return {e for e, slot in self.tiers.slots.items() if slot.unavailable is None}
+        """Experts a turn may be routed to (``ExpertCatalog.available``)."""
+        return self.catalog.available()
 
     def swap_cost_s(self, expert_id: str) -> float:
         """0 when the expert runs without a swap (resident on the execution tier, remote, unknown), else the
         estimated seconds to make it resident: its bytes at the mean GB/s of the tiers' recent swaps (1 GB/s
         before any). The scheduler orders waiting turns by it."""
         slot = self.tiers.slots.get(expert_id)
-        if slot is None or slot.remote is not None or slot.unavailable is not None:
+        if slot is None or slot.unavailable is not None:  # a remote expert has no slot
             return 0.0
         if slot.placement in (self.tiers.exec_tier, "split"):
             return 0.0
@@ -163,35 +167,42 @@ class CoE:
 
     def expert_params(self) -> dict[str, int]:
         """Active parameters per materialised expert (from the disk tier manifests)."""
-        return {e: slot.params for e, slot in self.tiers.slots.items() if slot.disk}
+        return self.catalog.params()
 
     def experts_info(self) -> dict:
-        """The ``coe experts --json`` shape."""
+        """The ``coe experts --json`` shape: every expert of the catalog (a local one with its residency, a
+        remote one with its endpoint's health), the tiers, the execution tier and the profile."""
         snap = self.tiers.snapshot()
         experts = []
         for eid, cfg in self.config.experts.items():
+            entry = {"id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
+                     "generalist": cfg.generalist}
+            if self.catalog.remote(eid) is not None:  # no weights and no tiers here
+                entry.update(params=None, bytes=None, dtype=None, state="remote",
+                             tiers={"gpu": 0, "cpu": 0, "disk": 0}, available=True, reason=None, runtime=None,
+                             remote=self.catalog.remote_info(eid))
+                experts.append(entry)
+                continue
             info = snap["experts"][eid]
-            experts.append({
-                "id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
-                "params": info["params"] or None, "bytes": info["bytes"] or None, "dtype": info["dtype"],
-                "state": info["state"], "tiers": info["tiers"], "available": info["available"],
-                "reason": info["reason"] or (None if info["bytes"] or cfg.is_remote
-                                             else "not materialised yet (first use does it)"),
-                "generalist": cfg.generalist, "runtime": info["runtime"],
-                **({"runtime_note": info["runtime_note"]} if info["runtime_note"] else {}),
-                **({"remote": info["remote"]} if "remote" in info else {}),
-            })
+            entry.update(params=info["params"] or None, bytes=info["bytes"] or None, dtype=info["dtype"],
+                         state=info["state"], tiers=info["tiers"], available=info["available"],
+                         reason=info["reason"] or (None if info["bytes"]
+                                                   else "not materialised yet (first use does it)"),
+                         runtime=info["runtime"],
+                         **({"runtime_note": info["runtime_note"]} if info["runtime_note"] else {}))
+            experts.append(entry)
         tiers = {name: {k: t[k] for k in ("exists", "budget", "used", "free", "budget_source")}
                  for name, t in snap["tiers"].items()}
         return {"experts": experts, "tiers": tiers, "exec_tier": snap["exec_tier"], "profile": self.config.profile}
 
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
         """Materialise and verify experts and warm the router up (the first start of the app)."""
-        problems = self.tiers.prepare(experts)
+        problems = self.catalog.prepare(experts)
         if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
             from coe_core.experts.zero_gpu import stage_for_gpu_calls
 
-            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items() if problem is None])
+            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items()
+                                             if problem is None and self.catalog.remote(e) is None])
         if self.routing is not None and hasattr(self.routing, "warm_up"):
             self.routing.warm_up()
         return problems
@@ -324,13 +335,13 @@ class CoE:
         """``ready()`` is called once the expert that serves is resident (the queue may then start others)."""
         expert = decision.expert
         if expert not in self.available_experts():
-            replacement = self._stand_in(expert, decision.category,
-                                         f"{expert} is unavailable ({self.tiers.slots[expert].unavailable})")
-            yield Notice(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}); "
+            problem = self.catalog.problem(expert)
+            replacement = self._stand_in(expert, decision.category, f"{expert} is unavailable ({problem})")
+            yield Notice(f"{expert} is unavailable ({problem}); "
                          f"{replacement} serves this turn instead.", kind="warning", expert=replacement)
             params = self._restop(params, expert, replacement)
             expert = stats.expert = replacement
-        remote = self.tiers.remote(expert)
+        remote = self.catalog.remote(expert)
         if remote is not None:
             ready()
             try:
@@ -435,7 +446,7 @@ class CoE:
         """Who serves when ``expert`` cannot: the best available expert for ``category`` (highest score in the
         score table; ties and experts without scores in the order default, generalists, the rest)."""
         candidates = [e for e in self.available_experts()
-                      if e != expert and not (local_only and self.tiers.remote(e) is not None)]
+                      if e != expert and not (local_only and self.catalog.remote(e) is not None)]
         if not candidates:
             where = "local expert" if local_only else "other expert"
             raise ExpertUnavailable(f"{problem}; no {where} is available to stand in")
@@ -459,7 +470,7 @@ class CoE:
         router's close runner-up for this prompt (a guess at the conversation's next turn)."""
         upcoming = self.scheduler.upcoming_expert()
         if upcoming and upcoming != serving and upcoming in self.available_experts():
-            if self.tiers.remote(upcoming) is None:
+            if self.catalog.remote(upcoming) is None:
                 self.tiers.prefetch(upcoming, evict=False)
             return
         runner_up = getattr(self.routing, "runner_up", None)
@@ -495,7 +506,7 @@ class CoE:
         stats.total_s = time.perf_counter() - start
         gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
         stats.tokens_per_s = (stats.new_tokens - 1) / gen_s if stats.new_tokens > 1 and gen_s > 0 else 0.0
-        stats.tiers = {e: info["state"] for e, info in self.tiers.snapshot()["experts"].items()}
+        stats.tiers = self.catalog.states()
         if self.turn_logger is None:
             return
         from coe_core.store.records import TurnRecord
@@ -551,6 +562,7 @@ class CoE:
         if self._closed:
             return
         self._closed = True
+        self.catalog.close()
         self.tiers.close()
         if self.turn_logger is not None:
             self.turn_logger.close()

@@ -64,10 +64,7 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     async def readyz() -> JSONResponse:
         """Readiness: the router is loaded and at least one expert is available (503 otherwise, with why)."""
         router = router_state(coe)
-        problems = {e: s.unavailable for e, s in coe.tiers.slots.items() if s.unavailable}
-        for e, slot in coe.tiers.slots.items():  # a remote expert whose endpoint failed lately is not ready
-            if slot.remote and not slot.unavailable and slot.remote.down_reason():
-                problems[e] = f"remote endpoint down: {slot.remote.down_reason()}"
+        problems = coe.catalog.problems()  # a remote expert whose endpoint failed lately is not ready either
         available = sorted(coe.available_experts() - set(problems))
         ready = router != "not loaded" and bool(available)
         body = {"ready": ready, "router": router, "available_experts": available, "unavailable": problems}

@@ -1,4 +1,7 @@
-"""TierManager: which expert sits in which memory tier, and moving them fast.
+"""TierManager: which local expert sits in which memory tier, and moving them fast.
+
+Residency only: budgets, LRU, pins, moves. Which experts exist (remote ones too) and which can serve is the
+expert catalog's (``coe_core/experts/catalog.py``), which reads the local experts' availability from here.
 
 Tiers: ``disk`` (capacity: every materialised expert), ``cpu`` (staging; executes on a CPU-only machine),
 ``gpu`` (execution, when CUDA exists). ``acquire`` makes an expert resident on the execution tier and pins it
@@ -36,7 +39,6 @@ from coe_core.experts.materialize import (
     materialize_gguf,
     read_disk_copy,
 )
-from coe_core.experts.remote import RemoteExpert
 from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, TransformersRuntime, choose_runtime
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
@@ -72,8 +74,6 @@ class ExpertSlot:
     cpu_views: dict[str, torch.Tensor] | None = None
     gpu_buffer: torch.Tensor | None = None
     split: SplitPlacement | None = None
-    #: a remote expert (``openai:`` source) has no weights and no tiers here
-    remote: RemoteExpert | None = None
     #: what executes it: transformers (module + buffers above) or llama_cpp (``llama`` below)
     runtime: str = "transformers"
     #: one line when the runtime is not the one asked for (why, and what it costs)
@@ -82,7 +82,7 @@ class ExpertSlot:
     llama: object | None = None
     n_ctx: int = 0
     kv_bytes: int = 0
-    placement: str = "disk"  # disk | cpu | gpu | split | remote
+    placement: str = "disk"  # disk | cpu | gpu | split
     loading: str | None = None  # tier being loaded into
     verified: bool = False
     pins: int = 0
@@ -145,14 +145,12 @@ class TierManager:
         #: freed CPU buffers kept for reuse (counted in the cpu tier): a fresh buffer costs page faults
         self._pool: list[torch.Tensor] = []
         compute = torch.bfloat16 if self.exec_tier == "gpu" else torch.float32
+        #: the local experts only: a remote expert has no weights here (``coe_core.experts.catalog`` has both)
         self.slots: dict[str, ExpertSlot] = {}
         for expert_id, cfg in config.experts.items():
-            dtype = compute if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
-            slot = ExpertSlot(expert_id, dtype)
             if cfg.is_remote:
-                slot.remote, slot.placement = RemoteExpert(expert_id, cfg), "remote"
-                self.slots[expert_id] = slot
                 continue
+            slot = ExpertSlot(expert_id, compute if cfg.dtype == "auto" else _DTYPES[cfg.dtype])
             slot.runtime, slot.runtime_note = choose_runtime(cfg, gpu=self.exec_tier == "gpu")
             self._read_disk(slot)
             self.slots[expert_id] = slot
@@ -170,6 +168,10 @@ class TierManager:
         try:
             return self.slots[expert_id]
         except KeyError:
+            cfg = self.config.experts.get(expert_id)
+            if cfg is not None and cfg.is_remote:
+                raise ExpertUnavailable(f"{expert_id} is a remote expert ({cfg.base_url}): it has no weights "
+                                        "here") from None
             raise KeyError(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
 
     def _read_disk(self, slot: ExpertSlot) -> None:
@@ -191,10 +193,6 @@ class TierManager:
         trained = slot.disk.manifest.get("context_length") or DEFAULT_N_CTX
         slot.n_ctx = cfg.context_length or min(trained, DEFAULT_N_CTX)
         slot.kv_bytes = slot.n_ctx * int(slot.disk.manifest.get("kv_bytes_per_token") or 0)
-
-    def remote(self, expert_id: str) -> RemoteExpert | None:
-        """The client of a remote expert, None for a local one."""
-        return self._slot(expert_id).remote
 
     def _used(self, tier: str) -> int:
         used = sum(s.bytes_in(tier) for s in self.slots.values())
@@ -228,7 +226,7 @@ class TierManager:
                     "params": slot.params,
                     "dtype": (slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
                     if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
-                    "runtime": None if slot.remote else slot.runtime,
+                    "runtime": slot.runtime,
                     "runtime_note": slot.runtime_note,
                     "kv_bytes": slot.kv_bytes,
                     "available": slot.unavailable is None,
@@ -236,9 +234,6 @@ class TierManager:
                     "pinned": slot.pins,
                     "last_used": slot.last_used,
                 }
-                if slot.remote:  # no tiers: where it is and whether its endpoint answers (cached check)
-                    experts[eid]["remote"] = {"base_url": slot.remote.base_url, "model": slot.remote.cfg.model,
-                                              "health": slot.remote.health().to_dict()}
             return {"exec_tier": self.exec_tier, "tiers": tiers, "experts": experts,
                     "recent_swaps": [e.to_dict() for e in list(self.history)[-20:]]}
 
@@ -252,8 +247,6 @@ class TierManager:
     def _ensure_disk_locked(self, slot: ExpertSlot, *, force: bool = False) -> DiskCopy:
         if slot.disk and not force:
             return slot.disk
-        if slot.remote:
-            raise ExpertUnavailable(f"{slot.id} is a remote expert ({slot.remote.base_url}): it has no weights here")
         cfg = self.config.experts[slot.id]
         try:
             needed_hint = 0 if slot.disk is None else slot.disk.manifest["file_bytes"]
@@ -286,10 +279,6 @@ class TierManager:
         problems = {}
         for eid in expert_ids or list(self.slots):
             slot = self._slot(eid)
-            if slot.remote:
-                health = slot.remote.check()
-                problems[eid] = None if health.ok else f"remote endpoint {slot.remote.base_url}: {health.error}"
-                continue
             try:
                 with slot.lock:
                     self._ensure_disk_locked(slot)
@@ -680,8 +669,19 @@ class TierManager:
         slot = self._slot(expert_id)
         return slot.disk.folder if slot.disk else None
 
+    def unavailable_reason(self, expert_id: str) -> str | None:
+        """Why the expert cannot be made resident (materialising, verifying or loading failed), else None."""
+        return self._slot(expert_id).unavailable
+
+    def params(self) -> dict[str, int]:
+        """Active parameters of each materialised expert (from its disk-tier manifest)."""
+        return {e: slot.params for e, slot in self.slots.items() if slot.disk}
+
     def close(self) -> None:
-        """Close the connection pools of remote experts."""
-        for slot in self.slots.values():
-            if slot.remote:
-                slot.remote.close()
+        """Release what the tiers hold now (CPU and GPU buffers, llama.cpp models and their KV caches), except
+        experts still generating; the disk tier stays. The manager can be used again afterwards."""
+        with self._lock:
+            for slot in self.slots.values():
+                if not slot.pins:
+                    self._evict_locked(slot, "cpu")
+            self._pool.clear()
