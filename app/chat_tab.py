@@ -30,6 +30,7 @@ from app.chat_messages import (
 from app.context import AppContext, user_message
 from coe_core.engine import InvalidRequest
 from coe_core.events import Notice, Queued, RouteDecision, SwapEvent, TextChunk, TurnDone
+from coe_core.tiers.snapshot import TierSnapshot
 
 AUTO = "auto"
 FEEDBACK_WRONG = "Wrong category"
@@ -80,15 +81,13 @@ def turn_choices(session: ChatSession) -> list[tuple[str, int]]:
     return out
 
 
-def residency_summary(snapshot: dict, remote: Sequence[str] = ()) -> str:
+def residency_summary(snapshot: TierSnapshot, remote: Sequence[str] = ()) -> str:
     """One line per expert: where it is (``remote`` for the ``remote`` experts, which have no tiers)."""
     parts = []
-    for eid, e in snapshot.get("experts", {}).items():
-        state = e.get("state", "?")
-        busy = " ▶ generating" if e.get("pinned") else ""
-        reason = f" ({e['reason']})" if not e.get("available", True) and e.get("reason") else ""
-        runtime = f" on {e['runtime'].replace('_', '.')}" if e.get("runtime") else ""
-        parts.append(f"`{eid}`{runtime}: **{state}**{busy}{reason}")
+    for eid, e in snapshot.experts.items():
+        busy = " ▶ generating" if e.pinned else ""
+        reason = f" ({e.unavailable})" if e.unavailable else ""
+        parts.append(f"`{eid}` on {e.runtime.replace('_', '.')}: **{e.state}**{busy}{reason}")
     parts += [f"`{eid}`: **remote**" for eid in remote]
     return " · ".join(parts) + "  \n_Each row is one tier; the dashed line is its budget when it is in view._"
 

@@ -25,6 +25,7 @@ from app.theme import (
     color_of,
     tier_pair_color,
 )
+from coe_core.tiers.snapshot import TierSnapshot
 
 GB = 1e9
 
@@ -89,17 +90,13 @@ def probabilities_figure(probabilities: Mapping[str, float], colors: Mapping[str
     return _layout(fig, HEIGHT_SMALL + 20, title={"text": title, "font": {"size": 13}}, showlegend=False)
 
 
-def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
+def residency_figure(snapshot: TierSnapshot) -> go.Figure:
     """Bytes of every expert in each tier (gpu, cpu, disk): one stacked bar per tier, the tier budget as a line.
 
-    ``snapshot`` is ``TierManager.snapshot()``: {"tiers": {name: {exists, budget, used, ...}},
-    "experts": {id: {"tiers": {tier: bytes}, "state", "pinned", ...}}, "exec_tier"}.
     A tier that does not exist on this machine gets a thin row marked absent. Each row is scaled to what it
     holds, so small experts stay readable; a budget far beyond that is written at the row's end instead.
     """
-    tiers = snapshot.get("tiers", {})
-    experts = snapshot.get("experts", {})
-    exec_tier = snapshot.get("exec_tier", "cpu")
+    tiers, experts, exec_tier = snapshot.tiers, snapshot.experts, snapshot.exec_tier
     names = [t for t in TIER_ORDER if t in tiers]
     if not names:
         return empty_figure("no tier information")
@@ -107,29 +104,29 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
     for t in names:
         info = tiers[t]
         role = "executes" if t == exec_tier else ("staging" if t == "cpu" else "capacity")
-        if not info.get("exists", True):
-            why = str(info.get("budget_source") or "not detected").removeprefix("absent: ")
+        if not info.exists:
+            why = (info.budget_source or "not detected").removeprefix("absent: ")
             titles.append(f"<b>{t}</b> — absent on this machine ({why})")
             heights.append(0.12)
         else:
-            titles.append(f"<b>{t}</b> ({role}): {gb(info.get('used', 0))} used of {gb(info.get('budget', 0))}")
+            titles.append(f"<b>{t}</b> ({role}): {gb(info.used_bytes)} used of {gb(info.budget_bytes)}")
             heights.append(1.0)
     fig = make_subplots(rows=len(names), cols=1, subplot_titles=titles, vertical_spacing=0.2,
                         row_heights=heights)
     for row, t in enumerate(names, start=1):
         info = tiers[t]
-        if not info.get("exists", True):
+        if not info.exists:
             fig.update_xaxes(visible=False, row=row, col=1)
             fig.update_yaxes(visible=False, row=row, col=1)
             continue
         total = 0.0
         for eid, e in experts.items():
-            nbytes = float(e.get("tiers", {}).get(t, 0) or 0)
+            nbytes = float(e.bytes_by_tier.get(t, 0))
             if nbytes <= 0:
                 continue
             total += nbytes
-            busy = e.get("pinned", 0) > 0 and t == exec_tier
-            loading = e.get("state") == "loading"
+            busy = e.pinned > 0 and t == exec_tier
+            loading = e.state == "loading"
             fig.add_trace(go.Bar(
                 x=[nbytes / GB], y=[t], orientation="h", name=eid,
                 marker={"color": TIER_COLORS.get(t, UNKNOWN_COLOR),
@@ -137,9 +134,9 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
                         "pattern": {"shape": "/" if loading else ""}},
                 text=[f"{eid}{' ▶' if busy else ''} {gb(nbytes)}"], textposition="inside",
                 insidetextanchor="middle", textfont={"color": "white"},
-                hovertemplate=f"{eid} in {t}: {gb(nbytes)} (state {e.get('state')})<extra></extra>",
+                hovertemplate=f"{eid} in {t}: {gb(nbytes)} (state {e.state})<extra></extra>",
             ), row=row, col=1)
-        budget = float(info.get("budget") or 0)
+        budget = float(info.budget_bytes)
         span = max(total * 1.3, 0.25 * GB)
         if 0 < budget <= span * 1.5:
             span = max(span, budget * 1.05)

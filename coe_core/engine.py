@@ -183,17 +183,16 @@ class CoE:
                              remote=self.catalog.remote_info(eid))
                 experts.append(entry)
                 continue
-            info = snap["experts"][eid]
-            entry.update(params=info["params"] or None, bytes=info["bytes"] or None, dtype=info["dtype"],
-                         state=info["state"], tiers=info["tiers"], available=info["available"],
-                         reason=info["reason"] or (None if info["bytes"]
-                                                   else "not materialised yet (first use does it)"),
-                         runtime=info["runtime"],
-                         **({"runtime_note": info["runtime_note"]} if info["runtime_note"] else {}))
+            info = snap.experts[eid]
+            entry.update(params=info.params or None, bytes=info.bytes or None, dtype=info.dtype,
+                         state=info.state, tiers=info.bytes_by_tier, available=info.available,
+                         reason=info.unavailable or (None if info.bytes
+                                                     else "not materialised yet (first use does it)"),
+                         runtime=info.runtime, **({"runtime_note": info.runtime_note} if info.runtime_note else {}))
             experts.append(entry)
-        tiers = {name: {k: t[k] for k in ("exists", "budget", "used", "free", "budget_source")}
-                 for name, t in snap["tiers"].items()}
-        return {"experts": experts, "tiers": tiers, "exec_tier": snap["exec_tier"], "profile": self.config.profile}
+        tiers = {name: {"exists": t.exists, "budget": t.budget_bytes, "used": t.used_bytes, "free": t.free_bytes,
+                        "budget_source": t.budget_source} for name, t in snap.tiers.items()}
+        return {"experts": experts, "tiers": tiers, "exec_tier": snap.exec_tier, "profile": self.config.profile}
 
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
         """Materialise and verify experts and warm the router up (the first start of the app)."""

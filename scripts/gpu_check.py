@@ -118,9 +118,9 @@ def main() -> int:
         with tiers.acquire(target) as lease:
             out = lease.model(torch.tensor([[1, 2, 3]], device="cuda")).logits
             assert out.isfinite().all()
-        info = tiers.snapshot()["experts"][target]
-        assert info["state"] == "split", info
-        return info["tiers"]
+        info = tiers.snapshot().experts[target]
+        assert info.state == "split", info
+        return info.bytes_by_tier
 
     check("split across gpu/cpu with accelerate", split)
     coe.close()

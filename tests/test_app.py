@@ -21,6 +21,7 @@ from app.explorer_tab import parse_prompts
 from app.mapping_tab import point_for_budget, single_expert_points
 from app.theme import FALLBACK_COLOR, TIER_COLORS, category_colors
 from coe_core.events import RouteDecision, SwapEvent
+from coe_core.tiers.snapshot import ExpertResidency, TierSnapshot, TierUsage
 
 CATS = ["coding", "math", "writing"]
 COLORS = category_colors(CATS, "general")
@@ -56,15 +57,16 @@ def test_probability_plot_without_probabilities_says_why():
     assert not fig.data and "send a prompt" in annotations_text(fig)
 
 
-SNAPSHOT = {
-    "exec_tier": "cpu",
-    "tiers": {"gpu": {"exists": False, "budget": 0, "used": 0, "budget_source": "absent: no CUDA device"},
-              "cpu": {"exists": True, "budget": 2_000_000_000, "used": 1_500_000_000},
-              "disk": {"exists": True, "budget": 40_000_000_000, "used": 2_000_000_000}},
-    "experts": {"small": {"state": "cpu", "pinned": 1, "tiers": {"gpu": 0, "cpu": 500_000_000, "disk": 500_000_000}},
-                "big": {"state": "cpu", "pinned": 0, "tiers": {"gpu": 0, "cpu": 1_000_000_000,
-                                                               "disk": 1_500_000_000}}},
-}
+SNAPSHOT = TierSnapshot(
+    exec_tier="cpu",
+    tiers={"gpu": TierUsage("gpu", False, 0, 0, "absent: no CUDA device"),
+           "cpu": TierUsage("cpu", True, 2_000_000_000, 1_500_000_000, "spaces.yaml"),
+           "disk": TierUsage("disk", True, 40_000_000_000, 2_000_000_000, "spaces.yaml")},
+    experts={"small": ExpertResidency("cpu", {"gpu": 0, "cpu": 500_000_000, "disk": 500_000_000}, 500_000_000, 0,
+                                      "float32", "transformers", pinned=1),
+             "big": ExpertResidency("cpu", {"gpu": 0, "cpu": 1_000_000_000, "disk": 1_500_000_000}, 1_000_000_000, 0,
+                                    "float32", "transformers", pinned=0)},
+)
 
 
 def test_residency_plot_stacks_experts_per_tier_marks_absent_tiers_and_the_generating_expert():

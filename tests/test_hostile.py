@@ -51,7 +51,7 @@ def test_too_many_messages_is_refused_before_any_model_work(tiny_sources, tmp_pa
     with pytest.raises(PromptTooLong, match="limits.max_messages"):
         next(coe.chat(messages))
     assert time.perf_counter() - start < 1.0
-    assert coe.tiers.snapshot()["experts"]["small"]["state"] in ("disk", "absent", "not materialised")
+    assert coe.tiers.snapshot().experts["small"].state in ("disk", "absent", "not materialised")
     coe.close()
 
 

@@ -43,6 +43,7 @@ from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, Transform
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
 from coe_core.tiers.budgets import Tier, detect_tiers
+from coe_core.tiers.snapshot import TIER_NAMES, ExpertResidency, ResidencyState, TierSnapshot, TierUsage
 from coe_core.tiers.split import SplitPlacement, place_split
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ class TierManager:
             used += sum(b.numel() for b in self._pool)
         return used
 
-    def state(self, expert_id: str) -> str:
+    def state(self, expert_id: str) -> ResidencyState:
+        """Where the expert is now: disk, cpu, gpu, split, loading or unavailable."""
         slot = self._slot(expert_id)
         if slot.unavailable:
             return "unavailable"
@@ -208,34 +210,28 @@ class TierManager:
             return "loading"
         return slot.placement
 
-    def snapshot(self) -> dict:
-        """Residency of every expert and per-tier budget/used/free. Cheap: no I/O, just bookkeeping."""
+    def snapshot(self) -> TierSnapshot:
+        """Residency of every local expert and each tier's budget and use. Cheap: no I/O, just bookkeeping."""
         with self._lock:
-            tiers = {}
-            for name, tier in self.tiers.items():
-                used = self._used(name) if tier.exists else 0
-                tiers[name] = {"exists": tier.exists, "budget": tier.budget, "used": used,
-                               "free": max(tier.budget - used, 0), "budget_source": tier.budget_source}
-            tiers["cpu"]["pool"] = sum(b.numel() for b in self._pool)
-            experts = {}
-            for eid, slot in self.slots.items():
-                experts[eid] = {
-                    "state": self.state(eid),
-                    "tiers": {t: slot.bytes_in(t) for t in ("gpu", "cpu", "disk")},
-                    "bytes": slot.bytes,
-                    "params": slot.params,
-                    "dtype": (slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
-                    if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
-                    "runtime": slot.runtime,
-                    "runtime_note": slot.runtime_note,
-                    "kv_bytes": slot.kv_bytes,
-                    "available": slot.unavailable is None,
-                    "reason": slot.unavailable,
-                    "pinned": slot.pins,
-                    "last_used": slot.last_used,
-                }
-            return {"exec_tier": self.exec_tier, "tiers": tiers, "experts": experts,
-                    "recent_swaps": [e.to_dict() for e in list(self.history)[-20:]]}
+            pooled = sum(b.numel() for b in self._pool)
+            tiers = {name: TierUsage(name, tier.exists, tier.budget, self._used(name) if tier.exists else 0,
+                                     tier.budget_source, pooled if name == "cpu" else 0)
+                     for name, tier in self.tiers.items()}
+            experts = {eid: ExpertResidency(
+                state=self.state(eid),
+                bytes_by_tier={t: slot.bytes_in(t) for t in TIER_NAMES},
+                bytes=slot.bytes,
+                params=slot.params,
+                dtype=(slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
+                if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
+                runtime=slot.runtime,
+                runtime_note=slot.runtime_note,
+                kv_bytes=slot.kv_bytes,
+                unavailable=slot.unavailable,
+                pinned=slot.pins,
+                last_used=slot.last_used,
+            ) for eid, slot in self.slots.items()}
+            return TierSnapshot(self.exec_tier, tiers, experts, list(self.history)[-20:])
 
     # -- disk tier ---------------------------------------------------------------------------------
     def ensure_disk(self, expert_id: str) -> DiskCopy:
