@@ -39,9 +39,14 @@ def gb(n: float) -> str:
     return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{int(n)} B"
 
 
+#: The one unit the UI shows active parameters in: millions, written "M params" (1.7B is "1,700M params"), on
+#: the Mapping tab's slider, the frontier's x axis and in every sentence. Bytes are shown with ``gb``.
+PARAMS_UNIT = 1e6
+
+
 def params_m(n: float) -> str:
-    """Parameter count as millions/billions with its unit."""
-    return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.0f}M params"
+    """Active parameters in the UI's unit: ``135M params``."""
+    return f"{n / PARAMS_UNIT:,.0f}M params"
 
 
 def _layout(fig: go.Figure, height: int, **kwargs: Any) -> go.Figure:
@@ -299,19 +304,19 @@ def reliability_figure(table: Sequence[Mapping[str, Any]], ece: float | None) ->
 def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[str, float] | None = None,
                     preview: Mapping[str, float] | None = None, singles: Sequence[Mapping[str, Any]] = (),
                     budget: float | None = None) -> go.Figure:
-    """Pareto frontier of mappings: expected score vs average active parameters (millions)."""
+    """Pareto frontier of mappings: expected score vs average active parameters (in ``PARAMS_UNIT``)."""
     if not frontier and not singles:
         return empty_figure("no score table: run `coe eval-experts` to measure the experts", HEIGHT)
     fig = go.Figure()
     if frontier:
         pts = sorted(frontier, key=lambda p: p["avg_active_params"])
         fig.add_trace(go.Scatter(
-            x=[p["avg_active_params"] / 1e6 for p in pts], y=[p["expected_score"] for p in pts],
+            x=[p["avg_active_params"] / PARAMS_UNIT for p in pts], y=[p["expected_score"] for p in pts],
             mode="lines+markers", name="Pareto frontier", line={"color": "#2F6FDE", "shape": "hv", "width": 2},
             marker={"size": 8}, hovertemplate="%{x:.0f}M params → score %{y:.3f}<extra>frontier</extra>"))
     for s in singles:
         fig.add_trace(go.Scatter(
-            x=[s["avg_active_params"] / 1e6], y=[s["expected_score"]], mode="markers+text",
+            x=[s["avg_active_params"] / PARAMS_UNIT], y=[s["expected_score"]], mode="markers+text",
             name=f"only {s['expert']}", text=[s["expert"]], textposition="top center", cliponaxis=False,
             marker={"size": 11, "symbol": "diamond", "color": "#9CA3AF", "line": {"color": "#374151", "width": 1}},
             hovertemplate=f"every category → {s['expert']}: " + "%{x:.0f}M params, score %{y:.3f}<extra></extra>"))
@@ -320,20 +325,20 @@ def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[s
         abs(preview["expected_score"] - current["expected_score"]) < 1e-9
     if preview is not None and not same:
         fig.add_trace(go.Scatter(
-            x=[preview["avg_active_params"] / 1e6], y=[preview["expected_score"]], mode="markers",
+            x=[preview["avg_active_params"] / PARAMS_UNIT], y=[preview["expected_score"]], mode="markers",
             name="with the new budget", marker={"size": 16, "symbol": "star-open", "color": "#DC2626",
                                                 "line": {"width": 2}},
             hovertemplate="new budget: %{x:.0f}M params, score %{y:.3f}<extra></extra>"))
     if current is not None:
         fig.add_trace(go.Scatter(
-            x=[current["avg_active_params"] / 1e6], y=[current["expected_score"]], mode="markers",
+            x=[current["avg_active_params"] / PARAMS_UNIT], y=[current["expected_score"]], mode="markers",
             name="current mapping", marker={"size": 18, "symbol": "star", "color": "#F59E0B",
                                             "line": {"color": "#111827", "width": 1.5}},
             hovertemplate="current: %{x:.0f}M params, score %{y:.3f}<extra></extra>"))
     if budget is not None:
-        fig.add_vline(x=budget / 1e6, line={"color": "#DC2626", "dash": "dot", "width": 1.5},
-                      annotation_text=f"budget {budget / 1e6:.0f}M", annotation_position="top left")
-    fig.update_xaxes(title_text="average active parameters per prompt (millions)")
+        fig.add_vline(x=budget / PARAMS_UNIT, line={"color": "#DC2626", "dash": "dot", "width": 1.5},
+                      annotation_text=f"budget {params_m(budget)}", annotation_position="top left")
+    fig.update_xaxes(title_text="average active parameters per prompt (M params)")
     fig.update_yaxes(title_text="expected score (traffic-weighted)")
     return _layout(fig, HEIGHT_LARGE - 40, legend={"orientation": "h", "y": -0.22},
                    title={"text": "Expected score vs cost: the Pareto frontier of mappings", "font": {"size": 13}})

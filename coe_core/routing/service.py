@@ -165,14 +165,15 @@ class RoutingService:
     def current_mapping(self) -> MappingResult:
         return self.mapping.current()
 
-    def set_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
+    def set_active_params_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
         """Average active-parameter budget (``300M``, ``1.5B``, a number, or None/``auto``); ``persist``
         (the app's "Apply mapping") keeps it in the data dir across restarts."""
-        return self.mapping.set_budget(budget, persist=persist)
+        return self.mapping.set_active_params_budget(budget, persist=persist)
 
     @property
-    def budget(self) -> int | None:
-        return self.mapping.budget
+    def active_params_budget(self) -> int | None:
+        """The mapping's limit on average active parameters per prompt (None: no limit)."""
+        return self.mapping.active_params_budget
 
     def frontier(self) -> list[dict[str, Any]]:
         return self.mapping.frontier()

@@ -42,8 +42,8 @@ from coe_core.experts.materialize import (
 from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, TransformersRuntime, choose_runtime
 from coe_core.experts.sources import ExpertUnavailable
 from coe_core.tiers import loader
-from coe_core.tiers.budgets import Tier, detect_tiers
-from coe_core.tiers.snapshot import TIER_NAMES, ExpertResidency, ResidencyState, TierSnapshot, TierUsage
+from coe_core.tiers.budgets import TIER_ORDER, Tier, detect_tiers
+from coe_core.tiers.snapshot import ExpertResidency, ResidencyState, TierSnapshot, TierUsage
 from coe_core.tiers.split import SplitPlacement, place_split
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class TierManager:
         for note, ids in notes.items():  # one line per cause, naming the experts it affects
             log.warning("%s: %s", ", ".join(ids), note)
         if config.tiers.disk.budget == "auto":  # already materialised experts do not eat the auto budget
-            self.tiers["disk"].budget += self._used("disk")
+            self.tiers["disk"].budget_bytes += self._used("disk")
 
     # -- queries ---------------------------------------------------------------------------------
     def _slot(self, expert_id: str) -> ExpertSlot:
@@ -214,12 +214,12 @@ class TierManager:
         """Residency of every local expert and each tier's budget and use. Cheap: no I/O, just bookkeeping."""
         with self._lock:
             pooled = sum(b.numel() for b in self._pool)
-            tiers = {name: TierUsage(name, tier.exists, tier.budget, self._used(name) if tier.exists else 0,
+            tiers = {name: TierUsage(name, tier.exists, tier.budget_bytes, self._used(name) if tier.exists else 0,
                                      tier.budget_source, pooled if name == "cpu" else 0)
                      for name, tier in self.tiers.items()}
             experts = {eid: ExpertResidency(
                 state=self.state(eid),
-                bytes_by_tier={t: slot.bytes_in(t) for t in TIER_NAMES},
+                bytes_by_tier={t: slot.bytes_in(t) for t in TIER_ORDER},
                 bytes=slot.bytes,
                 params=slot.params,
                 dtype=(slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
@@ -246,9 +246,9 @@ class TierManager:
         cfg = self.config.experts[slot.id]
         try:
             needed_hint = 0 if slot.disk is None else slot.disk.manifest["file_bytes"]
-            if self._used("disk") - needed_hint > self.tiers["disk"].budget:
+            if self._used("disk") - needed_hint > self.tiers["disk"].budget_bytes:
                 raise ExpertUnavailable(
-                    f"disk tier budget ({self.tiers['disk'].budget / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
+                    f"disk tier budget ({self.tiers['disk'].budget_bytes / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
                 )
             if slot.runtime == "llama_cpp":
                 disk = materialize_gguf(slot.id, cfg, self.data_dir, progress=self.progress, force=force)
@@ -261,7 +261,7 @@ class TierManager:
             slot.unavailable = f"materialising failed: {type(exc).__name__}: {exc}"
             raise ExpertUnavailable(slot.unavailable) from exc
         if self._used("disk") - (slot.disk.manifest["file_bytes"] if slot.disk else 0) + \
-                disk.manifest["file_bytes"] > self.tiers["disk"].budget:
+                disk.manifest["file_bytes"] > self.tiers["disk"].budget_bytes:
             slot.unavailable = (f"{slot.id} needs {disk.manifest['file_bytes'] / 1e9:.2f} GB, more than the disk "
                                 "tier budget has free: raise COE_DISK_BUDGET")
             raise ExpertUnavailable(slot.unavailable)
@@ -338,11 +338,11 @@ class TierManager:
         the serving queue prefetches a waiting turn's expert that way while another expert's batch decodes."""
         slot = self._slot(expert_id)
         if (slot.unavailable or slot.placement != "disk" or slot.loading
-                or slot.resident_bytes > self.tiers["cpu"].budget):
+                or slot.resident_bytes > self.tiers["cpu"].budget_bytes):
             return None  # nothing to do, or too big to stage (it will run split when asked for)
         if not evict:
             with self._lock:
-                if self._used("cpu") + slot.resident_bytes > self.tiers["cpu"].budget:
+                if self._used("cpu") + slot.resident_bytes > self.tiers["cpu"].budget_bytes:
                     return None
 
         def run() -> None:
@@ -381,7 +381,7 @@ class TierManager:
                     verify_s = self._verify_locked(slot)
             if slot.placement == self.exec_tier or slot.placement == "split":
                 return events
-            if slot.bytes > self.tiers[self.exec_tier].budget:
+            if slot.bytes > self.tiers[self.exec_tier].budget_bytes:
                 events.append(self._load_split(slot, trigger))
                 return events
             if slot.placement == "disk":
@@ -537,7 +537,8 @@ class TierManager:
             if slot.placement == "cpu":  # a staged copy (prefetch) is not used by the split placement
                 self._evict_locked(slot, "cpu")
             self._pool.clear()  # the split placement needs the room, not pooled buffers
-            free = {t: max(self.tiers[t].budget - self._used(t), 0) for t in ("gpu", "cpu") if self.tiers[t].exists}
+            free = {t: max(self.tiers[t].budget_bytes - self._used(t), 0)
+                    for t in ("gpu", "cpu") if self.tiers[t].exists}
             slot.loading = "split"
         try:
             placement = place_split(slot.disk.folder, slot.dtype, free, self.data_dir / "offload" / slot.id)
@@ -569,13 +570,13 @@ class TierManager:
         deadline = time.monotonic() + timeout
         evicted: list[str] = []
         with self._lock:
-            if need > self.tiers[tier].budget:
+            if need > self.tiers[tier].budget_bytes:
                 raise TierBusy(f"{slot.id} needs {need / 1e9:.2f} GB, more than the whole {tier} tier budget "
-                               f"({self.tiers[tier].budget / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
+                               f"({self.tiers[tier].budget_bytes / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
             while True:
                 if tier == "cpu" and slot.cpu_buffer is None and slot.layout is not None:
                     slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size
-                budget = self.tiers[tier].budget
+                budget = self.tiers[tier].budget_bytes
                 if tier == "cpu":
                     self._trim_pool(budget - need)
                 if self._used(tier) + need <= budget:

@@ -14,9 +14,6 @@ from coe_core.events import SwapEvent
 #: where a local expert is: ``loading`` while it moves in, ``unavailable`` when it cannot be made resident
 ResidencyState = Literal["disk", "cpu", "gpu", "split", "loading", "unavailable"]
 
-#: the tiers, fastest first
-TIER_NAMES = ("gpu", "cpu", "disk")
-
 
 @dataclass(frozen=True)
 class TierUsage:
