@@ -17,7 +17,7 @@ from starlette.background import BackgroundTask
 from coe_core.api import downloads
 from coe_core.api.errors import error_body, install_error_handlers
 from coe_core.api.guards import ApiGuard
-from coe_core.api.openai_api import build_router
+from coe_core.api.openai_api import build_v1_routes
 from coe_core.engine import CoE
 
 
@@ -42,7 +42,7 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     # who the API's callers are, for the log and feedback: the key's holders (trusted), or anonymous callers
     # of an open API, whose likes and corrections wait for an admin's review
     identity = "api:key" if api_key else "api:anonymous"
-    app.include_router(build_router(coe, identity=identity, trusted=api_key is not None))
+    app.include_router(build_v1_routes(coe, identity=identity, trusted=api_key is not None))
 
     @app.get(downloads.PREFIX + "{token}", include_in_schema=False)
     async def one_time_download(token: str) -> Any:
@@ -63,11 +63,11 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """Readiness: the router is loaded and at least one expert is available (503 otherwise, with why)."""
-        router = router_state(coe)
+        router_status = router_state(coe)
         problems = coe.catalog.problems()  # a remote expert whose endpoint failed lately is not ready either
         available = sorted(coe.available_experts() - set(problems))
-        ready = router != "not loaded" and bool(available)
-        body = {"ready": ready, "router": router, "available_experts": available, "unavailable": problems}
+        ready = router_status != "not loaded" and bool(available)
+        body = {"ready": ready, "router": router_status, "available_experts": available, "unavailable": problems}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     if blocks is not None:
