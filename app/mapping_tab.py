@@ -7,6 +7,7 @@ Moving the budget slider previews the frontier point it would pick; "Apply" chan
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -40,6 +41,18 @@ def point_for_budget(frontier: Sequence[Mapping[str, Any]], budget: float | None
     """The frontier point a budget picks: the best-scoring one that costs no more than the budget."""
     affordable = [p for p in frontier if budget is None or p["avg_active_params"] <= budget + 1e-6]
     return max(affordable, key=lambda p: (p["expected_score"], -p["avg_active_params"]), default=None)
+
+
+def shown_path(path: str | Path | None, *, project: Path, data_dir: Path) -> str:
+    """A file as a visitor may see it: relative to the data dir (``<data dir>/scores/offline.json``) or to the
+    project (``assets/scores/offline.json``), never the machine's absolute path (elsewhere: its name only)."""
+    if not path:
+        return "none"
+    path = Path(path)
+    for root, label in ((data_dir, "<data dir>/"), (project, "")):
+        if path.is_relative_to(root):
+            return label + path.relative_to(root).as_posix()
+    return f"…/{path.name}"
 
 
 def mapping_rows(assignment: Mapping[str, str], reasons: Mapping[str, str],
@@ -130,7 +143,9 @@ class MappingTab:
         score_rows = [[e, params.get(e) and params_m(params[e])] + [row.get(c) for c in cats]
                       for e, row in (table.get("scores") or {}).items()]
         method = table.get("method") or {}
-        scores_md = f"Source: `{table.get('path')}`" + (f" — {method.get('kind')}" if method.get("kind") else "")
+        config = self.ctx.coe.config
+        source = shown_path(table.get("path"), project=config.base_dir, data_dir=config.data_path)
+        scores_md = f"Source: `{source}`" + (f" — {method.get('kind')}" if method.get("kind") else "")
         return (fig, "\n\n".join(lines), mapping_rows(mapping.assignment, mapping.reasons, mapping.distribution),
                 gr.update(value=score_rows, headers=["expert", "params"] + cats), scores_md)
 

@@ -18,7 +18,7 @@ from app import plots
 from app.admin import AdminGate
 from app.chat_messages import engine_messages, routing_message, swap_message, text_of
 from app.explorer_tab import parse_prompts
-from app.mapping_tab import point_for_budget, single_expert_points
+from app.mapping_tab import point_for_budget, shown_path, single_expert_points
 from app.theme import FALLBACK_COLOR, TIER_COLORS, category_colors
 from coe_core.events import RouteDecision, SwapEvent
 from coe_core.tiers.snapshot import ExpertResidency, TierSnapshot, TierUsage
@@ -191,6 +191,15 @@ def test_routing_message_says_category_probability_expert_and_why_with_swaps_as_
     child = swap_message(SwapEvent("small", "disk", "cpu", 2_000_000_000, 2.0), "route-1")
     assert child["metadata"]["parent_id"] == "route-1"
     assert "disk → cpu, 2.00 GB in 2.00 s (1.00 GB/s)" in child["metadata"]["title"]
+
+
+def test_the_mapping_tab_shows_the_score_table_path_without_the_machines_folders(tmp_path):
+    project, data = tmp_path / "project", tmp_path / "project" / ".coe-data"
+    roots = {"project": project, "data_dir": data}
+    assert shown_path(project / "assets/scores/offline.json", **roots) == "assets/scores/offline.json"
+    assert shown_path(data / "scores/offline.json", **roots) == "<data dir>/scores/offline.json"
+    assert shown_path("/srv/elsewhere/cluster.json", **roots) == "…/cluster.json"
+    assert shown_path(None, **roots) == "none"
 
 
 def test_budget_picks_the_best_affordable_frontier_point_and_single_experts_are_weighted_by_traffic():
