@@ -131,8 +131,20 @@ class Lease:
 
 
 class TierManager:
+    """Residency of the local experts: which tier holds each, the byte budget of each tier, LRU eviction, pins
+    while an expert generates, and every move as a ``SwapEvent``. Thread-safe.
+
+    Every method that takes an ``expert_id`` raises ``KeyError`` for an id that is not in the config and
+    ``ExpertUnavailable`` for a remote expert (it has no weights here; the expert catalog has it).
+    """
+
     def __init__(self, config: CoEConfig, *, gpu: bool | None = None, progress: bool = True,
                  on_swap: Callable[[SwapEvent], None] | None = None):
+        """Detect the tiers and their budgets and read the existing disk copies (no weights are loaded).
+
+        ``gpu``: force the gpu tier on or off (None: CUDA decides); ``progress``: progress bars while
+        materialising; ``on_swap``: called with every ``SwapEvent`` as it happens.
+        """
         self.config = config
         self.data_dir = config.data_path
         self.tiers: dict[str, Tier] = detect_tiers(config.tiers, self.data_dir, gpu=gpu)
@@ -202,7 +214,7 @@ class TierManager:
         return used
 
     def state(self, expert_id: str) -> ResidencyState:
-        """Where the expert is now: disk, cpu, gpu, split, loading or unavailable."""
+        """Where the expert is now: disk, cpu, gpu, split, loading or unavailable (no I/O)."""
         slot = self._slot(expert_id)
         if slot.unavailable:
             return "unavailable"
@@ -235,7 +247,11 @@ class TierManager:
 
     # -- disk tier ---------------------------------------------------------------------------------
     def ensure_disk(self, expert_id: str) -> DiskCopy:
-        """Materialise the expert once (atomic, idempotent); mark it unavailable with the reason if impossible."""
+        """Materialise the expert once (atomic, idempotent) and return its disk copy.
+
+        Raises ``ExpertUnavailable`` (and marks the expert unavailable with the reason) when its source cannot
+        be read or converted, or the disk tier's budget has no room for it.
+        """
         slot = self._slot(expert_id)
         with slot.lock:
             return self._ensure_disk_locked(slot)
@@ -271,7 +287,9 @@ class TierManager:
         return disk
 
     def prepare(self, expert_ids: list[str] | None = None, *, verify: bool = True) -> dict[str, str | None]:
-        """Materialise (and verify) experts up front; returns expert -> problem (None if ready)."""
+        """Materialise experts up front (all local ones by default); ``verify`` also checks each copy's sha256
+        (re-materialising a bad one) and that llama.cpp can read a GGUF expert. Returns expert -> problem
+        (None if ready); an expert's failure is in its entry, never raised."""
         problems = {}
         for eid in expert_ids or list(self.slots):
             slot = self._slot(eid)
@@ -308,7 +326,13 @@ class TierManager:
     # -- acquire -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def acquire(self, expert_id: str, *, trigger: str = "request", timeout: float = 300.0) -> Iterator[Lease]:
-        """Make the expert resident on the execution tier and pin it for the block."""
+        """Make the expert resident on the execution tier and pin it (never evicted) for the ``with`` block.
+
+        Yields a ``Lease`` (module or llama.cpp model, tokenizer, device, the ``SwapEvent``s this call made,
+        manifest, runtime). ``trigger`` is recorded on the swap events. Raises ``ExpertUnavailable`` when the
+        expert cannot be materialised or loaded, ``TierBusy`` when it is larger than a whole tier or the tier
+        stays full of pinned experts for ``timeout`` seconds.
+        """
         slot = self._slot(expert_id)
         with self._lock:
             slot.pins += 1
@@ -332,7 +356,9 @@ class TierManager:
                 self._changed.notify_all()
 
     def prefetch(self, expert_id: str, *, evict: bool = True) -> threading.Thread | None:
-        """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn.
+        """Stage the expert in CPU RAM in a background thread (no pin, no warm-up) and return the thread, or None
+        when there is nothing to do (already staged, loading, unavailable, or larger than the cpu budget).
+        Never blocks a turn and never raises for a failed load: the request path reports those.
 
         ``evict=False``: only into free room (nothing resident is evicted for it), checked when it is asked for:
         the serving queue prefetches a waiting turn's expert that way while another expert's batch decodes."""
@@ -632,7 +658,7 @@ class TierManager:
             self._emit(SwapEvent(slot.id, "cpu", "disk", slot.bytes, time.perf_counter() - start, "eviction"))
 
     def evict(self, expert_id: str, tier: str = "cpu") -> None:
-        """Evict an expert from ``tier`` now (refused while it generates).
+        """Evict an expert from ``tier`` (and the tiers above it) now; raises ``TierBusy`` while it generates.
 
         Its CPU buffer goes to the pool for the next load of the same size; the pool counts against the cpu
         budget and is freed first when room is needed.
@@ -663,6 +689,7 @@ class TierManager:
 
     # -- info --------------------------------------------------------------------------------------
     def disk_folder(self, expert_id: str) -> Path | None:
+        """The folder of the expert's disk copy, None while it is not materialised."""
         slot = self._slot(expert_id)
         return slot.disk.folder if slot.disk else None
 
