@@ -11,16 +11,16 @@ import re
 from typing import Any
 
 from app.plots import gb
-from coe_core.events import Notice, Queued, RemoteConnect, RouteDecision, SwapEvent, TurnStats
+from coe_core.events import Notice, Queued, RemoteConnect, RouteDecision, RouteReason, SwapEvent, TurnStats
 
-REASONS = {
+REASONS: dict[RouteReason, str] = {
     "mapped": "mapped by the optimiser",
     "fallback": "router unsure: fallback",
     "override-category": "category forced by you",
     "override-expert": "expert forced by you",
     "mapping-override": "set in spaces.yaml",
     "default": "default expert (no router)",
-    "remote-fallback": "remote expert down: a local one served",
+    "remote-fallback": "remote expert did not answer: a local one stood in",
 }
 
 

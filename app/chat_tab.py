@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from app.chat_messages import (
 from app.context import AppContext
 from app.errors import ENGINE_ERRORS, user_message
 from coe_core.events import Notice, Queued, RemoteConnect, RouteDecision, SwapEvent, TextChunk, Transcript, TurnDone
+from coe_core.tiers.snapshot import TierSnapshot
 
 AUTO = "auto"
 FEEDBACK_WRONG = "Wrong category"
@@ -81,14 +82,14 @@ def turn_choices(session: ChatSession) -> list[tuple[str, int]]:
     return out
 
 
-def residency_summary(snapshot: dict) -> str:
+def residency_summary(snapshot: TierSnapshot, remote: Sequence[str] = ()) -> str:
+    """One line per expert: where it is (``remote`` for the ``remote`` experts, which have no tiers)."""
     parts = []
-    for eid, e in snapshot.get("experts", {}).items():
-        state = e.get("state", "?")
-        busy = " ▶ generating" if e.get("pinned") else ""
-        reason = f" ({e['reason']})" if not e.get("available", True) and e.get("reason") else ""
-        runtime = f" on {e['runtime'].replace('_', '.')}" if e.get("runtime") else ""
-        parts.append(f"`{eid}`{runtime}: **{state}**{busy}{reason}")
+    for eid, e in snapshot.experts.items():
+        busy = " ▶ generating" if e.pinned else ""
+        reason = f" ({e.unavailable})" if e.unavailable else ""
+        parts.append(f"`{eid}` on {e.runtime.replace('_', '.')}: **{e.state}**{busy}{reason}")
+    parts += [f"`{eid}`: **remote**" for eid in remote]
     return " · ".join(parts) + "  \n_Each row is one tier; the dashed line is its budget when it is in view._"
 
 
@@ -187,7 +188,7 @@ class ChatTab:
 
     def residency(self) -> tuple[Any, str]:
         snap = self.coe.tiers.snapshot()
-        return plots.residency_figure(snap), residency_summary(snap)
+        return plots.residency_figure(snap), residency_summary(snap, self.coe.catalog.remote_ids())
 
     def start_turn(self, prompt: str, session: ChatSession | None) -> tuple[Any, ...]:
         session = session or self.new_session()

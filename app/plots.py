@@ -25,6 +25,7 @@ from app.theme import (
     color_of,
     tier_pair_color,
 )
+from coe_core.tiers.snapshot import TierSnapshot
 
 GB = 1e9
 
@@ -38,9 +39,14 @@ def gb(n: float) -> str:
     return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{int(n)} B"
 
 
+#: The one unit the UI shows active parameters in: millions, written "M params" (1.7B is "1,700M params"), on
+#: the Mapping tab's slider, the frontier's x axis and in every sentence. Bytes are shown with ``gb``.
+PARAMS_UNIT = 1e6
+
+
 def params_m(n: float) -> str:
-    """Parameter count as millions/billions with its unit."""
-    return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.0f}M params"
+    """Active parameters in the UI's unit: ``135M params``."""
+    return f"{n / PARAMS_UNIT:,.0f}M params"
 
 
 def _layout(fig: go.Figure, height: int, **kwargs: Any) -> go.Figure:
@@ -89,17 +95,13 @@ def probabilities_figure(probabilities: Mapping[str, float], colors: Mapping[str
     return _layout(fig, HEIGHT_SMALL + 20, title={"text": title, "font": {"size": 13}}, showlegend=False)
 
 
-def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
+def residency_figure(snapshot: TierSnapshot) -> go.Figure:
     """Bytes of every expert in each tier (gpu, cpu, disk): one stacked bar per tier, the tier budget as a line.
 
-    ``snapshot`` is ``TierManager.snapshot()``: {"tiers": {name: {exists, budget, used, ...}},
-    "experts": {id: {"tiers": {tier: bytes}, "state", "pinned", ...}}, "exec_tier"}.
     A tier that does not exist on this machine gets a thin row marked absent. Each row is scaled to what it
     holds, so small experts stay readable; a budget far beyond that is written at the row's end instead.
     """
-    tiers = snapshot.get("tiers", {})
-    experts = snapshot.get("experts", {})
-    exec_tier = snapshot.get("exec_tier", "cpu")
+    tiers, experts, exec_tier = snapshot.tiers, snapshot.experts, snapshot.exec_tier
     names = [t for t in TIER_ORDER if t in tiers]
     if not names:
         return empty_figure("no tier information")
@@ -107,29 +109,29 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
     for t in names:
         info = tiers[t]
         role = "executes" if t == exec_tier else ("staging" if t == "cpu" else "capacity")
-        if not info.get("exists", True):
-            why = str(info.get("budget_source") or "not detected").removeprefix("absent: ")
+        if not info.exists:
+            why = (info.budget_source or "not detected").removeprefix("absent: ")
             titles.append(f"<b>{t}</b> — absent on this machine ({why})")
             heights.append(0.12)
         else:
-            titles.append(f"<b>{t}</b> ({role}): {gb(info.get('used', 0))} used of {gb(info.get('budget', 0))}")
+            titles.append(f"<b>{t}</b> ({role}): {gb(info.used_bytes)} used of {gb(info.budget_bytes)}")
             heights.append(1.0)
     fig = make_subplots(rows=len(names), cols=1, subplot_titles=titles, vertical_spacing=0.2,
                         row_heights=heights)
     for row, t in enumerate(names, start=1):
         info = tiers[t]
-        if not info.get("exists", True):
+        if not info.exists:
             fig.update_xaxes(visible=False, row=row, col=1)
             fig.update_yaxes(visible=False, row=row, col=1)
             continue
         total = 0.0
         for eid, e in experts.items():
-            nbytes = float(e.get("tiers", {}).get(t, 0) or 0)
+            nbytes = float(e.bytes_by_tier.get(t, 0))
             if nbytes <= 0:
                 continue
             total += nbytes
-            busy = e.get("pinned", 0) > 0 and t == exec_tier
-            loading = e.get("state") == "loading"
+            busy = e.pinned > 0 and t == exec_tier
+            loading = e.state == "loading"
             fig.add_trace(go.Bar(
                 x=[nbytes / GB], y=[t], orientation="h", name=eid,
                 marker={"color": TIER_COLORS.get(t, UNKNOWN_COLOR),
@@ -137,9 +139,9 @@ def residency_figure(snapshot: Mapping[str, Any]) -> go.Figure:
                         "pattern": {"shape": "/" if loading else ""}},
                 text=[f"{eid}{' ▶' if busy else ''} {gb(nbytes)}"], textposition="inside",
                 insidetextanchor="middle", textfont={"color": "white"},
-                hovertemplate=f"{eid} in {t}: {gb(nbytes)} (state {e.get('state')})<extra></extra>",
+                hovertemplate=f"{eid} in {t}: {gb(nbytes)} (state {e.state})<extra></extra>",
             ), row=row, col=1)
-        budget = float(info.get("budget") or 0)
+        budget = float(info.budget_bytes)
         span = max(total * 1.3, 0.25 * GB)
         if 0 < budget <= span * 1.5:
             span = max(span, budget * 1.05)
@@ -310,19 +312,19 @@ def reliability_figure(table: Sequence[Mapping[str, Any]], ece: float | None) ->
 def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[str, float] | None = None,
                     preview: Mapping[str, float] | None = None, singles: Sequence[Mapping[str, Any]] = (),
                     budget: float | None = None) -> go.Figure:
-    """Pareto frontier of mappings: expected score vs average active parameters (millions)."""
+    """Pareto frontier of mappings: expected score vs average active parameters (in ``PARAMS_UNIT``)."""
     if not frontier and not singles:
         return empty_figure("no score table: run `coe eval-experts` to measure the experts", HEIGHT)
     fig = go.Figure()
     if frontier:
         pts = sorted(frontier, key=lambda p: p["avg_active_params"])
         fig.add_trace(go.Scatter(
-            x=[p["avg_active_params"] / 1e6 for p in pts], y=[p["expected_score"] for p in pts],
+            x=[p["avg_active_params"] / PARAMS_UNIT for p in pts], y=[p["expected_score"] for p in pts],
             mode="lines+markers", name="Pareto frontier", line={"color": "#2F6FDE", "shape": "hv", "width": 2},
             marker={"size": 8}, hovertemplate="%{x:.0f}M params → score %{y:.3f}<extra>frontier</extra>"))
     for s in singles:
         fig.add_trace(go.Scatter(
-            x=[s["avg_active_params"] / 1e6], y=[s["expected_score"]], mode="markers+text",
+            x=[s["avg_active_params"] / PARAMS_UNIT], y=[s["expected_score"]], mode="markers+text",
             name=f"only {s['expert']}", text=[s["expert"]], textposition="top center", cliponaxis=False,
             marker={"size": 11, "symbol": "diamond", "color": "#9CA3AF", "line": {"color": "#374151", "width": 1}},
             hovertemplate=f"every category → {s['expert']}: " + "%{x:.0f}M params, score %{y:.3f}<extra></extra>"))
@@ -331,20 +333,20 @@ def frontier_figure(frontier: Sequence[Mapping[str, Any]], *, current: Mapping[s
         abs(preview["expected_score"] - current["expected_score"]) < 1e-9
     if preview is not None and not same:
         fig.add_trace(go.Scatter(
-            x=[preview["avg_active_params"] / 1e6], y=[preview["expected_score"]], mode="markers",
+            x=[preview["avg_active_params"] / PARAMS_UNIT], y=[preview["expected_score"]], mode="markers",
             name="with the new budget", marker={"size": 16, "symbol": "star-open", "color": "#DC2626",
                                                 "line": {"width": 2}},
             hovertemplate="new budget: %{x:.0f}M params, score %{y:.3f}<extra></extra>"))
     if current is not None:
         fig.add_trace(go.Scatter(
-            x=[current["avg_active_params"] / 1e6], y=[current["expected_score"]], mode="markers",
+            x=[current["avg_active_params"] / PARAMS_UNIT], y=[current["expected_score"]], mode="markers",
             name="current mapping", marker={"size": 18, "symbol": "star", "color": "#F59E0B",
                                             "line": {"color": "#111827", "width": 1.5}},
             hovertemplate="current: %{x:.0f}M params, score %{y:.3f}<extra></extra>"))
     if budget is not None:
-        fig.add_vline(x=budget / 1e6, line={"color": "#DC2626", "dash": "dot", "width": 1.5},
-                      annotation_text=f"budget {budget / 1e6:.0f}M", annotation_position="top left")
-    fig.update_xaxes(title_text="average active parameters per prompt (millions)")
+        fig.add_vline(x=budget / PARAMS_UNIT, line={"color": "#DC2626", "dash": "dot", "width": 1.5},
+                      annotation_text=f"budget {params_m(budget)}", annotation_position="top left")
+    fig.update_xaxes(title_text="average active parameters per prompt (M params)")
     fig.update_yaxes(title_text="expected score (traffic-weighted)")
     return _layout(fig, HEIGHT_LARGE - 40, legend={"orientation": "h", "y": -0.22},
                    title={"text": "Expected score vs cost: the Pareto frontier of mappings", "font": {"size": 13}})

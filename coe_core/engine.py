@@ -32,6 +32,7 @@ from coe_core.events import (
     TurnDone,
     TurnStats,
 )
+from coe_core.experts.catalog import ExpertCatalog
 from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.remote import RemoteExpert
 from coe_core.hf_spaces import on_zero_gpu
@@ -125,6 +126,8 @@ class CoE:
         #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
         self.zero_gpu = on_zero_gpu()
         self.tiers = TierManager(self.config, gpu=False if self.zero_gpu and gpu is None else gpu, progress=progress)
+        #: every expert, local and remote, with its availability; ``tiers`` holds the local ones' residency
+        self.catalog = ExpertCatalog(self.config, self.tiers)
         self.store: Store | None = None
         self.turn_logger = None
         if store == "auto":
@@ -171,15 +174,16 @@ class CoE:
 
     # -- experts -----------------------------------------------------------------------------------
     def available_experts(self) -> set[str]:
-        """The ids of the experts that can serve (not marked unavailable: weights failed, runtime missing, ...)."""
-        return {e for e, slot in self.tiers.slots.items() if slot.unavailable is None}
+        """The ids of the experts a turn may be routed to (``ExpertCatalog.available``: not marked unavailable:
+        weights failed, runtime missing, ...)."""
+        return self.catalog.available()
 
     def swap_cost_s(self, expert_id: str) -> float:
         """0 when the expert runs without a swap (resident on the execution tier, remote, unknown), else the
         estimated seconds to make it resident: its bytes at the mean GB/s of the tiers' recent swaps (1 GB/s
         before any). The scheduler orders waiting turns by it. Never raises: an unknown id costs 0."""
         slot = self.tiers.slots.get(expert_id)
-        if slot is None or slot.remote is not None or slot.unavailable is not None:
+        if slot is None or slot.unavailable is not None:  # a remote expert has no slot
             return 0.0
         if slot.placement in (self.tiers.exec_tier, "split"):
             return 0.0
@@ -198,39 +202,45 @@ class CoE:
 
     def expert_params(self) -> dict[str, int]:
         """Active parameters per materialised expert (from the disk tier manifests)."""
-        return {e: slot.params for e, slot in self.tiers.slots.items() if slot.disk}
+        return self.catalog.params()
 
     def experts_info(self) -> dict:
-        """The ``coe experts --json`` shape: ``{"experts": [{id, source, params, bytes, state, tiers, available,
-        reason, runtime, ...}], "tiers": {name: {exists, budget, used, free, budget_source}}, "exec_tier",
-        "profile"}``. Loads nothing."""
+        """The ``coe experts --json`` shape: ``{"experts": [...], "tiers": {name: {exists, budget, used, free,
+        budget_source}}, "exec_tier", "profile"}``: every expert of the catalog (a local one with its residency
+        (source, params, bytes, state, tiers, available, reason, runtime), a remote one with its endpoint's
+        health). Loads nothing."""
         snap = self.tiers.snapshot()
         experts = []
         for eid, cfg in self.config.experts.items():
-            info = snap["experts"][eid]
-            experts.append({
-                "id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
-                "params": info["params"] or None, "bytes": info["bytes"] or None, "dtype": info["dtype"],
-                "state": info["state"], "tiers": info["tiers"], "available": info["available"],
-                "reason": info["reason"] or (None if info["bytes"] or cfg.is_remote
-                                             else "not materialised yet (first use does it)"),
-                "generalist": cfg.generalist, "runtime": info["runtime"],
-                **({"runtime_note": info["runtime_note"]} if info["runtime_note"] else {}),
-                **({"remote": info["remote"]} if "remote" in info else {}),
-            })
-        tiers = {name: {k: t[k] for k in ("exists", "budget", "used", "free", "budget_source")}
-                 for name, t in snap["tiers"].items()}
-        return {"experts": experts, "tiers": tiers, "exec_tier": snap["exec_tier"], "profile": self.config.profile}
+            entry = {"id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
+                     "generalist": cfg.generalist}
+            if self.catalog.remote(eid) is not None:  # no weights and no tiers here
+                entry.update(params=None, bytes=None, dtype=None, state="remote",
+                             tiers={"gpu": 0, "cpu": 0, "disk": 0}, available=True, reason=None, runtime=None,
+                             remote=self.catalog.remote_info(eid))
+                experts.append(entry)
+                continue
+            info = snap.experts[eid]
+            entry.update(params=info.params or None, bytes=info.bytes or None, dtype=info.dtype,
+                         state=info.state, tiers=info.bytes_by_tier, available=info.available,
+                         reason=info.unavailable or (None if info.bytes
+                                                     else "not materialised yet (first use does it)"),
+                         runtime=info.runtime, **({"runtime_note": info.runtime_note} if info.runtime_note else {}))
+            experts.append(entry)
+        tiers = {name: {"exists": t.exists, "budget": t.budget_bytes, "used": t.used_bytes, "free": t.free_bytes,
+                        "budget_source": t.budget_source} for name, t in snap.tiers.items()}
+        return {"experts": experts, "tiers": tiers, "exec_tier": snap.exec_tier, "profile": self.config.profile}
 
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
         """Materialise and verify ``experts`` (None: all of the profile) and warm the router up (the first start
         of the app). Returns expert -> None when ready, else why not; an expert that fails is marked unavailable
         rather than raising. Errors of the router's warm-up (e.g. its training data missing) propagate."""
-        problems = self.tiers.prepare(experts)
+        problems = self.catalog.prepare(experts)
         if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
             from coe_core.experts.zero_gpu import stage_for_gpu_calls
 
-            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items() if problem is None])
+            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items()
+                                             if problem is None and self.catalog.remote(e) is None])
         if self.routing is not None:
             self.routing.warm_up()
         return problems
@@ -243,12 +253,7 @@ class CoE:
             router_state = "none"
         else:
             router_state = "loaded" if self.routing.router_loaded() else "not loaded"
-        unavailable = {e: slot.unavailable for e, slot in self.tiers.slots.items() if slot.unavailable}
-        for e in self.available_experts():
-            remote = self.tiers.remote(e)
-            down = remote.down_reason() if remote is not None else None
-            if down:
-                unavailable[e] = f"remote endpoint down: {down}"
+        unavailable = self.catalog.problems()  # a remote expert whose endpoint failed lately is not ready either
         available = sorted(self.available_experts() - set(unavailable))
         return Readiness(ready=router_state != "not loaded" and bool(available), router_state=router_state,
                          available_experts=available, unavailable=unavailable)
@@ -392,13 +397,13 @@ class CoE:
         """``ready()`` is called once the expert that serves is resident (the queue may then start others)."""
         expert = decision.expert
         if expert not in self.available_experts():
-            replacement = self._stand_in(expert, decision.category,
-                                         f"{expert} is unavailable ({self.tiers.slots[expert].unavailable})")
-            yield Notice(f"{expert} is unavailable ({self.tiers.slots[expert].unavailable}); "
+            problem = self.catalog.problem(expert)
+            replacement = self._stand_in(expert, decision.category, f"{expert} is unavailable ({problem})")
+            yield Notice(f"{expert} is unavailable ({problem}); "
                          f"{replacement} serves this turn instead.", kind="warning", expert=replacement)
             params = self._restop(params, expert, replacement)
             expert = stats.expert = replacement
-        remote = self.tiers.remote(expert)
+        remote = self.catalog.remote(expert)
         if remote is not None:
             ready()
             try:
@@ -501,7 +506,7 @@ class CoE:
         """Who serves when ``expert`` cannot: the best available expert for ``category`` (highest score in the
         score table; ties and experts without scores in the order default, generalists, the rest)."""
         candidates = [e for e in self.available_experts()
-                      if e != expert and not (local_only and self.tiers.remote(e) is not None)]
+                      if e != expert and not (local_only and self.catalog.remote(e) is not None)]
         if not candidates:
             where = "local expert" if local_only else "other expert"
             raise ExpertUnavailable(f"{problem}; no {where} is available to stand in")
@@ -525,7 +530,7 @@ class CoE:
         router's close runner-up for this prompt (a guess at the conversation's next turn)."""
         upcoming = self.scheduler.upcoming_expert()
         if upcoming and upcoming != serving and upcoming in self.available_experts():
-            if self.tiers.remote(upcoming) is None:
+            if self.catalog.remote(upcoming) is None:
                 self.tiers.prefetch(upcoming, evict=False)
             return
         if self.routing is None or decision.override:
@@ -560,7 +565,7 @@ class CoE:
         stats.total_s = time.perf_counter() - start
         gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
         stats.tokens_per_s = (stats.new_tokens - 1) / gen_s if stats.new_tokens > 1 and gen_s > 0 else 0.0
-        stats.tiers = {e: info["state"] for e, info in self.tiers.snapshot()["experts"].items()}
+        stats.tiers = self.catalog.states()
         if self.turn_logger is None:
             return
         from coe_core.store.records import TurnRecord
@@ -616,6 +621,7 @@ class CoE:
         if self._closed:
             return
         self._closed = True
+        self.catalog.close()
         self.tiers.close()
         if self.turn_logger is not None:
             self.turn_logger.close()

@@ -11,6 +11,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+#: Why a turn went to its expert: ``mapped`` (the optimiser's mapping), ``fallback`` (the router was unsure:
+#: the fallback category's expert), ``override-category`` / ``override-expert`` (the user forced one),
+#: ``mapping-override`` (``mapping.overrides`` in spaces.yaml), ``default`` (no router: the default expert),
+#: ``remote-fallback`` (set during the turn: its remote expert did not answer and a local one stood in).
+RouteReason = Literal["mapped", "fallback", "override-category", "override-expert", "mapping-override", "default",
+                      "remote-fallback"]
+
 
 @dataclass
 class RouteDecision:
@@ -18,8 +25,7 @@ class RouteDecision:
 
     category: str
     expert: str
-    #: mapped | fallback | override-category | override-expert | default (no router yet)
-    reason: str
+    reason: RouteReason
     probabilities: dict[str, float] = field(default_factory=dict)
     confidence: float = 1.0
     fallback: bool = False

@@ -85,7 +85,7 @@ def main() -> int:
 
     def lru():
         budget = max(tiers.slots[e].bytes for e in experts) + 1
-        tiers.tiers["gpu"].budget = budget
+        tiers.tiers["gpu"].budget_bytes = budget
         for e in experts:
             with tiers.acquire(e):
                 pass
@@ -96,7 +96,7 @@ def main() -> int:
     check("gpu LRU with a one-expert budget", lru)
 
     def bandwidth():
-        tiers.tiers["gpu"].budget = 10**12
+        tiers.tiers["gpu"].budget_bytes = 10**12
         return cpu_to_gpu(tiers, experts[-1], repeats=5)
 
     check("cpu -> gpu bandwidth vs pinned copy", bandwidth)
@@ -114,13 +114,13 @@ def main() -> int:
         for e in experts:
             tiers.evict(e, "cpu")
         target = experts[-1]
-        tiers.tiers["gpu"].budget = tiers.slots[target].bytes // 2
+        tiers.tiers["gpu"].budget_bytes = tiers.slots[target].bytes // 2
         with tiers.acquire(target) as lease:
             out = lease.model(torch.tensor([[1, 2, 3]], device="cuda")).logits
             assert out.isfinite().all()
-        info = tiers.snapshot()["experts"][target]
-        assert info["state"] == "split", info
-        return info["tiers"]
+        info = tiers.snapshot().experts[target]
+        assert info.state == "split", info
+        return info.bytes_by_tier
 
     check("split across gpu/cpu with accelerate", split)
     coe.close()

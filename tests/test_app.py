@@ -18,9 +18,10 @@ from app import plots
 from app.admin import AdminGate
 from app.chat_messages import connection_message, engine_messages, routing_message, swap_message, text_of
 from app.explorer_tab import parse_prompts
-from app.mapping_tab import point_for_budget, single_expert_points
+from app.mapping_tab import point_for_budget, shown_path, single_expert_points
 from app.theme import FALLBACK_COLOR, TIER_COLORS, category_colors
 from coe_core.events import RemoteConnect, RouteDecision, SwapEvent
+from coe_core.tiers.snapshot import ExpertResidency, TierSnapshot, TierUsage
 
 CATS = ["coding", "math", "writing"]
 COLORS = category_colors(CATS, "general")
@@ -56,15 +57,16 @@ def test_probability_plot_without_probabilities_says_why():
     assert not fig.data and "send a prompt" in annotations_text(fig)
 
 
-SNAPSHOT = {
-    "exec_tier": "cpu",
-    "tiers": {"gpu": {"exists": False, "budget": 0, "used": 0, "budget_source": "absent: no CUDA device"},
-              "cpu": {"exists": True, "budget": 2_000_000_000, "used": 1_500_000_000},
-              "disk": {"exists": True, "budget": 40_000_000_000, "used": 2_000_000_000}},
-    "experts": {"small": {"state": "cpu", "pinned": 1, "tiers": {"gpu": 0, "cpu": 500_000_000, "disk": 500_000_000}},
-                "big": {"state": "cpu", "pinned": 0, "tiers": {"gpu": 0, "cpu": 1_000_000_000,
-                                                               "disk": 1_500_000_000}}},
-}
+SNAPSHOT = TierSnapshot(
+    exec_tier="cpu",
+    tiers={"gpu": TierUsage("gpu", False, 0, 0, "absent: no CUDA device"),
+           "cpu": TierUsage("cpu", True, 2_000_000_000, 1_500_000_000, "spaces.yaml"),
+           "disk": TierUsage("disk", True, 40_000_000_000, 2_000_000_000, "spaces.yaml")},
+    experts={"small": ExpertResidency("cpu", {"gpu": 0, "cpu": 500_000_000, "disk": 500_000_000}, 500_000_000, 0,
+                                      "float32", "transformers", pinned=1),
+             "big": ExpertResidency("cpu", {"gpu": 0, "cpu": 1_000_000_000, "disk": 1_500_000_000}, 1_000_000_000, 0,
+                                    "float32", "transformers", pinned=0)},
+)
 
 
 def test_residency_plot_stacks_experts_per_tier_marks_absent_tiers_and_the_generating_expert():
@@ -206,6 +208,15 @@ def test_routing_message_says_category_probability_expert_and_why_with_swaps_as_
     child = swap_message(SwapEvent("small", "disk", "cpu", 2_000_000_000, 2.0), "route-1")
     assert child["metadata"]["parent_id"] == "route-1"
     assert "disk → cpu, 2.00 GB in 2.00 s (1.00 GB/s)" in child["metadata"]["title"]
+
+
+def test_the_mapping_tab_shows_the_score_table_path_without_the_machines_folders(tmp_path):
+    project, data = tmp_path / "project", tmp_path / "project" / ".coe-data"
+    roots = {"project": project, "data_dir": data}
+    assert shown_path(project / "assets/scores/offline.json", **roots) == "assets/scores/offline.json"
+    assert shown_path(data / "scores/offline.json", **roots) == "<data dir>/scores/offline.json"
+    assert shown_path("/srv/elsewhere/cluster.json", **roots) == "…/cluster.json"
+    assert shown_path(None, **roots) == "none"
 
 
 def test_budget_picks_the_best_affordable_frontier_point_and_single_experts_are_weighted_by_traffic():

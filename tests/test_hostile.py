@@ -52,7 +52,7 @@ def test_too_many_messages_is_refused_before_any_model_work(tiny_sources, tmp_pa
     with pytest.raises(PromptTooLong, match="limits.max_messages"):
         next(coe.chat(messages))
     assert time.perf_counter() - start < 1.0
-    assert coe.tiers.snapshot()["experts"]["small"]["state"] in ("disk", "absent", "not materialised")
+    assert coe.tiers.snapshot().experts["small"].state in ("disk", "absent", "not materialised")
     coe.close()
 
 
@@ -166,7 +166,7 @@ def test_feedback_is_rate_limited_per_session(tiny_sources, tmp_path):
 def test_a_sha256_mismatch_says_in_one_log_line_which_file_and_what_is_done(tiny_config, caplog):
     import logging
 
-    from coe_core.experts.materialize import WEIGHTS_FILE
+    from coe_core.experts.weights import WEIGHTS_FILE
     from coe_core.tiers.manager import TierManager
 
     config = tiny_config()

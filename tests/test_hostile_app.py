@@ -58,7 +58,7 @@ def gated(app_server):  # noqa: F811
 def _system_state(coe) -> dict:
     routing = coe.routing
     return {"active": routing.active_version()["id"], "threshold": routing.active_version().get("threshold"),
-            "budget": routing.budget, "versions": len(routing.list_versions()),
+            "budget": routing.active_params_budget, "versions": len(routing.list_versions()),
             "pending": coe.store.pending_count(), "accepted": coe.store.stats()["feedback"]}
 
 

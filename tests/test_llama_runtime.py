@@ -92,8 +92,8 @@ def test_cpu_tier_budget_counts_the_kv_cache(tmp_path):
         assert slot.n_ctx == 4096 and slot.kv_bytes == 4096 * slot.disk.manifest["kv_bytes_per_token"] > 80e6
         with coe.tiers.acquire("a"):
             pass
-        cpu = coe.tiers.snapshot()["tiers"]["cpu"]
-        assert cpu["used"] == file_bytes + slot.kv_bytes  # weights + KV cache
+        cpu = coe.tiers.snapshot().tiers["cpu"]
+        assert cpu.used_bytes == file_bytes + slot.kv_bytes  # weights + KV cache
         info = {e["id"]: e for e in coe.experts_info()["experts"]}
         assert info["a"]["tiers"]["cpu"] == file_bytes + slot.kv_bytes and info["a"]["runtime"] == "llama_cpp"
         # the weights of both would fit the budget, weights + KV caches do not: b's load evicts a

@@ -192,7 +192,7 @@ def test_only_remote_and_down_is_a_clear_503(tiny_sources, tmp_path, monkeypatch
     coe = remote_coe(tiny_sources, tmp_path, closed_port_url(), local=False, timeout_s=1)
     try:
         with pytest.raises(RemoteExpertError):
-            coe.tiers.remote("edge").open(HELLO, GenerationParams(max_new_tokens=4))
+            coe.catalog.remote("edge").open(HELLO, GenerationParams(max_new_tokens=4))
         with ServerThread(build_server(coe)) as url:
             response = httpx.post(f"{url}/v1/chat/completions", json={"model": "coe", "messages": HELLO}, timeout=30)
             assert response.status_code == 503

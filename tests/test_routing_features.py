@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing.evaluation import evaluate_proba, reliability, slices_of
 from coe_core.routing.features import FeatureSet, Resources, shape_features
 from coe_core.routing.model import fit_temperature, scale_temperature
-from coe_core.routing.training import LabelledPrompt, load_labelled_jsonl
+from coe_core.routing.training import load_labelled_jsonl
 
 
 @pytest.fixture(scope="module")

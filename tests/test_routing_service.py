@@ -16,10 +16,11 @@ import yaml
 
 from coe_core.config import PACKAGE_ROOT, config_from_dict
 from coe_core.errors import InvalidRequest
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing.artifact import RouterArtifactError, check_compatible, read_active
 from coe_core.routing.embedder import get_embedder
 from coe_core.routing.service import RouterUnavailableError, RoutingService
-from coe_core.routing.training import LabelledPrompt, is_heldout
+from coe_core.routing.training import is_heldout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -193,11 +194,11 @@ def test_overrides_are_honoured_and_validated(trained):
 
 def test_mapping_budget_and_runner_up(trained):
     _, service, _ = trained
-    unlimited = service.set_budget(None)
+    unlimited = service.set_active_params_budget(None)
     assert unlimited.assignment["code"] == "gemma3-270m"
-    tight = service.set_budget("140M")
+    tight = service.set_active_params_budget("140M")
     assert set(tight.assignment.values()) == {"smollm2-135m"} and tight.avg_active_params <= 140e6
-    service.set_budget(None)
+    service.set_active_params_budget(None)
     points = service.frontier()
     assert points[0]["expected_score"] == pytest.approx(unlimited.expected_score)
     close = service.decide(_ask("Write a Python function"))
@@ -348,15 +349,16 @@ def test_a_budget_applied_in_the_app_survives_a_restart(tmp_path, monkeypatch):
     monkeypatch.delenv("COE_MAPPING_BUDGET", raising=False)
     config = _config(tmp_path)
     service = RoutingService(config, progress=lambda msg: None)
-    service.set_budget("140M", persist=True)  # the app's "Apply mapping"
-    assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000
-    service.set_budget("200M")  # a what-if (coe mapping --budget) is not kept
-    assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000
+    service.set_active_params_budget("140M", persist=True)  # the app's "Apply mapping"
+    assert RoutingService(config, progress=lambda msg: None).active_params_budget == 140_000_000
+    service.set_active_params_budget("200M")  # a what-if (coe mapping --budget) is not kept
+    assert RoutingService(config, progress=lambda msg: None).active_params_budget == 140_000_000
     monkeypatch.setenv("COE_MAPPING_BUDGET", "1B")  # set by the operator: the environment wins again
-    assert RoutingService(config, progress=lambda msg: None).budget == 140_000_000  # (this config ignored env)
+    # (this config ignored env)
+    assert RoutingService(config, progress=lambda msg: None).active_params_budget == 140_000_000
     from_env = config_from_dict(yaml.safe_load(config.model_dump_json()) | {"from_env": []}, env=True)
     assert from_env.from_env == ["mapping.budget"]
-    assert RoutingService(from_env, progress=lambda msg: None).budget == 1_000_000_000
+    assert RoutingService(from_env, progress=lambda msg: None).active_params_budget == 1_000_000_000
 
 
 def test_missing_feature_resources_route_to_the_default_expert_with_the_reason(tmp_path):

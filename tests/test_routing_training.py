@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from coe_core.errors import InvalidRequest
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing.calibration import pick_threshold, threshold_effect
 from coe_core.routing.classifier import confidence
 from coe_core.routing.expert_eval import eval_experts, load_eval_sets, normalise
 from coe_core.routing.metrics import classification_metrics
 from coe_core.routing.text import routed_text
 from coe_core.routing.training import (
-    LabelledPrompt,
     dedupe,
     group_of,
     is_heldout,

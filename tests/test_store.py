@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from coe_core.events import RouteDecision, SwapEvent, TurnStats
 from coe_core.store import SchemaVersionError, Store, StoreError, TurnLogger, TurnNotLoggedError, TurnRecord
-from coe_core.store.migrations import SCHEMA_VERSION
+from coe_core.store.migrations import SCHEMA_VERSION, V1_STATUS_CHECK, replace_status_check
 from coe_core.store.models import STATUS_CHECK, Base
 from coe_core.store.queries import labelled_prompts
 
@@ -352,18 +352,7 @@ def _make_v1_database(url: str) -> None:
         conn.execute(text("ALTER TABLE interactions DROP COLUMN queue_s"))
         conn.execute(text("ALTER TABLE feedback DROP COLUMN review"))
         conn.execute(text("ALTER TABLE feedback DROP COLUMN author"))
-        old_check = "status IN ('ok', 'cancelled', 'error')"
-        if conn.dialect.name == "sqlite":  # the v1 CHECK constraint (running/interrupted came with v3)
-            sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'interactions'").scalar()
-            version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
-            conn.exec_driver_sql("PRAGMA writable_schema = ON")
-            conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE name = 'interactions'",
-                                 (sql.replace(STATUS_CHECK, old_check),))
-            conn.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
-            conn.exec_driver_sql("PRAGMA writable_schema = OFF")
-        else:
-            conn.execute(text("ALTER TABLE interactions DROP CONSTRAINT ck_interactions_status"))
-            conn.execute(text(f"ALTER TABLE interactions ADD CONSTRAINT ck_interactions_status CHECK ({old_check})"))
+        replace_status_check(conn, STATUS_CHECK, V1_STATUS_CHECK)
         conn.execute(text("UPDATE schema_info SET version = 1"))
     engine.dispose()
 

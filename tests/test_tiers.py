@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coe_core.errors import ExpertUnavailable, TierBusy
-from coe_core.experts.materialize import MANIFEST_FILE, WEIGHTS_FILE
+from coe_core.experts.weights import MANIFEST_FILE, WEIGHTS_FILE
 from coe_core.tiers.manager import TierManager
 
 
@@ -68,8 +68,8 @@ def test_lru_eviction_is_size_aware_and_records_who_was_evicted(tiny_config):
     with tiers.acquire("large") as lease:
         assert set(lease.events[0].evicted) == {"small", "plain"}
     snap = tiers.snapshot()
-    assert snap["tiers"]["cpu"]["used"] <= budget
-    assert any(e["trigger"] == "eviction" and e["src"] == "cpu" for e in snap["recent_swaps"])
+    assert snap.tiers["cpu"].used_bytes <= budget
+    assert any(e.trigger == "eviction" and e.src == "cpu" for e in snap.recent_swaps)
 
 
 def test_pinned_expert_is_never_evicted_while_generating(tiny_config):
@@ -149,7 +149,7 @@ def test_expert_larger_than_the_execution_tier_runs_split(tiny_config):
         assert tiers.state("large") == "split"
         out = lease.model(torch.tensor([[1, 2, 3]])).logits
         assert out.shape[:2] == (1, 3) and torch.isfinite(out).all()
-    residency = tiers.snapshot()["experts"]["large"]["tiers"]
+    residency = tiers.snapshot().experts["large"].bytes_by_tier
     assert 0 < residency["cpu"] <= probe["large"] * 0.7 and residency["disk"] > 0
     assert lease.events[0].dst.startswith("split(")
 
@@ -182,7 +182,7 @@ def test_missing_weights_and_missing_source_mark_only_that_expert_unavailable(ti
         with pytest.raises(ExpertUnavailable, match="plain|missing|config.json"), fresh.acquire("plain"):
             pass
         assert fresh.state("plain") == "unavailable"
-        assert "missing" in fresh.snapshot()["experts"]["plain"]["reason"]
+        assert "missing" in fresh.snapshot().experts["plain"].unavailable
         with fresh.acquire("small") as lease:  # the others keep serving
             assert lease.model is not None
     finally:
@@ -192,14 +192,14 @@ def test_missing_weights_and_missing_source_mark_only_that_expert_unavailable(ti
 def test_snapshot_reports_tiers_and_states(tiny_config):
     tiers = manager(tiny_config())
     snap = tiers.snapshot()
-    assert snap["exec_tier"] == "cpu"
-    assert snap["tiers"]["gpu"]["exists"] is False
-    assert snap["tiers"]["cpu"]["budget"] > 0 and snap["tiers"]["disk"]["exists"]
-    assert set(snap["experts"]) == {"small", "medium", "large", "plain"}
+    assert snap.exec_tier == "cpu"
+    assert snap.tiers["gpu"].exists is False
+    assert snap.tiers["cpu"].budget_bytes > 0 and snap.tiers["disk"].exists
+    assert set(snap.experts) == {"small", "medium", "large", "plain"}
     with tiers.acquire("small"):
-        inside = tiers.snapshot()["experts"]["small"]
-        assert inside["state"] == "cpu" and inside["pinned"] == 1
-        assert inside["tiers"]["cpu"] == inside["bytes"] > 0
+        inside = tiers.snapshot().experts["small"]
+        assert inside.state == "cpu" and inside.pinned == 1
+        assert inside.bytes_by_tier["cpu"] == inside.bytes > 0
 
 
 def test_evict_frees_the_cpu_copy_but_keeps_disk(tiny_config):
@@ -207,8 +207,8 @@ def test_evict_frees_the_cpu_copy_but_keeps_disk(tiny_config):
     with tiers.acquire("small"):
         pass
     tiers.evict("small")
-    info = tiers.snapshot()["experts"]["small"]
-    assert info["state"] == "disk" and info["tiers"]["cpu"] == 0 and info["tiers"]["disk"] > 0
+    info = tiers.snapshot().experts["small"]
+    assert info.state == "disk" and info.bytes_by_tier["cpu"] == 0 and info.bytes_by_tier["disk"] > 0
     assert all(p.device.type == "meta" for p in tiers.slots["small"].model.parameters())
     with tiers.acquire("small") as lease:  # and it comes back
         assert lease.events[0].src == "disk"
@@ -247,7 +247,7 @@ def test_swaps_under_a_tight_budget_reuse_pooled_buffers(tiny_config, monkeypatc
         with tiers.acquire(expert):
             pass
     assert len(allocations) == 1
-    assert tiers.snapshot()["tiers"]["cpu"]["used"] <= probe["small"] + 1000
+    assert tiers.snapshot().tiers["cpu"].used_bytes <= probe["small"] + 1000
 
 
 def test_a_turn_waiting_behind_a_prefetch_proceeds_when_the_prefetch_lands(tiny_config, monkeypatch):

@@ -31,11 +31,11 @@ from coe_core.engine import LABEL_KINDS, CoE, clean_text
 from coe_core.errors import CoEError
 
 
-def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = False
-                 ) -> APIRouter:
+def build_v1_routes(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = False
+                    ) -> APIRouter:
     """``identity``: the session id the API's turns are logged under and feedback must come from;
     ``trusted``: whether its likes and corrections train the router without an admin's review."""
-    router = APIRouter(prefix="/v1")
+    routes = APIRouter(prefix="/v1")  # FastAPI's name; "router" in this project is the category classifier
     started = int(time.time())
 
     def overrides(model: str, category: str | None) -> dict[str, str]:
@@ -58,7 +58,7 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value", param="messages") from None
 
-    @router.post("/chat/completions", response_model=None)
+    @routes.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """An answer from the routed (``model: coe``) or the named expert, streamed or whole."""
         forced = overrides(body.model, body.category)
@@ -91,7 +91,7 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
             return TurnStream(turn)
         return JSONResponse(turn.completion().model_dump(), headers=turn.headers())
 
-    @router.get("/models")
+    @routes.get("/models")
     async def models() -> ModelList:
         """``coe`` (routed) and every available expert, with its state and size."""
         info = await run_in_threadpool(coe.experts_info)
@@ -106,7 +106,7 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
                 **({"remote": e["remote"]} if "remote" in e else {})}))
         return ModelList(data=cards)
 
-    @router.post("/route")
+    @routes.post("/route")
     async def route(body: RouteRequest) -> dict[str, Any]:
         """The routing decision only (category, probabilities, confidence, expert and why); nothing runs."""
         forced = overrides(body.model, body.category)
@@ -123,7 +123,7 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
             raise api_error(exc) from None
         return {**decision.to_dict(), "expert_available": decision.expert in coe.available_experts()}
 
-    @router.post("/feedback")
+    @routes.post("/feedback")
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
         """Like, dislike, wrong_category (with ``corrected_category``) or retracted, on an interaction id."""
         if coe.store is None:
@@ -139,9 +139,9 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
                 "corrected_category": body.corrected_category,
                 "review": "accepted" if trusted or body.kind not in LABEL_KINDS else "pending"}
 
-    known = {route.path: route.methods for route in router.routes}
+    known = {route.path: route.methods for route in routes.routes}
 
-    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+    @routes.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                       include_in_schema=False)
     async def not_here(rest: str, request: Request) -> None:
         """Unknown /v1 paths and wrong methods in OpenAI's error shape (not the playground's "Not Found")."""
@@ -152,7 +152,7 @@ def build_router(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = F
                            headers={"Allow": ", ".join(sorted(methods))})
         raise APIError(404, f"no API route {request.url.path}: see /v1/docs", code="not_found")
 
-    return router
+    return routes
 
 
 async def _cancel_when_gone(request: Request, turn: ApiTurn, every_s: float = 0.5) -> None:

@@ -19,7 +19,7 @@ from starlette.background import BackgroundTask
 from coe_core.api import downloads
 from coe_core.api.errors import error_body, install_error_handlers
 from coe_core.api.guards import ApiGuard
-from coe_core.api.openai_api import build_router
+from coe_core.api.openai_api import build_v1_routes
 from coe_core.config import CoEConfig
 from coe_core.engine import CoE
 
@@ -37,7 +37,7 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     # who the API's callers are, for the log and feedback: the key's holders (trusted), or anonymous callers
     # of an open API, whose likes and corrections wait for an admin's review
     identity = "api:key" if api_key else "api:anonymous"
-    app.include_router(build_router(coe, identity=identity, trusted=api_key is not None))
+    app.include_router(build_v1_routes(coe, identity=identity, trusted=api_key is not None))
 
     @app.get(downloads.PREFIX + "{token}", include_in_schema=False)
     async def one_time_download(token: str) -> Any:

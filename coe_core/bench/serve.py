@@ -122,11 +122,11 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
             if not experts:
                 raise RuntimeError(f"no expert is available: {problems}")
             tier = coe.tiers.tiers[coe.tiers.exec_tier]
-            budget_note = f"configured ({tier.budget} bytes)"
+            budget_note = f"configured ({tier.budget_bytes} bytes)"
             if tight and len(experts) > 1:
                 sizes = [coe.tiers.slots[e].resident_bytes for e in experts]
-                tier.budget = max(sizes) + min(sizes) // 2
-                budget_note = f"tight: one expert at a time ({tier.budget} bytes)"
+                tier.budget_bytes = max(sizes) + min(sizes) // 2
+                budget_note = f"tight: one expert at a time ({tier.budget_bytes} bytes)"
             for expert in experts:  # the first turn of a process pays one-time costs (llama.cpp start-up): not counted
                 coe.run(PROMPTS[0], {"expert": expert}, max_new_tokens=2, temperature=0, session_id="warmup")
             serve = config.serve

@@ -26,7 +26,7 @@ import torch
 
 from coe_core.config import CoEConfig, config_from_dict
 from coe_core.events import SwapEvent
-from coe_core.experts.materialize import WEIGHTS_FILE
+from coe_core.experts.weights import MODULE_BUILD_LOCK, WEIGHTS_FILE
 from coe_core.tiers import loader
 from coe_core.tiers.manager import TierManager
 
@@ -118,11 +118,11 @@ def accelerate_offload_ttft(folder: Path, dtype: torch.dtype, input_ids: torch.T
     from accelerate import disk_offload
     from transformers import AutoModelForCausalLM
 
-    with loader.MODULE_BUILD_LOCK:
+    with MODULE_BUILD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     offload_dir = work / "accelerate-offload"
     shutil.rmtree(offload_dir, ignore_errors=True)
-    with loader.MODULE_BUILD_LOCK:
+    with MODULE_BUILD_LOCK:
         model = disk_offload(model, str(offload_dir), execution_device=torch.device("cpu"))
     drop_dir_cache(offload_dir)
     start = time.perf_counter()
@@ -186,7 +186,7 @@ def make_synthetic(folder: Path, target_bytes: int, tokenizer_from: Path) -> Pat
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=vocab,
                          tie_word_embeddings=False, max_position_embeddings=2048)
-    with loader.MODULE_BUILD_LOCK:
+    with MODULE_BUILD_LOCK:
         model = LlamaForCausalLM(config)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ def cmd_experts(args: argparse.Namespace, config: CoEConfig) -> int:
 
     coe = CoE(config, routing=None, store=None)
     if args.prepare:
-        coe.tiers.prepare()
+        coe.catalog.prepare()  # local experts materialised, remote endpoints checked
     info = coe.experts_info()
     if args.json:
         print_json(info)

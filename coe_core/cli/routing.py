@@ -253,14 +253,14 @@ def cmd_router_versions(args, config) -> int:
 # -- coe mapping -----------------------------------------------------------------------------------------
 def cmd_mapping(args, config) -> int:
     service, _ = _service(config, engine=not args.no_engine)
-    result = service.set_budget(args.budget) if args.budget else service.current_mapping()
+    result = service.set_active_params_budget(args.budget) if args.budget else service.current_mapping()
     points = service.frontier()
     out = {**result.to_dict(), "frontier": points}
     if args.json:
         print_json(out)
         return 0
     print(
-        f"budget {_fmt_params(result.budget) if result.budget else 'none'}: expected score "
+        f"budget {_fmt_params(result.active_params_budget) if result.active_params_budget else 'none'}: expected score "
         f"{result.expected_score:.4f}, average active params {_fmt_params(result.avg_active_params)}"
         f"{'' if result.feasible else '  (INFEASIBLE: see notes)'}"
     )

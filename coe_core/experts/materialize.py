@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,42 +28,24 @@ from tqdm.auto import tqdm
 from coe_core.config import ExpertConfig
 from coe_core.errors import ExpertUnavailable
 from coe_core.experts.sources import load_from_source, resolve_source
+from coe_core.experts.weights import (
+    GGUF_FILE,
+    MANIFEST_FILE,
+    MODULE_BUILD_LOCK,
+    WEIGHTS_FILE,
+    check_gguf_magic,
+    dtype_name,
+    safetensors_header,
+    sha256_file,
+)
 
-WEIGHTS_FILE = "model.safetensors"
-GGUF_FILE = "model.gguf"
 #: the disk-tier folder name of GGUF copies (beside the dtype folders of converted copies)
 GGUF_FOLDER = "gguf"
-MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def expert_folder(data_dir: Path, expert_id: str, dtype: torch.dtype) -> Path:
     return data_dir / "experts" / expert_id / dtype_name(dtype)
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def safetensors_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, header dict) of a safetensors file; raises ValueError if malformed."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError("file shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 << 20:
-            raise ValueError("safetensors header length is implausible")
-        header = json.loads(fh.read(length))
-    return 8 + length, header
 
 
 @dataclass
@@ -111,14 +92,6 @@ class DiskCopy:
         return None
 
 
-def check_gguf_magic(path: Path) -> None:
-    """Raise ValueError unless ``path`` starts like a GGUF file (magic and a known version)."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if len(head) != 8 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:])[0] not in (2, 3):
-        raise ValueError("not a GGUF file (bad magic or version)")
-
-
 def read_disk_copy(folder: Path, expert_id: str) -> DiskCopy | None:
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
@@ -146,8 +119,6 @@ def materialize(expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.
     resolved = resolve_source(cfg.source, data_dir / "sources", cfg.revision)
     steps.update()
     steps.set_postfix_str(f"load {resolved.description}")
-    from coe_core.tiers.loader import MODULE_BUILD_LOCK
-
     with MODULE_BUILD_LOCK:
         model, tokenizer = load_from_source(resolved, dtype)
     steps.update()

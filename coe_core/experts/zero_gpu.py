@@ -46,12 +46,10 @@ def register(expert: str, model: Any, tokenizer: Any) -> None:
 
 
 def stage_for_gpu_calls(tiers: Any, experts: list[str]) -> None:
-    """Load every local expert into CPU RAM and register it, at start: a ZeroGPU worker is forked once and
+    """Load every local expert (``experts``) into CPU RAM and register it, at start: a ZeroGPU worker is forked once and
     reused while idle, so it only has the modules the main process held when it was forked. Needs a cpu budget
     that holds them all (an expert evicted since is caught in the worker with a message that says so)."""
     for expert in experts:
-        if tiers.remote(expert) is not None:
-            continue
         with tiers.acquire(expert) as lease:
             register(expert, lease.model, lease.tokenizer)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from coe_core.config import CoEConfig
-from coe_core.routing.training import LabelledFile, LabelledPrompt, expand_paths, load_labelled_files
+from coe_core.labelled import LabelledPrompt
+from coe_core.routing.training import LabelledFile, expand_paths, load_labelled_files
 
 
 class Datasets:

@@ -8,7 +8,7 @@ from typing import Any
 
 from coe_core.config import CoEConfig
 from coe_core.errors import InvalidRequest
-from coe_core.events import RouteDecision
+from coe_core.events import RouteDecision, RouteReason
 from coe_core.routing.mapping import MappingResult
 from coe_core.routing.router import Classification, Router
 
@@ -40,6 +40,7 @@ def decision(
     category = (forced or {}).get("category", cls.category)
     expert = mapping.assignment.get(category, config.active_profile.default_expert)
     top = f"{cls.top_category} ({cls.probabilities[cls.top_category]:.2f})"
+    reason: RouteReason
     if forced and "expert" in forced:
         expert, reason = forced["expert"], "override-expert"
         why = f"{top}; expert {expert} chosen by the user"

@@ -80,7 +80,8 @@ class MappingResult:
     reasons: dict[str, str]
     expected_score: float
     avg_active_params: float
-    budget: int | None
+    #: the limit on average active parameters it was solved under (None: no limit)
+    active_params_budget: int | None
     feasible: bool = True
     distribution: dict[str, float] = field(default_factory=dict)
     distribution_source: str = ""
@@ -247,7 +248,7 @@ def optimise(problem: MappingProblem, budget: int | None) -> MappingResult:
         reasons=reasons,
         expected_score=round(score, 6),
         avg_active_params=round(cost, 1),
-        budget=budget,
+        active_params_budget=budget,
         feasible=feasible,
         distribution={c: round(v, 6) for c, v in problem.p.items()},
         overrides=dict(problem.fixed),

@@ -45,12 +45,14 @@ class MappingState:
         self._expert_params = expert_params
         self._traffic_distribution = traffic_distribution
         self._progress = progress
-        self._budget: int | None = None if config.mapping.budget == "auto" else int(config.mapping.budget)
+        #: average active parameters per prompt the mapping may cost (None: no limit); spaces.yaml's mapping.budget
+        self._active_params_budget: int | None = (None if config.mapping.budget == "auto"
+                                                  else int(config.mapping.budget))
         if "mapping.budget" not in config.from_env and self._applied_budget_path().exists():
             # a budget applied in the app outlives a restart; COE_MAPPING_BUDGET (the operator's) still wins
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 saved = json.loads(self._applied_budget_path().read_text())["budget"]
-                self._budget = None if saved is None else int(saved)
+                self._active_params_budget = None if saved is None else int(saved)
         self._traffic: tuple[float, dict[str, int]] | None = None
         self._cache: tuple[Any, MappingResult] | None = None
         self._score_table_error: str | None = None
@@ -160,37 +162,37 @@ class MappingState:
         available = frozenset(self._available_experts()) if self._available_experts else None
         params = tuple(sorted((self._expert_params() or {}).items())) if self._expert_params else None
         dist, _ = self.distribution()
-        key = (available, params, self._budget, tuple(sorted(dist.items())))
+        key = (available, params, self._active_params_budget, tuple(sorted(dist.items())))
         cached = self._cache
         if cached is not None and cached[0] == key:
             return cached[1]
         problem, source, table = self.problem()
-        result = optimise(problem, self._budget)
+        result = optimise(problem, self._active_params_budget)
         result.distribution_source = source
         result.score_table = table.path if table else None
         self._cache = (key, result)
         return result
 
-    def set_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
+    def set_active_params_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
         """Average active-parameter budget (``300M``, ``1.5B``, a number, or None/``auto`` for no limit).
 
         ``persist`` (the app's "Apply mapping") keeps it in the data dir across restarts.
         """
         if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
-            self._budget = None
+            self._active_params_budget = None
         else:
-            self._budget = parse_params(budget, "mapping budget")
+            self._active_params_budget = parse_params(budget, "mapping budget")
         if persist:
             write_json_atomic(self._applied_budget_path(),
-                              {"budget": self._budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                              {"budget": self._active_params_budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return self.current()
 
     def _applied_budget_path(self) -> Path:
         return self.config.data_path / "mapping.json"
 
     @property
-    def budget(self) -> int | None:
-        return self._budget
+    def active_params_budget(self) -> int | None:
+        return self._active_params_budget
 
     def frontier(self) -> list[dict[str, Any]]:
         return frontier(self.problem()[0])

@@ -19,6 +19,7 @@ import numpy as np
 from coe_core.config import CoEConfig
 from coe_core.errors import InvalidRequest
 from coe_core.events import RouteDecision
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing import decisions
 from coe_core.routing.calibration import pick_threshold, threshold_effect
 from coe_core.routing.datasets import Datasets
@@ -28,7 +29,7 @@ from coe_core.routing.mapping import MappingResult
 from coe_core.routing.mapping_state import MappingState
 from coe_core.routing.router import Router
 from coe_core.routing.text import routed_text
-from coe_core.routing.training import LabelledPrompt, print_progress
+from coe_core.routing.training import print_progress
 from coe_core.routing.versions import RouterUnavailableError, RouterVersions
 
 __all__ = ["RoutingService", "RouterUnavailableError"]
@@ -43,11 +44,15 @@ def default_feature_cache() -> Path:
 
 
 class RoutingService:
-    """What the engine, the app and the CLI call for routing.
+    """What the engine, the app and the CLI call for routing: step 1 (category), step 2 (expert), the
+    mapping under its active-parameter budget, router versions, training and the fallback threshold.
 
     ``store`` (the interaction log, optional) is where router versions record themselves when they
     are trained or activated; ``available_experts``, ``expert_params`` and ``traffic_distribution``
-    come from the engine and feed the mapping.
+    come from the engine and feed the mapping. Thread-safe for routing; training and activation lock the
+    versions themselves. Errors a user can cause are ``ValueError``s with a message that says what to do:
+    ``RouterUnavailableError`` (no router can be loaded or trained), ``RouterArtifactError`` (a version that
+    does not fit the config), ``ScoreTableError`` (a broken score table).
     """
 
     def __init__(
@@ -73,14 +78,17 @@ class RoutingService:
     # -- loading -----------------------------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
+        """The data directory router versions and the applied mapping live in."""
         return self.config.data_path
 
     @property
     def feature_cache(self) -> Path:
+        """Where built feature resources are cached, shared by every data dir of the machine."""
         return default_feature_cache()
 
     def resources(self) -> Resources:
-        """The process-wide resources the configured feature blocks read (built on first use)."""
+        """The process-wide resources the configured feature blocks read (built on first use, about a minute for
+        the token table). Raises ``TokenTableError`` / ``EmbedderError`` when a configured block cannot be built."""
         r = self.config.router
         return feature_resources(
             r.features, token_source=r.token_table, cache_dir=self.feature_cache, progress=self._progress,
@@ -88,7 +96,8 @@ class RoutingService:
         )
 
     def router(self) -> Router:
-        """The active router (loaded, or trained on first use); raises RouterUnavailableError."""
+        """The active router (loaded, or trained from the seed set on first use). Raises
+        ``RouterUnavailableError`` when there is none and none can be trained (no seed data, broken features)."""
         return self.versions.router()
 
     def router_loaded(self) -> bool:
@@ -96,15 +105,18 @@ class RoutingService:
         return self.versions._router is not None
 
     def warm_up(self) -> None:
-        """Load the feature resources and the active router (training one if there is none)."""
+        """Load the feature resources and the active router (training one if there is none) and solve the mapping
+        once, so the first prompt pays for neither. Raises ``RouterUnavailableError`` like :meth:`router`."""
         self.router().classify(["warm up the features and the classifier"], use_cache=False)
         self.current_mapping()  # the first MILP solve is not part of the first prompt's latency
 
     # -- labelled data -----------------------------------------------------------------------------
     def seed_labelled(self) -> list[LabelledPrompt]:
+        """The training prompts (``router.seed_data``); raises ``ValueError`` naming a missing or bad file."""
         return self.datasets.seed()
 
     def dev_labelled(self) -> list[LabelledPrompt]:
+        """The development set (``router.dev_data``), empty when none is configured."""
         return self.datasets.dev()
 
     def seed_examples(self) -> list[tuple[str, str]]:
@@ -112,8 +124,8 @@ class RoutingService:
         return [(ex.prompt, ex.category) for ex in self.datasets.seed()]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Dense vectors of ``texts`` for maps (the explorer's PCA): the multilingual token-table block
-        when it is configured, else the sentence embedder."""
+        """Dense vectors of ``texts`` for maps (the explorer's PCA), one row per text: the multilingual
+        token-table block when it is configured, else the sentence embedder. Raises like :meth:`router`."""
         res = self.resources()
         if res.token_table is not None:  # with the active version's IDF weights when it has them
             idf = getattr(self.router().artifact.model.features, "_token_idf", None)
@@ -123,6 +135,12 @@ class RoutingService:
 
     # -- step 1 + step 2 ---------------------------------------------------------------------------
     def decide(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
+        """Route one conversation: its routed text (latest user turn plus context) -> category -> expert.
+
+        ``overrides``: ``{"category": c}`` or ``{"expert": e}`` forced by the user. Without a router (none can
+        be trained) the default expert serves, and the decision says why. Raises ``ValueError`` for an unknown
+        override key, category or expert, or messages without a user turn.
+        """
         cfg = self.config
         text = routed_text(messages, cfg.router.context_turns, cfg.router.context_chars)
         forced = decisions.check_overrides(cfg, overrides)
@@ -135,7 +153,9 @@ class RoutingService:
         return decisions.decision(cfg, router, cls, text, forced, self.current_mapping(), start)
 
     def route_many(self, texts: list[str]) -> list[RouteDecision]:
-        """Route many single prompts at once (batched features)."""
+        """Route many single prompts at once (batched features); one decision per text, in order, each with
+        the average latency. Raises ``RouterUnavailableError`` like :meth:`router`, ``ValueError`` for an
+        empty text."""
         start = time.perf_counter()
         cfg = self.config
         clean = [routed_text([{"role": "user", "content": t}], 0, cfg.router.context_chars) for t in texts]
@@ -157,48 +177,64 @@ class RoutingService:
 
     # -- mapping -----------------------------------------------------------------------------------
     def measured_scores_path(self) -> Path:
+        """Where ``coe eval-experts`` writes this profile's measured score table (in the data dir)."""
         return self.mapping.measured_scores_path()
 
     def score_table(self) -> dict[str, Any]:
+        """The score table in use: ``{"scores": {expert: {category: score}}, "params", "method", "path"}``
+        (empty scores and path None when there is none; a broken file is reported in the mapping's notes)."""
         return self.mapping.score_table()
 
     def current_mapping(self) -> MappingResult:
+        """The category -> expert mapping now (cached until availability, sizes, budget or traffic change)."""
         return self.mapping.current()
 
-    def set_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
-        """Average active-parameter budget (``300M``, ``1.5B``, a number, or None/``auto``); ``persist``
-        (the app's "Apply mapping") keeps it in the data dir across restarts."""
-        return self.mapping.set_budget(budget, persist=persist)
+    def set_active_params_budget(self, budget: int | str | None, *, persist: bool = False) -> MappingResult:
+        """Set the mapping's limit on average active parameters per prompt (``300M``, ``1.5B``, a number, or
+        None/``auto`` for none) and return the mapping it gives; ``persist`` (the app's "Apply mapping") keeps it
+        in the data dir across restarts. Raises ``ValueError`` for a value that is not a parameter count."""
+        return self.mapping.set_active_params_budget(budget, persist=persist)
 
     @property
-    def budget(self) -> int | None:
-        return self.mapping.budget
+    def active_params_budget(self) -> int | None:
+        """The mapping's limit on average active parameters per prompt (None: no limit)."""
+        return self.mapping.active_params_budget
 
     def frontier(self) -> list[dict[str, Any]]:
+        """The Pareto frontier of mappings, cheapest first: ``{avg_active_params, expected_score, assignment}``."""
         return self.mapping.frontier()
 
     # -- versions ----------------------------------------------------------------------------------
     def active_version(self) -> dict[str, Any]:
+        """The active router version's metadata (id, metrics, samples, threshold, ...); loads or trains it
+        first, so raises ``RouterUnavailableError`` like :meth:`router`."""
         return self.versions.active_version()
 
     def list_versions(self) -> list[dict[str, Any]]:
+        """Every trained version's metadata with ``active`` set on the active one, oldest first."""
         return self.versions.list_versions()
 
     def activate(self, version_id: str) -> dict[str, Any]:
-        """Make ``version_id`` active here and in the log (raises when it does not fit the config)."""
+        """Make ``version_id`` active here and in the log and return its metadata. Raises
+        ``RouterArtifactError`` for an unknown version or one that does not fit the config's categories."""
         return self.versions.activate(version_id)
 
     def train(self, extra_examples: list[LabelledPrompt] | None = None, activate: bool = True) -> dict[str, Any]:
-        """Train a new version on the seed set plus ``extra_examples`` (which win on duplicates)."""
+        """Train a new version on the seed set plus ``extra_examples`` (which win on duplicates), activate it
+        unless ``activate`` is False, and return its metadata. Raises ``ValueError`` when the data cannot train a
+        router (too few prompts in a category)."""
         return self.versions.train(extra_examples, activate)
 
     def retrain(self, extra_examples: list[LabelledPrompt] | None = None, *, force: bool = False) -> dict[str, Any]:
-        """Train a candidate and promote it only if its held-out macro-F1 is not worse (or ``force``)."""
+        """Train a candidate and promote it only if its held-out macro-F1 is not worse (or ``force``). Returns
+        the comparison (``promoted``, both versions' metrics); raises ``ValueError`` like :meth:`train` or when
+        the candidate has no held-out prompts."""
         return self.versions.retrain(extra_examples, force=force)
 
     def retrain_from_log(self, *, force: bool = False) -> dict[str, Any]:
         """``coe retrain`` and the app's Retrain button: the seed set plus the labelled feedback of this
-        service's log -> a candidate, promoted only if not worse (or ``force``)."""
+        service's log -> a candidate, promoted only if not worse (or ``force``). Returns :meth:`retrain`'s result
+        plus ``feedback_prompts`` (how many came from the log); raises like :meth:`retrain`."""
         store = self.versions.store
         extra: list[LabelledPrompt] = []
         if store is not None:
@@ -213,12 +249,13 @@ class RoutingService:
     # -- threshold ---------------------------------------------------------------------------------
     def threshold_effect(self, t: float) -> dict[str, Any]:
         """Routed precision and coverage of the active version at threshold ``t`` on the development set
-        (or, without one, the held-out split)."""
+        (or, without one, the held-out split). Raises ``ValueError`` when the version has neither."""
         conf, correct = self.versions.scores(self.router())
         return threshold_effect(conf, correct, t)
 
     def set_threshold(self, t: float, *, source: str = "manual", calibration: dict | None = None) -> dict[str, Any]:
-        """Persist ``t`` into the active version's metadata (it then wins over spaces.yaml)."""
+        """Persist ``t`` into the active version's metadata (it then wins over spaces.yaml) and return that
+        metadata. Raises ``ValueError`` unless ``t`` is a number between 0 and 1."""
         if not isinstance(t, (int, float)) or not 0 <= t <= 1:
             raise InvalidRequest(f"threshold must be a number between 0 and 1, not {t!r}")
         changes: dict[str, Any] = {"threshold": float(t), "threshold_set_by": source}
@@ -227,8 +264,10 @@ class RoutingService:
         return self.versions.update_active(**changes)
 
     def calibrate(self, target_precision: float | None = None) -> dict[str, Any]:
-        """Pick the lowest threshold whose routed precision reaches the target and persist it: on the
-        development set (``router.dev_data``) when there is one, else on the held-out split."""
+        """Pick the lowest threshold whose routed precision reaches ``target_precision`` (default:
+        ``router.target_precision``) and persist it: on the development set (``router.dev_data``) when there is
+        one, else on the held-out split. Returns the pick (threshold, precision, coverage) and the version id;
+        raises ``ValueError`` when there is nothing to calibrate on."""
         target = self.config.router.target_precision if target_precision is None else target_precision
         router = self.router()
         result = self.versions.calibrate_on_dev(router.artifact, target)

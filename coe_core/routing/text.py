@@ -15,9 +15,9 @@ from coe_core.errors import InvalidRequest
 
 #: marks where the middle of a long turn was left out
 ELLIPSIS = " … "
-#: share of the character budget that earlier turns may take in a multi-turn chat
+#: share of ``context_chars`` that earlier turns may take in a multi-turn chat
 CONTEXT_SHARE = 0.2
-#: share of a long turn's budget kept from its start (the rest comes from its end)
+#: share of a long turn's characters kept from its start (the rest comes from its end)
 HEAD_SHARE = 0.4
 
 
@@ -55,8 +55,8 @@ def routed_text(messages: list[dict[str, Any]], context_turns: int, context_char
     earlier = [u for u in users[:-1] if u][-context_turns:] if context_turns > 0 else []
     context = "\n".join(earlier)
     if context:
-        budget = max(0, int(context_chars * CONTEXT_SHARE))
-        context = context[len(context) - budget :] if len(context) > budget else context
-    latest_budget = context_chars - (len(context) + 1 if context else 0)
-    latest = head_tail(users[-1], latest_budget)
+        context_room = max(0, int(context_chars * CONTEXT_SHARE))
+        context = context[len(context) - context_room :] if len(context) > context_room else context
+    latest_room = context_chars - (len(context) + 1 if context else 0)
+    latest = head_tail(users[-1], latest_room)
     return f"{context}\n{latest}" if context else latest

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from coe_core.config import CoEConfig
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing.artifact import RouterArtifact, new_version_id, router_signature, save_artifact
 from coe_core.routing.calibration import threshold_effect
 from coe_core.routing.classifier import confidence, select_and_fit
@@ -35,27 +36,6 @@ Progress = Callable[[str], None]
 
 def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class LabelledPrompt:
-    """One training example of the router.
-
-    ``prompt`` is the routed text (for a multi-turn row: earlier user turns and the latest one, as
-    :func:`coe_core.routing.text.routed_text` builds it). ``source`` says where the label came from
-    (``seed``, ``feedback``, ``correction``, ...); ``group`` keeps examples that must not be split
-    across train and held-out sets together (a conversation id; every seed prompt is its own group).
-    ``lang``, ``style``, ``turns`` and ``chars`` (length of the latest turn) name its slices.
-    """
-
-    prompt: str
-    category: str
-    source: str = "seed"
-    group: str = ""
-    lang: str = ""
-    style: str = ""
-    turns: int = 1
-    chars: int = 0
 
 
 def normalise_prompt(text: str) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 
 from coe_core.config import CoEConfig
 from coe_core.errors import ConfigError
+from coe_core.labelled import LabelledPrompt
 from coe_core.routing import artifact as artifacts
 from coe_core.routing.calibration import calibrate_on_examples, pick_threshold, top_choice_scores
 from coe_core.routing.datasets import Datasets
@@ -28,7 +29,6 @@ from coe_core.routing.features import Resources
 from coe_core.routing.router import Router
 from coe_core.routing.token_table import TokenTableError
 from coe_core.routing.training import (
-    LabelledPrompt,
     evaluate,
     from_heldout_row,
     should_promote,

@@ -25,6 +25,8 @@ from coe_core.store.models import STATUS_CHECK, Base, SchemaInfo, utcnow
 
 #: the version of the first released layout (the models as of the first store commit)
 BASE_VERSION = 1
+#: the status CHECK constraint of versions 1 and 2 (running and interrupted came with version 3)
+V1_STATUS_CHECK = "status IN ('ok', 'cancelled', 'error')"
 
 
 @dataclass(frozen=True)
@@ -42,28 +44,32 @@ def add_column(conn: Connection, table: str, column: Column) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {preparer.quote(table)} ADD COLUMN {ddl}")
 
 
+def replace_status_check(conn: Connection, old: str, new: str) -> None:
+    """Replace the ``interactions.status`` CHECK constraint ``old`` by ``new`` (the tests also use it to build an
+    older layout). SQLite cannot alter a CHECK constraint: rewriting the table's schema text is the procedure
+    SQLite documents for a change every stored row still satisfies (lang_altertable §7)."""
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql("ALTER TABLE interactions DROP CONSTRAINT ck_interactions_status")
+        conn.exec_driver_sql(f"ALTER TABLE interactions ADD CONSTRAINT ck_interactions_status CHECK ({new})")
+        return
+    sql = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'interactions'").scalar()
+    if sql and old in sql:
+        version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
+        conn.exec_driver_sql("PRAGMA writable_schema = ON")
+        conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'interactions'",
+                             (sql.replace(old, new),))
+        conn.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
+        conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+
+
 def _v2_route_timing(conn: Connection) -> None:
     add_column(conn, "interactions", Column("route_latency_ms", Float))
     add_column(conn, "interactions", Column("route_threshold", Float))
 
 
 def _v3_running_turns_and_review(conn: Connection) -> None:
-    if conn.dialect.name == "sqlite":
-        # SQLite cannot alter a CHECK constraint; widening one (every stored row still satisfies it) by
-        # rewriting the table's schema text is the procedure SQLite documents for that (lang_altertable §7)
-        sql = conn.exec_driver_sql(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'interactions'").scalar()
-        old = "status IN ('ok', 'cancelled', 'error')"
-        if sql and old in sql:
-            version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
-            conn.exec_driver_sql("PRAGMA writable_schema = ON")
-            conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'interactions'",
-                                 (sql.replace(old, STATUS_CHECK),))
-            conn.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
-            conn.exec_driver_sql("PRAGMA writable_schema = OFF")
-    else:
-        conn.exec_driver_sql("ALTER TABLE interactions DROP CONSTRAINT ck_interactions_status")
-        conn.exec_driver_sql(f"ALTER TABLE interactions ADD CONSTRAINT ck_interactions_status CHECK ({STATUS_CHECK})")
+    replace_status_check(conn, V1_STATUS_CHECK, STATUS_CHECK)  # running and interrupted turns
     add_column(conn, "feedback", Column("review", String(16)))
     add_column(conn, "feedback", Column("author", String(128)))
     conn.exec_driver_sql("UPDATE feedback SET review = 'accepted'")  # what older releases stored counted

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coe_core.routing.training import LabelledPrompt
+from coe_core.labelled import LabelledPrompt
 from coe_core.store.selects import turns_with_feedback
 from coe_core.store.store import Store
 

@@ -18,7 +18,8 @@ TIER_ORDER = ("gpu", "cpu", "disk")
 class Tier:
     name: str
     exists: bool
-    budget: int
+    #: how many bytes the tier may hold (``tiers.<name>.budget`` in spaces.yaml, ``COE_<NAME>_BUDGET``)
+    budget_bytes: int
     #: where the budget came from: "spaces.yaml", "auto: 50% of 20.1 GB free", "absent"
     budget_source: str
 

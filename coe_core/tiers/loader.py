@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,19 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coe_core.experts.materialize import WEIGHTS_FILE, safetensors_header
+from coe_core.experts.weights import MODULE_BUILD_LOCK, WEIGHTS_FILE, safetensors_header
 
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-#: Building modules is not thread-safe: accelerate's ``init_empty_weights`` (and transformers' loading, which
-#: uses the same trick) patch ``nn.Module.register_parameter`` process-wide, so a module built in another thread
-#: at that moment would get meta weights. Every module construction in the project holds this lock.
-MODULE_BUILD_LOCK = threading.RLock()
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:

@@ -1,4 +1,7 @@
-"""TierManager: which expert sits in which memory tier, and moving them fast.
+"""TierManager: which local expert sits in which memory tier, and moving them fast.
+
+Residency only: budgets, LRU, pins, moves. Which experts exist (remote ones too) and which can serve is the
+expert catalog's (``coe_core/experts/catalog.py``), which reads the local experts' availability from here.
 
 Tiers: ``disk`` (capacity: every materialised expert), ``cpu`` (staging; executes on a CPU-only machine),
 ``gpu`` (execution, when CUDA exists). ``acquire`` makes an expert resident on the execution tier and pins it
@@ -37,10 +40,10 @@ from coe_core.experts.materialize import (
     materialize_gguf,
     read_disk_copy,
 )
-from coe_core.experts.remote import RemoteExpert
 from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, TransformersRuntime, choose_runtime
 from coe_core.tiers import loader
-from coe_core.tiers.budgets import Tier, detect_tiers
+from coe_core.tiers.budgets import TIER_ORDER, Tier, detect_tiers
+from coe_core.tiers.snapshot import ExpertResidency, ResidencyState, TierSnapshot, TierUsage
 from coe_core.tiers.split import SplitPlacement, place_split
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,6 @@ class ExpertSlot:
     cpu_views: dict[str, torch.Tensor] | None = None
     gpu_buffer: torch.Tensor | None = None
     split: SplitPlacement | None = None
-    #: a remote expert (``openai:`` source) has no weights and no tiers here
-    remote: RemoteExpert | None = None
     #: what executes it: transformers (module + buffers above) or llama_cpp (``llama`` below)
     runtime: str = "transformers"
     #: one line when the runtime is not the one asked for (why, and what it costs)
@@ -78,7 +79,7 @@ class ExpertSlot:
     llama: object | None = None
     n_ctx: int = 0
     kv_bytes: int = 0
-    placement: str = "disk"  # disk | cpu | gpu | split | remote
+    placement: str = "disk"  # disk | cpu | gpu | split
     loading: str | None = None  # tier being loaded into
     verified: bool = False
     pins: int = 0
@@ -126,8 +127,20 @@ class Lease:
 
 
 class TierManager:
+    """Residency of the local experts: which tier holds each, the byte budget of each tier, LRU eviction, pins
+    while an expert generates, and every move as a ``SwapEvent``. Thread-safe.
+
+    Every method that takes an ``expert_id`` raises ``KeyError`` for an id that is not in the config and
+    ``ExpertUnavailable`` for a remote expert (it has no weights here; the expert catalog has it).
+    """
+
     def __init__(self, config: CoEConfig, *, gpu: bool | None = None, progress: bool = True,
                  on_swap: Callable[[SwapEvent], None] | None = None):
+        """Detect the tiers and their budgets and read the existing disk copies (no weights are loaded).
+
+        ``gpu``: force the gpu tier on or off (None: CUDA decides); ``progress``: progress bars while
+        materialising; ``on_swap``: called with every ``SwapEvent`` as it happens.
+        """
         self.config = config
         self.data_dir = config.data_path
         self.tiers: dict[str, Tier] = detect_tiers(config.tiers, self.data_dir, gpu=gpu)
@@ -141,14 +154,12 @@ class TierManager:
         #: freed CPU buffers kept for reuse (counted in the cpu tier): a fresh buffer costs page faults
         self._pool: list[torch.Tensor] = []
         compute = torch.bfloat16 if self.exec_tier == "gpu" else torch.float32
+        #: the local experts only: a remote expert has no weights here (``coe_core.experts.catalog`` has both)
         self.slots: dict[str, ExpertSlot] = {}
         for expert_id, cfg in config.experts.items():
-            dtype = compute if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
-            slot = ExpertSlot(expert_id, dtype)
             if cfg.is_remote:
-                slot.remote, slot.placement = RemoteExpert(expert_id, cfg), "remote"
-                self.slots[expert_id] = slot
                 continue
+            slot = ExpertSlot(expert_id, compute if cfg.dtype == "auto" else _DTYPES[cfg.dtype])
             slot.runtime, slot.runtime_note = choose_runtime(cfg, gpu=self.exec_tier == "gpu")
             self._read_disk(slot)
             self.slots[expert_id] = slot
@@ -159,13 +170,17 @@ class TierManager:
         for note, ids in notes.items():  # one line per cause, naming the experts it affects
             log.warning("%s: %s", ", ".join(ids), note)
         if config.tiers.disk.budget == "auto":  # already materialised experts do not eat the auto budget
-            self.tiers["disk"].budget += self._used("disk")
+            self.tiers["disk"].budget_bytes += self._used("disk")
 
     # -- queries ---------------------------------------------------------------------------------
     def _slot(self, expert_id: str) -> ExpertSlot:
         try:
             return self.slots[expert_id]
         except KeyError:
+            cfg = self.config.experts.get(expert_id)
+            if cfg is not None and cfg.is_remote:
+                raise ExpertUnavailable(f"{expert_id} is a remote expert ({cfg.base_url}): it has no weights "
+                                        "here") from None
             raise InvalidRequest(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
 
     def _read_disk(self, slot: ExpertSlot) -> None:
@@ -188,17 +203,14 @@ class TierManager:
         slot.n_ctx = cfg.context_length or min(trained, DEFAULT_N_CTX)
         slot.kv_bytes = slot.n_ctx * int(slot.disk.manifest.get("kv_bytes_per_token") or 0)
 
-    def remote(self, expert_id: str) -> RemoteExpert | None:
-        """The client of a remote expert, None for a local one."""
-        return self._slot(expert_id).remote
-
     def _used(self, tier: str) -> int:
         used = sum(s.bytes_in(tier) for s in self.slots.values())
         if tier == "cpu":
             used += sum(b.numel() for b in self._pool)
         return used
 
-    def state(self, expert_id: str) -> str:
+    def state(self, expert_id: str) -> ResidencyState:
+        """Where the expert is now: disk, cpu, gpu, split, loading or unavailable (no I/O)."""
         slot = self._slot(expert_id)
         if slot.unavailable:
             return "unavailable"
@@ -206,41 +218,36 @@ class TierManager:
             return "loading"
         return slot.placement
 
-    def snapshot(self) -> dict:
-        """Residency of every expert and per-tier budget/used/free. Cheap: no I/O, just bookkeeping."""
+    def snapshot(self) -> TierSnapshot:
+        """Residency of every local expert and each tier's budget and use. Cheap: no I/O, just bookkeeping."""
         with self._lock:
-            tiers = {}
-            for name, tier in self.tiers.items():
-                used = self._used(name) if tier.exists else 0
-                tiers[name] = {"exists": tier.exists, "budget": tier.budget, "used": used,
-                               "free": max(tier.budget - used, 0), "budget_source": tier.budget_source}
-            tiers["cpu"]["pool"] = sum(b.numel() for b in self._pool)
-            experts = {}
-            for eid, slot in self.slots.items():
-                experts[eid] = {
-                    "state": self.state(eid),
-                    "tiers": {t: slot.bytes_in(t) for t in ("gpu", "cpu", "disk")},
-                    "bytes": slot.bytes,
-                    "params": slot.params,
-                    "dtype": (slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
-                    if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
-                    "runtime": None if slot.remote else slot.runtime,
-                    "runtime_note": slot.runtime_note,
-                    "kv_bytes": slot.kv_bytes,
-                    "available": slot.unavailable is None,
-                    "reason": slot.unavailable,
-                    "pinned": slot.pins,
-                    "last_used": slot.last_used,
-                }
-                if slot.remote:  # no tiers: where it is and whether its endpoint answers (cached check)
-                    experts[eid]["remote"] = {"base_url": slot.remote.base_url, "model": slot.remote.cfg.model,
-                                              "health": slot.remote.health().to_dict()}
-            return {"exec_tier": self.exec_tier, "tiers": tiers, "experts": experts,
-                    "recent_swaps": [e.to_dict() for e in list(self.history)[-20:]]}
+            pooled = sum(b.numel() for b in self._pool)
+            tiers = {name: TierUsage(name, tier.exists, tier.budget_bytes, self._used(name) if tier.exists else 0,
+                                     tier.budget_source, pooled if name == "cpu" else 0)
+                     for name, tier in self.tiers.items()}
+            experts = {eid: ExpertResidency(
+                state=self.state(eid),
+                bytes_by_tier={t: slot.bytes_in(t) for t in TIER_ORDER},
+                bytes=slot.bytes,
+                params=slot.params,
+                dtype=(slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
+                if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
+                runtime=slot.runtime,
+                runtime_note=slot.runtime_note,
+                kv_bytes=slot.kv_bytes,
+                unavailable=slot.unavailable,
+                pinned=slot.pins,
+                last_used=slot.last_used,
+            ) for eid, slot in self.slots.items()}
+            return TierSnapshot(self.exec_tier, tiers, experts, list(self.history)[-20:])
 
     # -- disk tier ---------------------------------------------------------------------------------
     def ensure_disk(self, expert_id: str) -> DiskCopy:
-        """Materialise the expert once (atomic, idempotent); mark it unavailable with the reason if impossible."""
+        """Materialise the expert once (atomic, idempotent) and return its disk copy.
+
+        Raises ``ExpertUnavailable`` (and marks the expert unavailable with the reason) when its source cannot
+        be read or converted, or the disk tier's budget has no room for it.
+        """
         slot = self._slot(expert_id)
         with slot.lock:
             return self._ensure_disk_locked(slot)
@@ -248,14 +255,12 @@ class TierManager:
     def _ensure_disk_locked(self, slot: ExpertSlot, *, force: bool = False) -> DiskCopy:
         if slot.disk and not force:
             return slot.disk
-        if slot.remote:
-            raise ExpertUnavailable(f"{slot.id} is a remote expert ({slot.remote.base_url}): it has no weights here")
         cfg = self.config.experts[slot.id]
         try:
             needed_hint = 0 if slot.disk is None else slot.disk.manifest["file_bytes"]
-            if self._used("disk") - needed_hint > self.tiers["disk"].budget:
+            if self._used("disk") - needed_hint > self.tiers["disk"].budget_bytes:
                 raise ExpertUnavailable(
-                    f"disk tier budget ({self.tiers['disk'].budget / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
+                    f"disk tier budget ({self.tiers['disk'].budget_bytes / 1e9:.2f} GB) is full: raise COE_DISK_BUDGET"
                 )
             if slot.runtime == "llama_cpp":
                 disk = materialize_gguf(slot.id, cfg, self.data_dir, progress=self.progress, force=force)
@@ -268,7 +273,7 @@ class TierManager:
             slot.unavailable = f"materialising failed: {type(exc).__name__}: {exc}"
             raise ExpertUnavailable(slot.unavailable) from exc
         if self._used("disk") - (slot.disk.manifest["file_bytes"] if slot.disk else 0) + \
-                disk.manifest["file_bytes"] > self.tiers["disk"].budget:
+                disk.manifest["file_bytes"] > self.tiers["disk"].budget_bytes:
             slot.unavailable = (f"{slot.id} needs {disk.manifest['file_bytes'] / 1e9:.2f} GB, more than the disk "
                                 "tier budget has free: raise COE_DISK_BUDGET")
             raise ExpertUnavailable(slot.unavailable)
@@ -278,14 +283,12 @@ class TierManager:
         return disk
 
     def prepare(self, expert_ids: list[str] | None = None, *, verify: bool = True) -> dict[str, str | None]:
-        """Materialise (and verify) experts up front; returns expert -> problem (None if ready)."""
+        """Materialise experts up front (all local ones by default); ``verify`` also checks each copy's sha256
+        (re-materialising a bad one) and that llama.cpp can read a GGUF expert. Returns expert -> problem
+        (None if ready); an expert's failure is in its entry, never raised."""
         problems = {}
         for eid in expert_ids or list(self.slots):
             slot = self._slot(eid)
-            if slot.remote:
-                health = slot.remote.check()
-                problems[eid] = None if health.ok else f"remote endpoint {slot.remote.base_url}: {health.error}"
-                continue
             try:
                 with slot.lock:
                     self._ensure_disk_locked(slot)
@@ -319,7 +322,13 @@ class TierManager:
     # -- acquire -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def acquire(self, expert_id: str, *, trigger: str = "request", timeout: float = 300.0) -> Iterator[Lease]:
-        """Make the expert resident on the execution tier and pin it for the block."""
+        """Make the expert resident on the execution tier and pin it (never evicted) for the ``with`` block.
+
+        Yields a ``Lease`` (module or llama.cpp model, tokenizer, device, the ``SwapEvent``s this call made,
+        manifest, runtime). ``trigger`` is recorded on the swap events. Raises ``ExpertUnavailable`` when the
+        expert cannot be materialised or loaded, ``TierBusy`` when it is larger than a whole tier or the tier
+        stays full of pinned experts for ``timeout`` seconds.
+        """
         slot = self._slot(expert_id)
         with self._lock:
             slot.pins += 1
@@ -343,17 +352,19 @@ class TierManager:
                 self._changed.notify_all()
 
     def prefetch(self, expert_id: str, *, evict: bool = True) -> threading.Thread | None:
-        """Stage the expert in CPU RAM in the background (no pin, no warm-up); never blocks a turn.
+        """Stage the expert in CPU RAM in a background thread (no pin, no warm-up) and return the thread, or None
+        when there is nothing to do (already staged, loading, unavailable, or larger than the cpu budget).
+        Never blocks a turn and never raises for a failed load: the request path reports those.
 
         ``evict=False``: only into free room (nothing resident is evicted for it), checked when it is asked for:
         the serving queue prefetches a waiting turn's expert that way while another expert's batch decodes."""
         slot = self._slot(expert_id)
         if (slot.unavailable or slot.placement != "disk" or slot.loading
-                or slot.resident_bytes > self.tiers["cpu"].budget):
+                or slot.resident_bytes > self.tiers["cpu"].budget_bytes):
             return None  # nothing to do, or too big to stage (it will run split when asked for)
         if not evict:
             with self._lock:
-                if self._used("cpu") + slot.resident_bytes > self.tiers["cpu"].budget:
+                if self._used("cpu") + slot.resident_bytes > self.tiers["cpu"].budget_bytes:
                     return None
 
         def run() -> None:
@@ -392,7 +403,7 @@ class TierManager:
                     verify_s = self._verify_locked(slot)
             if slot.placement == self.exec_tier or slot.placement == "split":
                 return events
-            if slot.bytes > self.tiers[self.exec_tier].budget:
+            if slot.bytes > self.tiers[self.exec_tier].budget_bytes:
                 events.append(self._load_split(slot, trigger))
                 return events
             if slot.placement == "disk":
@@ -548,7 +559,8 @@ class TierManager:
             if slot.placement == "cpu":  # a staged copy (prefetch) is not used by the split placement
                 self._evict_locked(slot, "cpu")
             self._pool.clear()  # the split placement needs the room, not pooled buffers
-            free = {t: max(self.tiers[t].budget - self._used(t), 0) for t in ("gpu", "cpu") if self.tiers[t].exists}
+            free = {t: max(self.tiers[t].budget_bytes - self._used(t), 0)
+                    for t in ("gpu", "cpu") if self.tiers[t].exists}
             slot.loading = "split"
         try:
             placement = place_split(slot.disk.folder, slot.dtype, free, self.data_dir / "offload" / slot.id)
@@ -580,13 +592,13 @@ class TierManager:
         deadline = time.monotonic() + timeout
         evicted: list[str] = []
         with self._lock:
-            if need > self.tiers[tier].budget:
+            if need > self.tiers[tier].budget_bytes:
                 raise TierBusy(f"{slot.id} needs {need / 1e9:.2f} GB, more than the whole {tier} tier budget "
-                               f"({self.tiers[tier].budget / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
+                               f"({self.tiers[tier].budget_bytes / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
             while True:
                 if tier == "cpu" and slot.cpu_buffer is None and slot.layout is not None:
                     slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size
-                budget = self.tiers[tier].budget
+                budget = self.tiers[tier].budget_bytes
                 if tier == "cpu":
                     self._trim_pool(budget - need)
                 if self._used(tier) + need <= budget:
@@ -642,7 +654,7 @@ class TierManager:
             self._emit(SwapEvent(slot.id, "cpu", "disk", slot.bytes, time.perf_counter() - start, "eviction"))
 
     def evict(self, expert_id: str, tier: str = "cpu") -> None:
-        """Evict an expert from ``tier`` now (refused while it generates).
+        """Evict an expert from ``tier`` (and the tiers above it) now; raises ``TierBusy`` while it generates.
 
         Its CPU buffer goes to the pool for the next load of the same size; the pool counts against the cpu
         budget and is freed first when room is needed.
@@ -673,11 +685,23 @@ class TierManager:
 
     # -- info --------------------------------------------------------------------------------------
     def disk_folder(self, expert_id: str) -> Path | None:
+        """The folder of the expert's disk copy, None while it is not materialised."""
         slot = self._slot(expert_id)
         return slot.disk.folder if slot.disk else None
 
+    def unavailable_reason(self, expert_id: str) -> str | None:
+        """Why the expert cannot be made resident (materialising, verifying or loading failed), else None."""
+        return self._slot(expert_id).unavailable
+
+    def params(self) -> dict[str, int]:
+        """Active parameters of each materialised expert (from its disk-tier manifest)."""
+        return {e: slot.params for e, slot in self.slots.items() if slot.disk}
+
     def close(self) -> None:
-        """Close the connection pools of remote experts."""
-        for slot in self.slots.values():
-            if slot.remote:
-                slot.remote.close()
+        """Release what the tiers hold now (CPU and GPU buffers, llama.cpp models and their KV caches), except
+        experts still generating; the disk tier stays. The manager can be used again afterwards."""
+        with self._lock:
+            for slot in self.slots.values():
+                if not slot.pins:
+                    self._evict_locked(slot, "cpu")
+            self._pool.clear()

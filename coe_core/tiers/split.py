@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coe_core.experts.materialize import WEIGHTS_FILE
+from coe_core.experts.weights import MODULE_BUILD_LOCK, WEIGHTS_FILE
 
 
 @dataclass
@@ -36,8 +36,6 @@ def place_split(folder: Path, dtype: torch.dtype, free: dict[str, int], offload_
     from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
     from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from coe_core.tiers.loader import MODULE_BUILD_LOCK
 
     config = AutoConfig.from_pretrained(folder)
     with MODULE_BUILD_LOCK, init_empty_weights(include_buffers=False):
