@@ -58,6 +58,18 @@ class ApiTurn:
         self.transcript.add(event)
         return event.text if isinstance(event, TextChunk) else None
 
+    async def _next_text(self) -> str | None:
+        """The next piece of the answer (events between are kept in the transcript), or None once the turn has
+        ended: its stats arrived or its events ran out."""
+        while self.stats is None:
+            event = await self._next()
+            if event is _END:
+                return None
+            text = self._absorb(event)
+            if text:
+                return text
+        return None
+
     @property
     def decision(self) -> RouteDecision | None:
         return self.transcript.decision
@@ -69,14 +81,9 @@ class ApiTurn:
     async def start(self) -> None:
         """Run the turn up to its first text. Raises APIError for a bad request or a turn that failed first."""
         try:
-            while self.stats is None:
-                event = await self._next()
-                if event is _END:
-                    break
-                text = self._absorb(event)
-                if text:
-                    self._held.append(text)
-                    break
+            text = await self._next_text()
+            if text:
+                self._held.append(text)
         except CoEError as exc:  # refused before anything ran (a bad request, a full queue): nothing was logged
             await self.aclose()
             raise api_error(exc) from None
@@ -139,11 +146,8 @@ class ApiTurn:
     async def run_to_end(self) -> None:
         """Run the rest of the turn (for a whole, non-streamed answer: see ``completion``)."""
         try:
-            while self.stats is None:
-                event = await self._next()
-                if event is _END:
-                    break
-                self._absorb(event)  # the answer is the logged response in the turn's stats
+            while await self._next_text() is not None:
+                pass  # the answer is the logged response in the turn's stats
         finally:
             await self.aclose()
 
@@ -171,13 +175,8 @@ class ApiTurn:
             for text in self._held:
                 yield self._chunk(Delta(content=text))
             self._held.clear()
-            while self.stats is None:
-                event = await self._next()
-                if event is _END:
-                    break
-                text = self._absorb(event)
-                if text:
-                    yield self._chunk(Delta(content=text))
+            while (text := await self._next_text()) is not None:
+                yield self._chunk(Delta(content=text))
             if self.stats.status == "error":
                 error = APIError(500, f"the expert failed mid-answer: {self.stats.error}", code="turn_failed")
                 yield f"data: {json.dumps(error.body())}\n\n"
