@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from coe_core.config import ExpertConfig
+from coe_core.experts.batched_decode import BatchedDecoder
 from coe_core.experts.generation import GenerationParams, GenerationResult, reference_logprob, stream_generate
 from coe_core.experts.prompt_format import FormattedPrompt, format_prompt, reference_ids
 
@@ -43,11 +44,16 @@ class ExpertRuntime(Protocol):
 
 @dataclass
 class TransformersRuntime:
-    """A transformers module resident on ``device`` (its moves between tiers belong to the tier manager)."""
+    """A transformers module resident on ``device`` (its moves between tiers belong to the tier manager).
+
+    With a ``batcher`` (the tier manager gives one to a module resident on the execution tier) concurrent turns
+    decode together in one batch (``coe_core.experts.batched_decode``); without one (an expert split across tiers)
+    each turn runs its own ``generate``."""
 
     model: object
     tokenizer: object
     device: object
+    batcher: BatchedDecoder | None = None
     name: str = "transformers"
 
     def format_prompt(self, messages, cfg, *, context_length, reserve_tokens) -> FormattedPrompt:
@@ -55,6 +61,8 @@ class TransformersRuntime:
                              reserve_tokens=reserve_tokens)
 
     def stream(self, input_ids, params, *, cancel, result) -> Iterator[str]:
+        if self.batcher is not None:
+            return self.batcher.stream(input_ids, params, cancel=cancel, result=result)
         return stream_generate(self.model, self.tokenizer, input_ids, params, device=self.device, cancel=cancel,
                                result=result)
 

@@ -31,6 +31,7 @@ from torch import nn
 from coe_core.config import CoEConfig
 from coe_core.errors import ExpertUnavailable, InvalidRequest, TierBusy
 from coe_core.events import SwapEvent
+from coe_core.experts.batched_decode import BatchedDecoder, KVBudget, batchable
 from coe_core.experts.llama_cpp_runtime import DEFAULT_N_CTX
 from coe_core.experts.materialize import (
     DiskCopy,
@@ -79,6 +80,10 @@ class ExpertSlot:
     llama: object | None = None
     n_ctx: int = 0
     kv_bytes: int = 0
+    #: transformers: the decode thread batching its turns while resident on the execution tier, and the bytes
+    #: its KV cache holds there (counted in that tier's budget)
+    batcher: BatchedDecoder | None = None
+    kv_live: int = 0
     placement: str = "disk"  # disk | cpu | gpu | split
     loading: str | None = None  # tier being loaded into
     verified: bool = False
@@ -105,10 +110,12 @@ class ExpertSlot:
             return self.disk.manifest["file_bytes"] if self.disk else 0
         if self.placement == "split" and self.split:
             return self.split.bytes_by_tier.get(tier, 0)
+        live = self.kv_live if self.placement == tier else 0
         if tier == "cpu":
-            return self.resident_bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu") else 0
+            return live + (self.resident_bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu")
+                           else 0)
         if tier == "gpu":
-            return self.resident_bytes if self.placement == "gpu" or self.loading == "gpu" else 0
+            return live + (self.resident_bytes if self.placement == "gpu" or self.loading == "gpu" else 0)
         return 0
 
 
@@ -343,8 +350,9 @@ class TierManager:
                 return
             device = self.device if slot.placement != "split" else torch.device("cpu")
             model = slot.split.model if slot.placement == "split" else slot.model
+            batcher = self._batcher(slot) if slot.placement != "split" else None
             yield Lease(expert_id, model, slot.tokenizer, device, events, slot.disk.manifest,
-                        runtime=TransformersRuntime(model, slot.tokenizer, device))
+                        runtime=TransformersRuntime(model, slot.tokenizer, device, batcher=batcher))
         finally:
             with self._lock:
                 slot.pins -= 1
@@ -580,6 +588,42 @@ class TierManager:
         return self._emit(SwapEvent(slot.id, "disk", f"split({dst})", slot.bytes, seconds, trigger, evicted,
                                     {"dispatch": round(seconds, 4)}, started_at=start))
 
+    # -- batched decoding (transformers) -----------------------------------------------------------
+    def _batcher(self, slot: ExpertSlot) -> BatchedDecoder | None:
+        """The decode thread of a transformers expert resident on the execution tier: made at its first turn
+        there, closed when it leaves that tier (``_evict_locked``). None for a model it cannot batch."""
+        with self._lock:
+            if slot.batcher is None and batchable(slot.model):
+                tier = slot.placement
+                slot.batcher = BatchedDecoder(
+                    slot.model, slot.tokenizer, self.device, name=slot.id,
+                    kv_budget=KVBudget(reserve=lambda n: self._reserve_kv(slot, n),
+                                       release=lambda n: self._release_kv(slot, n),
+                                       capacity=lambda: self.tiers[tier].budget_bytes - slot.bytes))
+            return slot.batcher
+
+    def _reserve_kv(self, slot: ExpertSlot, nbytes: int) -> bool:
+        """Count ``nbytes`` more of the expert's KV cache in its tier, evicting idle experts (LRU) for room;
+        False when the room is held by experts in use (the turn waits)."""
+        with self._lock:
+            tier = slot.placement
+            budget = self.tiers[tier].budget_bytes
+            while self._used(tier) + nbytes > budget:
+                if tier == "cpu" and self._pool:
+                    self._trim_pool(budget - nbytes)
+                    continue
+                candidates = self._lru_candidates(tier, exclude=slot)
+                if not candidates:
+                    return False
+                self._evict_locked(candidates[0], tier)
+            slot.kv_live += nbytes
+            return True
+
+    def _release_kv(self, slot: ExpertSlot, nbytes: int) -> None:
+        with self._lock:
+            slot.kv_live -= nbytes
+            self._changed.notify_all()  # a load waiting in _reserve may fit now
+
     # -- budgets and eviction ------------------------------------------------------------------
     def _lru_candidates(self, tier: str, exclude: ExpertSlot) -> list[ExpertSlot]:
         holders = [s for s in self.slots.values()
@@ -637,6 +681,9 @@ class TierManager:
             self._emit(SwapEvent(slot.id, "split", "disk", slot.bytes, 0.0, "eviction"))
             gc.collect()
             return
+        if slot.batcher is not None and (slot.placement == "gpu" or (tier == "cpu" and slot.placement == "cpu")):
+            slot.batcher.close()  # it leaves the tier it decodes on (unpinned: no turn is in its batch)
+            slot.batcher = None
         if slot.placement == "gpu":
             start = time.perf_counter()
             # Weights never change: re-point at the CPU copy instead of copying device -> host.
@@ -698,10 +745,13 @@ class TierManager:
         return {e: slot.params for e, slot in self.slots.items() if slot.disk}
 
     def close(self) -> None:
-        """Release what the tiers hold now (CPU and GPU buffers, llama.cpp models and their KV caches), except
-        experts still generating; the disk tier stays. The manager can be used again afterwards."""
+        """Release what the tiers hold now (CPU and GPU buffers, llama.cpp models and their KV caches, decode
+        threads), except experts still generating; the disk tier stays. The manager can be used again afterwards."""
         with self._lock:
+            batchers = [s.batcher for s in self.slots.values() if s.batcher is not None and not s.pins]
             for slot in self.slots.values():
                 if not slot.pins:
                     self._evict_locked(slot, "cpu")
             self._pool.clear()
+        for batcher in batchers:  # not under the lock: a decode thread may release KV bytes on its way out
+            batcher.close(wait=True)

@@ -1,0 +1,447 @@
+"""Batched decoding on one resident transformers module: concurrent turns decode together (continuous batching).
+
+One decode thread per resident model owns one batch: a ``DynamicCache`` whose rows are the running turns, laid on
+one shared timeline (left-padded, with a 2D attention mask and per-row position ids, as ``generate`` does for a
+padded batch). A new turn is prefilled alone into its own cache (``PREFILL_CHUNK`` tokens per step, between decode
+steps of the others), then merged into the batch at a token boundary; a finished, stopped or cancelled turn leaves
+it (``batch_select_indices``) and the padding nobody needs any more is cut off. Every row keeps its own sampling
+(greedy, or temperature / top-k / top-p with transformers' logits warpers), ``min_new_tokens``, EOS,
+``max_new_tokens``, stop strings (cut by the consumer, which then cancels the row) and cancellation.
+
+Why a hand-written loop and not transformers' continuous batching (``generate_batch``): measured here on
+SmolLM2-135M fp32, 2 threads, 8 sequences x 48 tokens, ``generate_batch`` gave 18 tok/s (sdpa) or 23 tok/s
+(``paged|sdpa``) on CPU, plain batched ``generate`` on the same 8 prompts 87 tok/s. This loop is that batched
+forward with rows joining and leaving. (``scripts/gpu_check.py`` compares the two again on CUDA.)
+
+A lone turn decodes as ``stream_generate`` does: same prefill steps, one token per forward, greedy argmax over
+the same logits, so its greedy tokens are the same.
+
+The batch's KV cache is counted in the budget of the tier the model runs on (``KVBudget``): a turn joins only
+when (rows x the longest row's prompt + max_new_tokens) x bytes per token fit; otherwise it waits for room.
+
+Not used for ZeroGPU (each turn is its own ``spaces.GPU`` call in a forked worker: there is no long-lived
+process with the GPU to hold a batch) nor for experts split across tiers by accelerate; both keep the per-turn
+``stream_generate`` path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from coe_core.experts.generation import (
+    PREFILL_CHUNK,
+    GenerationParams,
+    GenerationResult,
+    _IncrementalDecoder,
+    _StopStringFilter,
+)
+
+#: rows one batch decodes at once (the serving queue's ``max_running`` bounds it in practice)
+MAX_ROWS = 16
+#: cache layers whose tensors this module knows how to pad, merge and cut (full and sliding-window attention)
+_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+#: seconds a turn waiting for KV room sleeps before it asks again (rows leaving wake it earlier)
+_ROOM_POLL_S = 0.05
+
+
+def batchable(model) -> bool:
+    """Whether the model's cache is one this decoder can batch (plain or sliding-window attention layers)."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:
+        return False
+    return bool(cache.layers) and all(type(layer) in _LAYERS for layer in cache.layers)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token adds to the cache, from the model config (every layer counted full)."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * element
+
+
+@dataclass
+class KVBudget:
+    """Where a batch's KV cache is counted: the budget of the tier that runs the model."""
+
+    #: take this many bytes from the tier now (evicting idle experts if it must); False: no room now, wait
+    reserve: Callable[[int], bool]
+    release: Callable[[int], None]
+    #: the most bytes the cache could ever get there (the tier's budget less the weights)
+    capacity: Callable[[], int]
+
+
+@dataclass(eq=False)
+class _Row:
+    """One turn in (or waiting for) the batch."""
+
+    ids: list[int]
+    params: GenerationParams
+    cancel: threading.Event
+    processors: LogitsProcessorList
+    tokens: SimpleQueue = field(default_factory=SimpleQueue)
+    done: threading.Event = field(default_factory=threading.Event)
+    out: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+    #: its own cache while its prompt is prefilled (merged into the batch when done), and how far it got
+    cache: DynamicCache | None = None
+    prefilled: int = 0
+    #: tokens of it in the cache, and the token it feeds next
+    n_past: int = 0
+    next_token: int = -1
+
+    @property
+    def tokens_reserved(self) -> int:
+        return len(self.ids) + self.params.max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature <= 0 and not self.processors
+
+
+def _align(layer, length: int) -> None:
+    """Right-align a cache layer's keys and values to a timeline of ``length`` tokens: zeros on the left (masked
+    out) or the oldest columns cut. A sliding-window layer keeps at most ``sliding_window - 1`` of them."""
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        keep = min(length, layer.sliding_window - 1)
+        layer.cumulative_length = length
+    else:
+        keep = length
+    have = layer.keys.shape[-2]
+    if have > keep:
+        layer.keys, layer.values = layer.keys[..., have - keep:, :], layer.values[..., have - keep:, :]
+    elif have < keep:
+        pad = (0, 0, keep - have, 0)
+        layer.keys = torch.nn.functional.pad(layer.keys, pad)
+        layer.values = torch.nn.functional.pad(layer.values, pad)
+
+
+class BatchedDecoder:
+    """The decode thread of one resident module and the turns it runs. ``stream`` has ``stream_generate``'s
+    contract; ``close`` ends the thread (turns still in it end with an error)."""
+
+    def __init__(self, model, tokenizer, device: torch.device, *, kv_budget: KVBudget | None = None,
+                 name: str = "", max_rows: int = MAX_ROWS):
+        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.kv_budget, self.max_rows = kv_budget, max_rows
+        self.bytes_per_token = kv_bytes_per_token(model)
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
+        # generate's defaults for what the engine does not set: top-k (50 unless the model's config says
+        # otherwise) and the model's repetition penalty, so that a turn samples as it did on ``generate``
+        self.top_k = getattr(gen, "top_k", None) or 50
+        self.repetition_penalty = getattr(gen, "repetition_penalty", None) or 1.0
+        self._cv = threading.Condition()
+        self._waiting: deque[_Row] = deque()
+        self._closing = False
+        #: the batch: rows merged into ``_cache`` (same order), its attention mask, and rows still prefilling
+        self._active: list[_Row] = []
+        self._prefilling: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._reserved = 0
+        #: decode steps that carried more than one row (batching at work), and the most rows in one step
+        self.steps = 0
+        self.widest = 0
+        self._thread = threading.Thread(target=self._loop, name=f"coe-batch-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the turns' side ----------------------------------------------------------------------------
+    def _processors(self, params: GenerationParams) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if params.temperature > 0:  # generate's order: temperature, top-k, top-p
+            procs.append(TemperatureLogitsWarper(params.temperature))
+            procs.append(TopKLogitsWarper(self.top_k))
+            if params.top_p < 1.0:
+                procs.append(TopPLogitsWarper(params.top_p))
+        return procs
+
+    def submit(self, input_ids: list[int], params: GenerationParams, cancel: threading.Event) -> _Row:
+        """Queue a turn; its token ids arrive on ``.tokens`` (None at the end), ``.done`` is set once it has left
+        the batch."""
+        if not input_ids:
+            raise ValueError("the prompt is empty")
+        row = _Row(list(input_ids), params, cancel, self._processors(params))
+        if self.kv_budget is not None:
+            need = row.tokens_reserved * self.bytes_per_token
+            capacity = self.kv_budget.capacity()
+            if need > capacity:
+                raise ValueError(f"this turn's KV cache ({len(input_ids)} prompt + {params.max_new_tokens} new "
+                                 f"tokens, {need / 1e6:.1f} MB) does not fit beside the expert in its tier "
+                                 f"({max(capacity, 0) / 1e6:.1f} MB free for it): ask for fewer tokens or "
+                                 "raise the tier budget")
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("the expert was evicted")
+            self._waiting.append(row)
+            self._cv.notify_all()
+        return row
+
+    def stream(self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event,
+               result: GenerationResult) -> Iterator[str]:
+        """Yield answer text as it is generated; ``result`` holds the token count when the stream ends."""
+        row = self.submit(input_ids, params, cancel)
+        decoder = _IncrementalDecoder(self.tokenizer)
+        stop_filter = _StopStringFilter(params.stop)
+        completed = False
+        try:
+            while (token := row.tokens.get()) is not None:
+                result.new_tokens += 1
+                piece = stop_filter.feed(decoder.feed([token]))
+                if piece:
+                    yield piece
+                if stop_filter.stopped:
+                    cancel.set()  # the answer is complete: the row leaves the batch at the next step
+            tail = stop_filter.flush()
+            if tail:
+                yield tail
+            completed = True
+        finally:
+            result.cancelled = not completed or (cancel.is_set() and not stop_filter.stopped)
+            cancel.set()  # a closed consumer ends the row too
+            row.done.wait()  # out of the batch before the lease (and with it the module) may go
+            result.token_ids = list(row.out)
+        if row.error is not None:
+            result.error = row.error
+            raise row.error
+
+    def close(self, *, wait: bool = False) -> None:
+        """Stop the decode thread (it ends turns still in the batch with an error). Not waiting by default: the
+        tier manager calls this under its lock, which the thread may need to release KV bytes."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- KV bytes in the tier --------------------------------------------------------------------------
+    def _bound(self, rows: list[_Row]) -> int:
+        """Bytes the batch may reach: every row padded to the longest row's prompt + max_new_tokens."""
+        return len(rows) * max((r.tokens_reserved for r in rows), default=0) * self.bytes_per_token
+
+    def _rebudget(self, rows: list[_Row]) -> bool:
+        """Hold exactly the bound of ``rows`` in the tier; False (nothing changed) when there is no room."""
+        want = self._bound(rows)
+        if self.kv_budget is not None and want != self._reserved:
+            if want > self._reserved and not self.kv_budget.reserve(want - self._reserved):
+                return False
+            if want < self._reserved:
+                self.kv_budget.release(self._reserved - want)
+        self._reserved = want
+        return True
+
+    # -- the decode thread ---------------------------------------------------------------------------
+    def _rows(self) -> list[_Row]:
+        return self._active + self._prefilling
+
+    def _end(self, rows: list[_Row], error: BaseException | None = None) -> None:
+        """Rows leave: their KV bytes go back to the tier before their turns see the end."""
+        gone = set(map(id, rows))
+        keep = [i for i, r in enumerate(self._active) if id(r) not in gone]
+        if len(keep) < len(self._active):
+            if not keep:
+                self._cache = self._mask = None
+            else:
+                index = torch.tensor(keep, device=self.device)
+                self._cache.batch_select_indices(index)
+                self._mask = self._mask[index]
+                self._trim()
+            self._active = [self._active[i] for i in keep]
+        self._prefilling = [r for r in self._prefilling if id(r) not in gone]
+        try:
+            self._rebudget(self._rows())
+        finally:
+            for row in rows:
+                row.cache = None
+                row.error = error
+                row.tokens.put(None)
+                row.done.set()
+
+    def _trim(self) -> None:
+        """Cut the padding columns no row needs any more (the longest rows left)."""
+        real = self._mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else self._mask.shape[1]
+        if start:
+            self._mask = self._mask[:, start:]
+            for layer in self._cache.layers:
+                _align(layer, self._mask.shape[1])
+
+    def _merge(self, row: _Row) -> None:
+        """Put a prefilled row into the batch: both on the longer timeline, concatenated along the batch."""
+        if self._cache is None:
+            self._cache, self._mask = row.cache, torch.ones(1, row.n_past, dtype=torch.long, device=self.device)
+        else:
+            length = max(self._mask.shape[1], row.n_past)
+            for mine, theirs in zip(self._cache.layers, row.cache.layers, strict=True):
+                _align(mine, length)
+                _align(theirs, length)
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+            mask = torch.zeros(len(self._active) + 1, length, dtype=torch.long, device=self.device)
+            mask[:-1, length - self._mask.shape[1]:] = self._mask
+            mask[-1, length - row.n_past:] = 1
+            self._mask = mask
+        row.cache = None
+        self._active.append(row)
+
+    def _admit(self) -> None:
+        """Move waiting turns into the batch while rows are free and their KV bytes fit the tier."""
+        while True:
+            with self._cv:
+                stopped = [r for r in self._waiting if r.cancel.is_set()]  # stopped before it started
+                for row in stopped:
+                    self._waiting.remove(row)
+                row = self._waiting[0] if self._waiting and len(self._rows()) < self.max_rows else None
+            if stopped:
+                self._end(stopped)
+            if row is None:
+                return
+            if not self._rebudget([*self._rows(), row]):
+                return  # waits for a running turn to leave (or an idle expert to be evicted)
+            with self._cv:
+                self._waiting.popleft()
+            self._prefilling.append(row)
+
+    def _prefill_step(self, row: _Row) -> None:
+        """One prefill step of ``row`` (the steps ``stream_generate`` takes); its first token at the end."""
+        if row.cache is None:
+            row.cache = DynamicCache(config=self.model.config)
+        total = len(row.ids)
+        if total <= 2 * PREFILL_CHUNK:
+            end = total
+        elif row.prefilled < total - 1:  # chunks of all but the last token, then the last token alone
+            end = min(row.prefilled + PREFILL_CHUNK, total - 1)
+        else:
+            end = total
+        ids = torch.tensor([row.ids[row.prefilled:end]], device=self.device)
+        out = self.model(input_ids=ids, cache=row.cache, use_cache=True, logits_to_keep=1)
+        row.prefilled = row.n_past = end
+        if end < total:
+            return
+        token = self._sample([row], out.logits[:, -1, :])[0]
+        if isinstance(token, Exception):
+            raise token
+        if self._emit(row, token):
+            self._prefilling.remove(row)
+            self._merge(row)
+        else:
+            self._end([row])
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
+        """The next token of each row: greedy rows by one argmax, the others through their own warpers. A row whose
+        sampling fails gets the exception instead (it alone ends)."""
+        logits = logits.float()
+        for i, row in enumerate(rows):
+            if len(row.out) < row.params.min_new_tokens and self.eos_ids:
+                logits[i, self.eos_ids] = -float("inf")
+        tokens: list[int | Exception] = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            if row.greedy:
+                continue
+            try:
+                scores = logits[i:i + 1]
+                if row.processors:
+                    seen = torch.tensor([row.ids + row.out], device=self.device)
+                    scores = row.processors(seen, scores)
+                if row.params.temperature > 0:
+                    tokens[i] = int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+                else:
+                    tokens[i] = int(scores.argmax(dim=-1))
+            except Exception as exc:
+                tokens[i] = exc
+        return tokens
+
+    def _emit(self, row: _Row, token: int) -> bool:
+        """Hand a token to its turn; False when the turn has ended (EOS, its length, or cancelled)."""
+        if row.cancel.is_set() or (token in self.eos_ids and len(row.out) >= row.params.min_new_tokens):
+            return False
+        row.out.append(token)
+        row.tokens.put(token)
+        row.next_token = token
+        return len(row.out) < row.params.max_new_tokens
+
+    def _decode_step(self) -> None:
+        """One token of every row in the batch, in one forward."""
+        rows = self._active
+        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.n_past] for r in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions, cache=self._cache,
+                         use_cache=True, logits_to_keep=1)
+        for row in rows:
+            row.n_past += 1
+        if len(rows) > 1:
+            self.steps += 1
+        self.widest = max(self.widest, len(rows))
+        ended, failed = [], []
+        for row, token in zip(rows, self._sample(rows, out.logits[:, -1, :]), strict=True):
+            if isinstance(token, Exception):
+                failed.append((row, token))
+            elif not self._emit(row, token):
+                ended.append(row)
+        if ended:
+            self._end(ended)
+        for row, exc in failed:
+            self._end([row], exc)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():  # every tensor of the batch lives and changes in here
+            self._run()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closing or self._waiting or self._rows()):
+                    self._cv.wait()
+                if self._closing:
+                    break
+            self._admit()
+            if not self._rows():
+                with self._cv:  # turns wait for KV room: look again soon
+                    self._cv.wait(_ROOM_POLL_S)
+                continue
+            if self._prefilling:
+                row = self._prefilling[0]
+                if row.cancel.is_set():
+                    self._end([row])
+                else:
+                    try:
+                        self._prefill_step(row)
+                    except Exception as exc:  # this turn's prompt broke: it alone ends
+                        self._end([row], exc)
+            cancelled = [r for r in self._active if r.cancel.is_set()]
+            if cancelled:
+                self._end(cancelled)
+            if not self._active:
+                continue
+            try:
+                self._decode_step()
+            except Exception as exc:  # the batch itself broke: every row in it gets the error
+                self._end(list(self._active), exc)
+        with self._cv:
+            stranded = list(self._waiting)
+            self._waiting.clear()
+        self._end(self._rows() + stranded, RuntimeError("the expert was evicted while generating"))
