@@ -13,6 +13,17 @@ Before each run every expert leaves the execution tier, so both runs start alike
 execution tier's budget holds one expert only (the largest resident footprint plus half the smallest), the case
 where the order of turns decides how often the tiers swap; ``--no-tight`` keeps the configured budget.
 
+``--runtime transformers`` runs every local expert on the transformers runtime (batched decoding per expert,
+``coe_core/experts/batched_decode.py``); ``--expert NAME`` sends all traffic to one expert (single-expert traffic:
+it stays resident, so runs measure decoding, not swaps). Beside the levels:
+
+- ``ceiling``: plain ``model.generate`` on a batch of 1, 4, 8 and 16 of the same prompts (the engine's prompt
+  format, left-padded), greedy, ``--tokens`` new tokens each, per transformers expert, in the same run: the
+  tokens/s a batch of that size can reach on this machine. Each level adds ``ceiling_tokens_per_s`` (the batch
+  of min(users, ``serve.max_running``)) and ``ratio_to_ceiling`` = scheduler / that (single-expert traffic only);
+- ``per_turn`` (at 1 user, transformers experts): the same run with batching off (one ``generate`` per turn, the
+  engine before batched decoding); ``ratio_to_per_turn`` = scheduler / that.
+
 Figures per run: ``tokens_per_s`` (all new tokens / wall time of the run), ``ttft_p50_s``, ``ttft_p95_s`` (from
 the turn's start, queueing included), ``queue_wait_p95_s``, ``swaps_per_100_turns`` (loads into the execution
 tier during the run), ``refused`` (QueueFull), ``errors``, ``turns``, ``logged`` (rows of the run in the log,
@@ -43,6 +54,10 @@ PROMPTS = [
 ]
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -51,7 +66,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def _run(coe, experts: list[str], *, users: int, turns: int, tokens: int, think_s: float, tag: str) -> dict:
-    for expert in experts:  # every run starts with no expert on the execution tier
+    for expert in experts if len(experts) > 1 else ():  # every run starts with no expert on the execution tier
         if coe.tiers.state(expert) == coe.tiers.exec_tier:
             coe.tiers.evict(expert, coe.tiers.exec_tier)
     exec_tier = coe.tiers.exec_tier
@@ -107,12 +122,53 @@ def _run(coe, experts: list[str], *, users: int, turns: int, tokens: int, think_
     }
 
 
+#: batch sizes of the plain ``generate`` ceiling
+CEILING_BATCHES = (1, 4, 8, 16)
+
+
+def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] = CEILING_BATCHES) -> dict:
+    """Tokens/s of plain ``model.generate`` on a batch of ``n`` prompts of ``PROMPTS`` (formatted as the engine
+    formats them, left-padded), greedy, ``tokens`` new tokens each: what batched decoding can reach here."""
+    import torch
+
+    cfg = coe.config.experts[expert]
+    out = {}
+    with coe.tiers.acquire(expert, trigger="bench") as lease:
+        tokenizer = lease.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        prompts = [lease.runtime.format_prompt([{"role": "user", "content": p}], cfg, context_length=2048,
+                                               reserve_tokens=tokens).input_ids for p in PROMPTS]
+        for n in batches:
+            rows = [prompts[i % len(prompts)] for i in range(n)]
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lease.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lease.device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                generated = lease.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
+                                                 min_new_tokens=tokens, do_sample=False, temperature=None,
+                                                 top_p=None, top_k=None, pad_token_id=pad)
+            if lease.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            out[str(n)] = round((generated.shape[1] - width) * n / seconds, 2)
+    return out
+
+
 def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), turns: int = 2, tokens: int = 16,
-                think_s: float = 0.2, tight: bool = True) -> dict:
+                think_s: float = 0.2, tight: bool = True, runtime: str | None = None,
+                expert: str | None = None) -> dict:
+    from coe_core.bench.swap import with_runtime
     from coe_core.engine import CoE
     from coe_core.store.store import Store
 
+    if runtime is not None:
+        config = with_runtime(config, runtime)
     experts = [e for e, c in config.experts.items() if not c.is_remote]
+    if expert is not None:
+        if expert not in experts:
+            raise ValueError(f"unknown local expert {expert!r}; experts: {', '.join(experts)}")
+        experts = [expert]
     with tempfile.TemporaryDirectory(prefix="coe-bench-serve-") as tmp:
         store = Store(f"sqlite:///{Path(tmp) / 'bench.sqlite3'}")
         coe = CoE(config, routing=None, store=store, progress=False)
@@ -134,10 +190,15 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
                       "runtime": {e: coe.tiers.slots[e].runtime for e in experts},
                       "tokens": tokens, "turns_per_user": turns, "think_s": think_s,
                       "serve": serve.model_dump(), "levels": []}
+            transformers = [e for e in experts if coe.tiers.slots[e].runtime == "transformers"]
+            batches = tuple(sorted({*CEILING_BATCHES, *(min(u, serve.max_running) for u in levels)}))
+            result["ceiling"] = {e: generate_ceiling(coe, e, tokens=tokens, batches=batches) for e in transformers}
             for users in levels:
                 row = {"users": users}
-                for name in ("scheduler", "one_at_a_time"):
-                    if name == "scheduler":
+                runs = ["scheduler", "one_at_a_time"] + (["per_turn"] if users == 1 and transformers else [])
+                for name in runs:
+                    coe.tiers.batching = name != "per_turn"
+                    if name in ("scheduler", "per_turn"):
                         coe.scheduler = Scheduler(max_running=serve.max_running, max_queue=serve.max_queue,
                                                   max_wait_s=serve.max_wait_s, max_bypass=serve.max_bypass,
                                                   swap_cost_s=coe.swap_cost_s)
@@ -148,8 +209,14 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
                     row[name] = _run(coe, experts, users=users, turns=turns, tokens=tokens, think_s=think_s,
                                      tag=f"{name}-{users}")
                 a, b = row["scheduler"], row["one_at_a_time"]
-                row["tokens_per_s_ratio"] = round(a["tokens_per_s"] / b["tokens_per_s"], 2) \
-                    if b["tokens_per_s"] else None
+                row["tokens_per_s_ratio"] = _ratio(a["tokens_per_s"], b["tokens_per_s"])
+                if "per_turn" in row:
+                    row["ratio_to_per_turn"] = _ratio(a["tokens_per_s"], row["per_turn"]["tokens_per_s"])
+                if len(experts) == 1 and experts[0] in result["ceiling"]:
+                    ceiling = result["ceiling"][experts[0]]
+                    batch = str(min(users, serve.max_running))
+                    row["ceiling_tokens_per_s"] = ceiling[batch]
+                    row["ratio_to_ceiling"] = _ratio(a["tokens_per_s"], ceiling[batch])
                 result["levels"].append(row)
             result["median_ratio"] = statistics.median(
                 [r["tokens_per_s_ratio"] for r in result["levels"] if r["tokens_per_s_ratio"]] or [0])

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--think-s", type=float, default=0.2, help="serve: seconds between a user's turns")
     p.add_argument("--no-tight", action="store_true",
                    help="serve: keep the configured execution-tier budget (default: room for one expert)")
+    p.add_argument("--runtime", choices=["transformers", "llama_cpp"], default=None,
+                   help="serve: run every local expert on this runtime (default: as spaces.yaml says)")
+    p.add_argument("--expert", default=None,
+                   help="serve: send every turn to this expert (single-expert traffic, compared with the ceiling)")
 
 
 def cmd_bench(args: argparse.Namespace, config: CoEConfig) -> int:
@@ -46,7 +50,7 @@ def cmd_bench(args: argparse.Namespace, config: CoEConfig) -> int:
 
         result = bench_serve(config, levels=tuple(int(n) for n in args.levels.split(",")), turns=args.turns,
                              tokens=args.tokens if args.tokens != 64 else 16, think_s=args.think_s,
-                             tight=not args.no_tight)
+                             tight=not args.no_tight, runtime=args.runtime, expert=args.expert)
     elif args.what == "store":
         from coe_core.bench.store import bench_store
 

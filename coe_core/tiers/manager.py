@@ -155,6 +155,8 @@ class TierManager:
         self.device = torch.device("cuda") if self.exec_tier == "gpu" else torch.device("cpu")
         self.progress = progress
         self.on_swap = on_swap
+        #: transformers experts decode concurrent turns in one batch (False: one ``generate`` per turn, as before)
+        self.batching = True
         self.history: deque[SwapEvent] = deque(maxlen=200)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -593,6 +595,8 @@ class TierManager:
         """The decode thread of a transformers expert resident on the execution tier: made at its first turn
         there, closed when it leaves that tier (``_evict_locked``). None for a model it cannot batch."""
         with self._lock:
+            if not self.batching:
+                return None
             if slot.batcher is None and batchable(slot.model):
                 tier = slot.placement
                 slot.batcher = BatchedDecoder(
