@@ -8,7 +8,16 @@ Checks, on the packaged experts (materialised in bfloat16 into a scratch data di
 3. LRU on the GPU tier: a budget for one expert evicts the other;
 4. split: a GPU budget smaller than the expert places it across gpu/cpu(/disk) with accelerate, and it runs;
 5. CPU -> GPU bandwidth against a pinned-copy ceiling of the same bytes;
-6. engine tokens/s on CUDA.
+6. engine tokens/s on CUDA;
+7. batched decoding on CUDA: 8 concurrent turns through the batched decoder (``coe_core/experts/batched_decode``)
+   against transformers' own continuous batching (``generate_batch``) and plain ``generate`` on the same batch
+   of 8 (the ceiling): on CPU the hand-written loop won (docs/benchmarks.md); where the library wins on CUDA,
+   the runtime should use it there;
+8. ``coe bench serve`` on CUDA: single-expert traffic (batched decoding against the ceiling) and mixed traffic
+   with a gpu tier that holds one expert (swaps on the gpu tier).
+
+The functions of checks 7 and 8 take the device from the CoE they are given, so they also run on CPU
+(``batching_vs_library`` and ``serve_checks`` with small sizes: how this script is checked without a GPU).
 """
 
 from __future__ import annotations
@@ -28,9 +37,77 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from coe_core.bench.serve import PROMPTS, bench_serve, generate_ceiling  # noqa: E402
 from coe_core.bench.swap import cpu_to_gpu  # noqa: E402
 from coe_core.config import load_config  # noqa: E402
 from coe_core.engine import CoE  # noqa: E402
+
+
+def batching_vs_library(coe, expert: str, *, tokens: int = 48, rows: int = 8) -> dict:
+    """Tokens/s of ``rows`` turns at once on ``expert``: through the engine's batched decoder, through
+    transformers' ``generate_batch`` (its continuous batching) and plain batched ``generate`` (the ceiling)."""
+    import threading
+
+    from transformers import GenerationConfig
+
+    from coe_core.experts.generation import GenerationParams, GenerationResult
+
+    cfg = coe.config.experts[expert]
+    ceiling = generate_ceiling(coe, expert, tokens=tokens, batches=(rows,))[str(rows)]
+    with coe.tiers.acquire(expert, trigger="bench") as lease:
+        assert lease.runtime.batcher is not None, "the expert has no batched decoder"
+        prompts = [lease.runtime.format_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], cfg,
+                                               context_length=2048, reserve_tokens=tokens).input_ids
+                   for i in range(rows)]
+        params = GenerationParams(max_new_tokens=tokens, temperature=0.0, min_new_tokens=tokens)
+        results = [GenerationResult() for _ in prompts]
+
+        def turn(i: int) -> None:
+            for _ in lease.runtime.stream(prompts[i], params, cancel=threading.Event(), result=results[i]):
+                pass
+
+        threads = [threading.Thread(target=turn, args=(i,)) for i in range(rows)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ours = sum(r.new_tokens for r in results) / (time.perf_counter() - start)
+        widest = lease.runtime.batcher.widest
+        model = lease.model
+        attention = model.config._attn_implementation  # generate_batch may switch it to a paged kernel
+        try:
+            gen = GenerationConfig(max_new_tokens=tokens, do_sample=False, pad_token_id=lease.tokenizer.pad_token_id,
+                                   eos_token_id=model.generation_config.eos_token_id)
+            model.generate_batch(prompts, generation_config=gen)  # warm-up (CUDA graphs, its cache)
+            start = time.perf_counter()
+            outputs = model.generate_batch(prompts, generation_config=gen)
+            library = sum(len(o.generated_tokens) for o in outputs.values()) / (time.perf_counter() - start)
+        finally:
+            model.set_attn_implementation(attention)
+    return {"batched_decode_tok_s": round(ours, 1), "generate_batch_tok_s": round(library, 1),
+            "generate_ceiling_tok_s": round(ceiling, 1), "ratio_to_ceiling": round(ours / ceiling, 2),
+            "widest_batch": widest, "faster": "batched_decode" if ours >= library else "generate_batch"}
+
+
+def serve_checks(config, *, levels=(1, 4, 8), tokens: int = 48, turns: int = 2) -> dict:
+    """``coe bench serve`` twice: all traffic on the first expert (against the generate ceiling), then mixed
+    traffic with an execution tier that holds one expert (swaps). The summary keeps the table's columns."""
+    out = {}
+    single = bench_serve(config, levels=levels, turns=turns, tokens=tokens, think_s=0.0, runtime="transformers",
+                         expert=next(iter(config.experts)))
+    mixed = bench_serve(config, levels=levels, turns=turns, tokens=max(tokens // 3, 8), runtime="transformers")
+    for name, result in (("single", single), ("mixed", mixed)):
+        rows = []
+        for level in result["levels"]:
+            a, b = level["scheduler"], level["one_at_a_time"]
+            assert a["errors"] == b["errors"] == 0 and a["refused"] == b["refused"] == 0, level
+            rows.append({"users": level["users"], "tok_s": a["tokens_per_s"], "one_at_a_time": b["tokens_per_s"],
+                         "ratio": level["tokens_per_s_ratio"], "ceiling": level.get("ceiling_tokens_per_s"),
+                         "to_ceiling": level.get("ratio_to_ceiling"), "to_per_turn": level.get("ratio_to_per_turn"),
+                         "ttft_p50_s": a["ttft_p50_s"], "swaps_per_100": a["swaps_per_100_turns"]})
+        out[name] = {"exec_tier": result["exec_tier"], "levels": rows}
+    return out
 
 
 def main() -> int:
@@ -123,7 +200,23 @@ def main() -> int:
         return info.bytes_by_tier
 
     check("split across gpu/cpu with accelerate", split)
+
+    def batching():
+        tiers.tiers["gpu"].budget = 10**12
+        return batching_vs_library(coe, experts[0])
+
+    check("batched decoding vs generate_batch vs generate", batching)
+    for e in experts:  # the serve benchmark builds its own CoE: leave it the GPU
+        tiers.evict(e, "cpu")
     coe.close()
+    torch.cuda.empty_cache()
+
+    def serve():
+        result = serve_checks(config)
+        assert result["single"]["exec_tier"] == "gpu", result
+        return result
+
+    check("coe bench serve on the gpu tier", serve)
 
     width = max(len(r["check"]) for r in rows)
     print(f"\nGPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -131,6 +224,14 @@ def main() -> int:
     for r in rows:
         print(f"{r['check']:<{width}}  {'yes' if r['ok'] else 'NO ':<4}  {r['seconds']:>7}  "
               f"{json.dumps(r['detail'], default=str)[:160]}")
+    serve_row = next((r for r in rows if r["check"].startswith("coe bench serve") and r["ok"]), None)
+    if serve_row:  # the table for docs/benchmarks.md
+        print("\ntraffic | users | tok/s | one at a time | ratio | ceiling | to ceiling | to per-turn | ttft p50 s | "
+              "swaps/100")
+        for name, result in serve_row["detail"].items():
+            for v in result["levels"]:
+                print(f"{name} | {v['users']} | {v['tok_s']} | {v['one_at_a_time']} | {v['ratio']} | {v['ceiling']} | "
+                      f"{v['to_ceiling']} | {v['to_per_turn']} | {v['ttft_p50_s']} | {v['swaps_per_100']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "checks": rows}, indent=2,
                                               default=str))

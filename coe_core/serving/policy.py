@@ -6,9 +6,9 @@ Swap-aware, with an aging bound:
    waited ``max_wait_s``. The oldest due turn goes first, and while it cannot start, nothing else starts (the
    running turns drain, then it gets its expert). So no turn is bypassed more than ``max_bypass`` times.
 2. Otherwise turns whose expert needs **no swap** go first: the expert is already running (the turn joins its
-   batch: the llama.cpp runtime decodes concurrent turns of one expert together) or is resident on the
-   execution tier (or remote). Among the others, the cheapest swap first (bytes / the tiers' measured GB/s).
-   Ties: arrival order.
+   batch: both runtimes decode concurrent turns of one expert together, llama.cpp in one ``llama_batch``,
+   transformers in ``coe_core/experts/batched_decode.py``) or is resident on the execution tier (or remote).
+   Among the others, the cheapest swap first (bytes / the tiers' measured GB/s). Ties: arrival order.
 3. A turn that needs a swap starts only when nothing is running, so an expert serves its waiting turns before
    it can be evicted, and two experts never thrash the tiers in arrival order. Until its expert is resident
    (``swapping``), only turns for that expert start (they join it; nothing pins the expert it may evict).

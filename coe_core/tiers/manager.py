@@ -11,6 +11,10 @@ SwapEvent. An expert larger than the execution tier runs split across tiers with
 A GGUF expert on the llama.cpp runtime (``coe_core.experts.runtime``) has the same tiers with other contents:
 disk = the GGUF file itself (sha256-verified), cpu = the model loaded by llama.cpp with its KV cache, both
 counted in the cpu budget; it executes in the cpu tier.
+
+A transformers expert resident on the execution tier gets a batched decoder (one decode thread, closed when the
+expert leaves that tier); the KV cache of its running batch is counted in that tier's budget (``kv_live``), so a
+load waits for it and a turn whose cache does not fit waits for room.
 """
 
 from __future__ import annotations
