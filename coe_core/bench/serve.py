@@ -138,6 +138,9 @@ def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         prompts = [lease.runtime.format_prompt([{"role": "user", "content": p}], cfg, context_length=2048,
                                                reserve_tokens=tokens).input_ids for p in PROMPTS]
+        with torch.inference_mode():  # the first generate of a process pays one-time costs: not counted
+            lease.model.generate(input_ids=torch.tensor([prompts[0]], device=lease.device), max_new_tokens=2,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         for n in batches:
             rows = [prompts[i % len(prompts)] for i in range(n)]
             width = max(map(len, rows))

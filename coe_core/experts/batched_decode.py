@@ -47,8 +47,7 @@ from coe_core.experts.generation import (
     PREFILL_CHUNK,
     GenerationParams,
     GenerationResult,
-    _IncrementalDecoder,
-    _StopStringFilter,
+    answer_text,
 )
 
 #: rows one batch decodes at once (the serving queue's ``max_running`` bounds it in practice)
@@ -204,26 +203,13 @@ class BatchedDecoder:
                result: GenerationResult) -> Iterator[str]:
         """Yield answer text as it is generated; ``result`` holds the token count when the stream ends."""
         row = self.submit(input_ids, params, cancel)
-        decoder = _IncrementalDecoder(self.tokenizer)
-        stop_filter = _StopStringFilter(params.stop)
-        completed = False
-        try:
-            while (token := row.tokens.get()) is not None:
-                result.new_tokens += 1
-                piece = stop_filter.feed(decoder.feed([token]))
-                if piece:
-                    yield piece
-                if stop_filter.stopped:
-                    cancel.set()  # the answer is complete: the row leaves the batch at the next step
-            tail = stop_filter.flush()
-            if tail:
-                yield tail
-            completed = True
+        try:  # a stop string or a closed consumer sets ``cancel``: the row leaves the batch at the next step
+            yield from answer_text(([token] for token in iter(row.tokens.get, None)), self.tokenizer, params.stop,
+                                   cancel, result)
         finally:
-            result.cancelled = not completed or (cancel.is_set() and not stop_filter.stopped)
-            cancel.set()  # a closed consumer ends the row too
             row.done.wait()  # out of the batch before the lease (and with it the module) may go
             result.token_ids = list(row.out)
+            result.new_tokens = len(row.out)
         if row.error is not None:
             result.error = row.error
             raise row.error

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import SimpleQueue
@@ -194,12 +194,26 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
             streamer.end()
 
     worker = _WORKERS.submit(work)
+    try:
+        yield from answer_text(streamer, tokenizer, params.stop, cancel, result)
+    finally:
+        if not worker.cancel():  # still queued for a free worker: never runs; else wait for it to stop
+            worker.result()
+    if result.error is not None:
+        raise result.error
+
+
+def answer_text(new_ids: Iterable[list[int]], tokenizer, stops: tuple[str, ...], cancel: threading.Event,
+                result: GenerationResult) -> Iterator[str]:
+    """The answer's text pieces from its new token ids as they arrive, cut at the first stop string (which sets
+    ``cancel``: the compute stops early). When it ends, ``result.cancelled`` says whether it ended early for
+    another reason, and ``cancel`` is set either way (a consumer that went away stops the compute too)."""
     decoder = _IncrementalDecoder(tokenizer)
-    stop_filter = _StopStringFilter(params.stop)
+    stop_filter = _StopStringFilter(stops)
     completed = False
     try:
-        for new_ids in streamer:
-            piece = stop_filter.feed(decoder.feed(new_ids))
+        for ids in new_ids:
+            piece = stop_filter.feed(decoder.feed(ids))
             if piece:
                 yield piece
             if stop_filter.stopped:
@@ -211,11 +225,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
     finally:
         # cancelled: the consumer went away mid-stream, or someone set ``cancel`` (stop button)
         result.cancelled = not completed or (cancel.is_set() and not stop_filter.stopped)
-        cancel.set()  # a closed consumer stops the worker too
-        if not worker.cancel():  # still queued for a free worker: never runs; else wait for it to stop
-            worker.result()
-    if result.error is not None:
-        raise result.error
+        cancel.set()
 
 
 def reference_logprob(model, prompt_ids: list[int], ref_ids: list[int], device: torch.device) -> tuple[float, int]:
