@@ -134,6 +134,15 @@ def test_a_turn_that_breaks_ends_alone_and_the_others_keep_decoding(smol):
     again = Turn(lease, ids[1], greedy(4))  # the batch still serves new turns afterwards
     again.join()
     assert again.error is None and again.result.token_ids == token_ids[:4]
+    # arriving together, they are prefilled in one forward: that fails, and each is then prefilled alone
+    batcher = lease.runtime.batcher
+    with batcher._cv:  # the decode thread sees both at once
+        rows = [batcher.submit(ids[1], greedy(16), threading.Event()),
+                batcher.submit([*ids[2][:-1], vocab + 7], greedy(8), threading.Event())]
+    for row in rows:
+        row.done.wait(timeout=120)
+    assert rows[0].error is None and rows[0].out == token_ids
+    assert rows[1].error is not None and rows[1].out == []
 
 
 def test_the_batch_kv_cache_is_counted_in_the_tier_and_a_turn_waits_for_room(tiny_config):

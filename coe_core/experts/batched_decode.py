@@ -2,11 +2,12 @@
 
 One decode thread per resident model owns one batch: a ``DynamicCache`` whose rows are the running turns, laid on
 one shared timeline (left-padded, with a 2D attention mask and per-row position ids, as ``generate`` does for a
-padded batch). A new turn is prefilled alone into its own cache (``PREFILL_CHUNK`` tokens per step, between decode
-steps of the others), then merged into the batch at a token boundary; a finished, stopped or cancelled turn leaves
-it (``batch_select_indices``) and the padding nobody needs any more is cut off. Every row keeps its own sampling
-(greedy, or temperature / top-k / top-p with transformers' logits warpers), ``min_new_tokens``, EOS,
-``max_new_tokens``, stop strings (cut by the consumer, which then cancels the row) and cancellation.
+padded batch). New turns are prefilled into a cache of their own (turns that arrived together in one padded
+forward; a long prompt ``PREFILL_CHUNK`` tokens per step, between decode steps of the others), then merged into
+the batch at a token boundary; a finished, stopped or cancelled turn leaves it (``batch_select_indices``) and the
+padding nobody needs any more is cut off. Every row keeps its own sampling (greedy, or temperature / top-k /
+top-p with transformers' logits warpers), ``min_new_tokens``, EOS, ``max_new_tokens``, stop strings (cut by the
+consumer, which then cancels the row) and cancellation.
 
 Why a hand-written loop and not transformers' continuous batching (``generate_batch``): measured here on
 SmolLM2-135M fp32, 2 threads, 8 sequences x 48 tokens, ``generate_batch`` gave 18 tok/s (sdpa) or 23 tok/s
@@ -103,6 +104,8 @@ class _Row:
     #: its own cache while its prompt is prefilled (merged into the batch when done), and how far it got
     cache: DynamicCache | None = None
     prefilled: int = 0
+    #: prefilled alone, not with other new turns (a group it was in failed)
+    alone: bool = False
     #: tokens of it in the cache, and the token it feeds next
     n_past: int = 0
     next_token: int = -1
@@ -275,23 +278,27 @@ class BatchedDecoder:
             for layer in self._cache.layers:
                 _align(layer, self._mask.shape[1])
 
-    def _merge(self, row: _Row) -> None:
-        """Put a prefilled row into the batch: both on the longer timeline, concatenated along the batch."""
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Put prefilled rows (their cache and mask) into the batch: both on the longer timeline, concatenated
+        along the batch."""
         if self._cache is None:
-            self._cache, self._mask = row.cache, torch.ones(1, row.n_past, dtype=torch.long, device=self.device)
+            self._cache, self._mask = cache, mask
         else:
-            length = max(self._mask.shape[1], row.n_past)
-            for mine, theirs in zip(self._cache.layers, row.cache.layers, strict=True):
+            length = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
                 _align(mine, length)
                 _align(theirs, length)
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
-            mask = torch.zeros(len(self._active) + 1, length, dtype=torch.long, device=self.device)
-            mask[:-1, length - self._mask.shape[1]:] = self._mask
-            mask[-1, length - row.n_past:] = 1
-            self._mask = mask
-        row.cache = None
-        self._active.append(row)
+            merged = mask.new_zeros(len(self._active) + len(rows), length)
+            merged[:len(self._active), length - self._mask.shape[1]:] = self._mask
+            merged[len(self._active):, length - mask.shape[1]:] = mask
+            self._mask = merged
+        for row in rows:
+            row.cache = None
+            self._prefilling.remove(row)
+        self._active.extend(rows)
+        self._trim()  # (a group whose longest row ended at its first token brings padding nobody needs)
 
     def _admit(self) -> None:
         """Move waiting turns into the batch while rows are free and their KV bytes fit the tier."""
@@ -311,30 +318,60 @@ class BatchedDecoder:
                 self._waiting.popleft()
             self._prefilling.append(row)
 
-    def _prefill_step(self, row: _Row) -> None:
-        """One prefill step of ``row`` (the steps ``stream_generate`` takes); its first token at the end."""
-        if row.cache is None:
-            row.cache = DynamicCache(config=self.model.config)
-        total = len(row.ids)
-        if total <= 2 * PREFILL_CHUNK:
-            end = total
-        elif row.prefilled < total - 1:  # chunks of all but the last token, then the last token alone
-            end = min(row.prefilled + PREFILL_CHUNK, total - 1)
+    def _prefill_group(self) -> list[_Row]:
+        """The rows to prefill in the next step: every short prompt not started yet, in one padded forward (turns
+        that arrive together, as ``generate`` prefills a batch), else the next chunk of one long prompt."""
+        short = [r for r in self._prefilling
+                 if not r.prefilled and not r.alone and len(r.ids) <= 2 * PREFILL_CHUNK]
+        return short or self._prefilling[:1]
+
+    def _prefill_step(self, rows: list[_Row]) -> None:
+        """One prefill step of ``rows``: a lone row takes the steps ``stream_generate`` takes (so its tokens are the
+        same), several short ones go in one left-padded forward. At the end, their first tokens."""
+        row = rows[0]
+        if len(rows) > 1:
+            width = max(len(r.ids) for r in rows)
+            ids = torch.tensor([[0] * (width - len(r.ids)) + r.ids for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device)
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             cache=cache, use_cache=True, logits_to_keep=1)
+            for r in rows:
+                r.prefilled = r.n_past = len(r.ids)
         else:
-            end = total
-        ids = torch.tensor([row.ids[row.prefilled:end]], device=self.device)
-        out = self.model(input_ids=ids, cache=row.cache, use_cache=True, logits_to_keep=1)
-        row.prefilled = row.n_past = end
-        if end < total:
-            return
-        token = self._sample([row], out.logits[:, -1, :])[0]
-        if isinstance(token, Exception):
-            raise token
-        if self._emit(row, token):
-            self._prefilling.remove(row)
-            self._merge(row)
-        else:
-            self._end([row])
+            if row.cache is None:
+                row.cache = DynamicCache(config=self.model.config)
+            total = len(row.ids)
+            if total <= 2 * PREFILL_CHUNK:
+                end = total
+            elif row.prefilled < total - 1:  # chunks of all but the last token, then the last token alone
+                end = min(row.prefilled + PREFILL_CHUNK, total - 1)
+            else:
+                end = total
+            step = torch.tensor([row.ids[row.prefilled:end]], device=self.device)
+            out = self.model(input_ids=step, cache=row.cache, use_cache=True, logits_to_keep=1)
+            row.prefilled = row.n_past = end
+            if end < total:
+                return
+            cache, mask = row.cache, torch.ones(1, end, dtype=torch.long, device=self.device)
+        keep, ended, failed = [], [], []
+        for i, (r, token) in enumerate(zip(rows, self._sample(rows, out.logits[:, -1, :]), strict=True)):
+            if isinstance(token, Exception):
+                failed.append((r, token))
+            elif self._emit(r, token):
+                keep.append(i)
+            else:
+                ended.append(r)
+        if keep and len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        if keep:
+            self._merge([rows[i] for i in keep], cache, mask)
+        if ended:
+            self._end(ended)
+        for r, exc in failed:
+            self._end([r], exc)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
         """The next token of each row: greedy rows by one argmax, the others through their own warpers. A row whose
@@ -409,15 +446,18 @@ class BatchedDecoder:
                 with self._cv:  # turns wait for KV room: look again soon
                     self._cv.wait(_ROOM_POLL_S)
                 continue
+            stopped = [r for r in self._prefilling if r.cancel.is_set()]
+            if stopped:
+                self._end(stopped)
             if self._prefilling:
-                row = self._prefilling[0]
-                if row.cancel.is_set():
-                    self._end([row])
-                else:
-                    try:
-                        self._prefill_step(row)
-                    except Exception as exc:  # this turn's prompt broke: it alone ends
-                        self._end([row], exc)
+                rows = self._prefill_group()
+                try:
+                    self._prefill_step(rows)
+                except Exception as exc:
+                    if len(rows) == 1:  # this turn's prompt broke: it alone ends
+                        self._end(rows, exc)
+                    for row in rows:  # one of them broke the group: each is prefilled alone from now on
+                        row.alone = True
             cancelled = [r for r in self._active if r.cancel.is_set()]
             if cancelled:
                 self._end(cancelled)
