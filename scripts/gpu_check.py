@@ -202,7 +202,7 @@ def main() -> int:
     check("split across gpu/cpu with accelerate", split)
 
     def batching():
-        tiers.tiers["gpu"].budget = 10**12
+        tiers.tiers["gpu"].budget_bytes = 10**12
         return batching_vs_library(coe, experts[0])
 
     check("batched decoding vs generate_batch vs generate", batching)

@@ -151,22 +151,22 @@ def test_the_batch_kv_cache_is_counted_in_the_tier_and_a_turn_waits_for_room(tin
     try:
         with tiers.acquire("small") as lease:
             batcher = lease.runtime.batcher
-            weights = tiers.snapshot()["tiers"]["cpu"]["used"]
+            weights = tiers.snapshot().tiers["cpu"].used_bytes
             ids = lease.runtime.format_prompt([{"role": "user", "content": "once upon a time"}],
                                               config.experts["small"], context_length=256,
                                               reserve_tokens=40).input_ids
             one_row = (len(ids) + 40) * batcher.bytes_per_token
-            tiers.tiers["cpu"].budget = weights + one_row + one_row // 2  # room for one turn's KV cache, not two
+            tiers.tiers["cpu"].budget_bytes = weights + one_row + one_row // 2  # room for one turn's KV cache, not two
             first = Turn(lease, ids, greedy(40))
             first.wait_pieces(1)
-            assert tiers.snapshot()["tiers"]["cpu"]["used"] == weights + one_row
+            assert tiers.snapshot().tiers["cpu"].used_bytes == weights + one_row
             second = Turn(lease, ids, greedy(40))
             first.join()
             second.join()
             assert first.error is None and second.error is None
             assert len(second.result.token_ids) == 40
             assert batcher.widest == 1  # the second waited for the first's room instead of joining it
-            assert tiers.snapshot()["tiers"]["cpu"]["used"] == weights  # both gave their bytes back
+            assert tiers.snapshot().tiers["cpu"].used_bytes == weights  # both gave their bytes back
             too_long = Turn(lease, ids, greedy(200))  # its cache alone would not fit beside the weights
             too_long.join()
             assert "does not fit" in str(too_long.error)
