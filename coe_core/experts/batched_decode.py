@@ -46,12 +46,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from coe_core.experts.generation import (
-    PREFILL_CHUNK,
-    GenerationParams,
-    GenerationResult,
-    answer_text,
-)
+from coe_core.experts import generation  # (its PREFILL_CHUNK read at each step: one setting for both paths)
+from coe_core.experts.generation import GenerationParams, GenerationResult, answer_text
 
 #: rows one batch decodes at once (the serving queue's ``max_running`` bounds it in practice)
 MAX_ROWS = 16
@@ -324,7 +320,7 @@ class BatchedDecoder:
         """The rows to prefill in the next step: every short prompt not started yet, in one padded forward (turns
         that arrive together, as ``generate`` prefills a batch), else the next chunk of one long prompt."""
         short = [r for r in self._prefilling
-                 if not r.prefilled and not r.alone and len(r.ids) <= 2 * PREFILL_CHUNK]
+                 if not r.prefilled and not r.alone and len(r.ids) <= 2 * generation.PREFILL_CHUNK]
         return short or self._prefilling[:1]
 
     def _prefill_step(self, rows: list[_Row]) -> None:
@@ -344,10 +340,10 @@ class BatchedDecoder:
             if row.cache is None:
                 row.cache = DynamicCache(config=self.model.config)
             total = len(row.ids)
-            if total <= 2 * PREFILL_CHUNK:
+            if total <= 2 * generation.PREFILL_CHUNK:
                 end = total
             elif row.prefilled < total - 1:  # chunks of all but the last token, then the last token alone
-                end = min(row.prefilled + PREFILL_CHUNK, total - 1)
+                end = min(row.prefilled + generation.PREFILL_CHUNK, total - 1)
             else:
                 end = total
             step = torch.tensor([row.ids[row.prefilled:end]], device=self.device)
