@@ -46,8 +46,10 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
         _say(note)
     for warning in storage_warnings(config.data_path, config.database_url):
         _say(f"WARNING: {warning}")
-    _say("preparing: materialising and verifying experts, loading the router "
-         "(the first start also converts the experts and trains the router: a minute or more)")
+    _say(
+        "preparing: materialising and verifying experts, loading the router "
+        "(the first start also converts the experts and trains the router: a minute or more)"
+    )
     coe = CoE(config, progress=True)
     export = None
     try:
@@ -69,9 +71,11 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
                 demo.launch(server_name=host, server_port=port, share=True, **launch_kwargs())
             else:  # one port: the playground at /, the OpenAI-compatible API at /v1, probes at /healthz /readyz
                 _say(f"OpenAI-compatible API on http://{host}:{port}/v1 (model 'coe' or an expert id)")
-                _say(f"MCP server on http://{host}:{port}/gradio_api/mcp/ (tools route, chat, feedback)"
-                     if launch_kwargs()["mcp_server"] else
-                     "no MCP server: the mcp package is missing (pip install 'gradio[mcp]')")
+                _say(
+                    f"MCP server on http://{host}:{port}/gradio_api/mcp/ (tools route, chat, feedback)"
+                    if launch_kwargs()["mcp_server"]
+                    else "no MCP server: the mcp package is missing (pip install 'gradio[mcp]')"
+                )
                 serve_both(build_server(coe, demo, **launch_kwargs()), host=host, port=port)
         except OSError as exc:
             return cannot_serve(host, port, exc)
@@ -88,8 +92,11 @@ def serve(config: CoEConfig, host: str = "127.0.0.1", port: int = 7860, share: b
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Start the CoE Playground (Gradio).")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 to serve your network)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="interface to listen on (default 127.0.0.1; 0.0.0.0 to serve your network)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     add_config_options(parser)

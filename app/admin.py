@@ -37,20 +37,26 @@ class AdminGate:
 
     def status_text(self, unlocked: bool) -> str:
         if self.open_mode:
-            return (f"**Open demo mode**: `{ENV_VAR}` is not set, so anyone with this page may retrain or "
-                    "change the mapping. Other people's prompts (recent turns, export, review of anonymous "
-                    "feedback) need the token. Set it to protect the actions too.")
+            return (
+                f"**Open demo mode**: `{ENV_VAR}` is not set, so anyone with this page may retrain or "
+                "change the mapping. Other people's prompts (recent turns, export, review of anonymous "
+                "feedback) need the token. Set it to protect the actions too."
+            )
         if unlocked:
             return "**Admin unlocked** for this browser session."
-        return (f"**Locked**: changing the system needs the admin token (`{ENV_VAR}`). "
-                "Chat and routing stay open to everyone.")
+        return (
+            f"**Locked**: changing the system needs the admin token (`{ENV_VAR}`). "
+            "Chat and routing stay open to everyone."
+        )
 
     def require(self, unlocked: bool, action: str) -> None:
         """Raise a user-facing error (a modal, not a traceback) when this session may not ``action``."""
         if self.open_mode or unlocked is True:
             return
-        raise gr.Error(f"{action} needs the admin token: enter it in the Admin panel at the top of the page.",
-                       title="Admin token needed")
+        raise gr.Error(
+            f"{action} needs the admin token: enter it in the Admin panel at the top of the page.",
+            title="Admin token needed",
+        )
 
     def sees_private(self, unlocked: bool) -> bool:
         """May this session see other people's prompts? Only an unlocked session of a configured token:
@@ -61,9 +67,11 @@ class AdminGate:
         if self.sees_private(unlocked):
             return
         if self.open_mode:
-            raise gr.Error(f"{action} shows other people's prompts, so it needs an admin token even in open demo "
-                           f"mode: set {ENV_VAR} and unlock (or use `coe export` on the server).",
-                           title="Admin token needed")
+            raise gr.Error(
+                f"{action} shows other people's prompts, so it needs an admin token even in open demo "
+                f"mode: set {ENV_VAR} and unlock (or use `coe export` on the server).",
+                title="Admin token needed",
+            )
         self.require(False, action)
 
     def unlock(self, candidate: str) -> tuple[bool, str]:

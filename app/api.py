@@ -71,17 +71,26 @@ class PublicAPI:
         given = headers.get("authorization", "") if hasattr(headers, "get") else ""
         token = given[7:].strip() if given[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode(), self._key.encode()):
-            raise gr.Error("this endpoint needs the API key: Client(url, headers={'Authorization': "
-                           "'Bearer <COE_API_KEY>'})", title="API key needed")
+            raise gr.Error(
+                "this endpoint needs the API key: Client(url, headers={'Authorization': 'Bearer <COE_API_KEY>'})",
+                title="API key needed",
+            )
 
     def register(self) -> None:
         gr.api(self.route, api_name="route")
-        gr.api(self.chat, api_name="chat", concurrency_limit=generation_concurrency(self.coe),
-               concurrency_id="generation")
+        gr.api(
+            self.chat, api_name="chat", concurrency_limit=generation_concurrency(self.coe), concurrency_id="generation"
+        )
         gr.api(self.feedback, api_name="feedback")
 
-    def route(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
-              expert: str | None = None, request: gr.Request = None) -> dict[str, Any]:
+    def route(
+        self,
+        prompt: str,
+        history: list[dict] | None = None,
+        category: str | None = None,
+        expert: str | None = None,
+        request: gr.Request = None,
+    ) -> dict[str, Any]:
         """Route a prompt without generating an answer: which category the CoE's router puts it in (with the
         probability of every category and whether it fell back to `general`), which expert LLM the
         category-to-expert mapping picks, and why. Cheap (milliseconds, no GPU); nothing is logged.
@@ -103,9 +112,16 @@ class PublicAPI:
         except ENGINE_ERRORS as exc:
             raise app_error(exc) from None
 
-    def chat(self, prompt: str, history: list[dict] | None = None, category: str | None = None,
-             expert: str | None = None, max_new_tokens: int = 128, temperature: float = 0.7,
-             request: gr.Request = None) -> Iterator[dict]:
+    def chat(
+        self,
+        prompt: str,
+        history: list[dict] | None = None,
+        category: str | None = None,
+        expert: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        request: gr.Request = None,
+    ) -> Iterator[dict]:
         """Answer a prompt with the Composition of Experts: the router picks a category, the mapping picks one
         expert LLM, the memory tiers swap it in, and it generates the answer (small open models: good for
         short answers, drafts and routing demos, not for facts you cannot check). Each turn is logged.
@@ -131,11 +147,25 @@ class PublicAPI:
         # the engine's one queue (serve.*): "queued" updates while others go first; "busy" beyond serve.max_queue
         yield from self._chat(messages, category, expert, max_new_tokens, temperature, _session(request))
 
-    def _chat(self, messages: list[dict], category: str | None, expert: str | None, max_new_tokens: Any,
-              temperature: Any, session_id: str) -> Iterator[dict]:
+    def _chat(
+        self,
+        messages: list[dict],
+        category: str | None,
+        expert: str | None,
+        max_new_tokens: Any,
+        temperature: Any,
+        session_id: str,
+    ) -> Iterator[dict]:
         cancel = threading.Event()
-        events = self.coe.chat(messages, _overrides(category, expert), max_new_tokens=max_new_tokens,
-                               temperature=temperature, cancel=cancel, client="api", session_id=session_id)
+        events = self.coe.chat(
+            messages,
+            _overrides(category, expert),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            cancel=cancel,
+            client="api",
+            session_id=session_id,
+        )
         turn, route = Transcript(), None
         with contextlib.closing(events):
             try:
@@ -148,18 +178,27 @@ class PublicAPI:
                         yield {"text": turn.text, "route": route, "done": False, "queued": event.to_dict()}
                     elif isinstance(event, TurnDone):
                         stats = event.stats.to_dict()
-                        yield {"text": turn.text, "route": route, "done": True, "status": stats["status"],
-                               "error": stats["error"], "interaction_id": stats["interaction_id"],
-                               "expert": turn.served_by, "swaps": [s.to_dict() for s in turn.swaps],
-                               "connection": turn.connection.to_dict() if turn.connection else None,
-                               "notices": [n.message for n in turn.notices], "stats": stats}
+                        yield {
+                            "text": turn.text,
+                            "route": route,
+                            "done": True,
+                            "status": stats["status"],
+                            "error": stats["error"],
+                            "interaction_id": stats["interaction_id"],
+                            "expert": turn.served_by,
+                            "swaps": [s.to_dict() for s in turn.swaps],
+                            "connection": turn.connection.to_dict() if turn.connection else None,
+                            "notices": [n.message for n in turn.notices],
+                            "stats": stats,
+                        }
             except ENGINE_ERRORS as exc:
                 raise app_error(exc) from None
             finally:
                 cancel.set()  # the caller went away mid-stream: stop generating (the engine logs it)
 
-    def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
-                 request: gr.Request = None) -> dict[str, Any]:
+    def feedback(
+        self, interaction_id: int, kind: str, corrected_category: str | None = None, request: gr.Request = None
+    ) -> dict[str, Any]:
         """Give feedback on a turn this client made (from /chat's interaction_id); it helps retrain the router.
         Likes and corrections wait for an admin's review before they train anything.
 
@@ -174,10 +213,15 @@ class PublicAPI:
         except (TypeError, ValueError, OverflowError):
             raise gr.Error("interaction_id must be the whole number /chat returned") from None
         try:
-            feedback_id = self.coe.feedback(turn, str(kind), corrected_category or None, owner=_session(request),
-                                            trusted=False)
+            feedback_id = self.coe.feedback(
+                turn, str(kind), corrected_category or None, owner=_session(request), trusted=False
+            )
         except ENGINE_ERRORS as exc:
             raise app_error(exc) from None
-        return {"feedback_id": feedback_id, "interaction_id": turn, "kind": kind,
-                "corrected_category": corrected_category or None,
-                "review": "pending" if kind in ("like", "wrong_category") else "accepted"}
+        return {
+            "feedback_id": feedback_id,
+            "interaction_id": turn,
+            "kind": kind,
+            "corrected_category": corrected_category or None,
+            "review": "pending" if kind in ("like", "wrong_category") else "accepted",
+        }

@@ -84,11 +84,16 @@ def routing_message(d: RouteDecision, msg_id: str) -> dict:
     lines = [d.explanation or routing_title(d)]
     if d.fallback and d.threshold is not None:
         lines.append(f"Confidence {d.confidence:.2f} is below the fallback threshold {d.threshold:.2f}.")
-    details = [f"router {d.router_version}" if d.router_version else "no router version",
-               f"routing took {d.latency_ms:.0f} ms"]
+    details = [
+        f"router {d.router_version}" if d.router_version else "no router version",
+        f"routing took {d.latency_ms:.0f} ms",
+    ]
     lines.append(" · ".join(details))
-    return {"role": "assistant", "content": "\n\n".join(lines),
-            "metadata": {"title": routing_title(d), "id": msg_id, "status": "pending"}}
+    return {
+        "role": "assistant",
+        "content": "\n\n".join(lines),
+        "metadata": {"title": routing_title(d), "id": msg_id, "status": "pending"},
+    }
 
 
 def swap_message(s: SwapEvent, parent_id: str) -> dict:
@@ -100,8 +105,11 @@ def swap_message(s: SwapEvent, parent_id: str) -> dict:
         parts.append("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.phases.items()))
     if s.evicted:
         parts.append("evicted: " + ", ".join(s.evicted))
-    return {"role": "assistant", "content": "; ".join(parts) or "moved",
-            "metadata": {"title": title, "parent_id": parent_id}}
+    return {
+        "role": "assistant",
+        "content": "; ".join(parts) or "moved",
+        "metadata": {"title": title, "parent_id": parent_id},
+    }
 
 
 def connection_message(c: RemoteConnect, parent_id: str) -> dict:
@@ -116,19 +124,28 @@ def connection_message(c: RemoteConnect, parent_id: str) -> dict:
 
 
 def resident_message(expert: str, tier: str, parent_id: str) -> dict:
-    return {"role": "assistant", "content": f"{expert} was already resident in {tier}: no swap needed.",
-            "metadata": {"title": f"✓ {expert} already in {tier}", "parent_id": parent_id}}
+    return {
+        "role": "assistant",
+        "content": f"{expert} was already resident in {tier}: no swap needed.",
+        "metadata": {"title": f"✓ {expert} already in {tier}", "parent_id": parent_id},
+    }
 
 
 def notice_message(n: Notice, parent_id: str) -> dict:
-    return {"role": "assistant", "content": escape_html(n.message),
-            "metadata": {"title": "⚠️ note" if n.kind == "warning" else "ℹ️ note", "parent_id": parent_id}}
+    return {
+        "role": "assistant",
+        "content": escape_html(n.message),
+        "metadata": {"title": "⚠️ note" if n.kind == "warning" else "ℹ️ note", "parent_id": parent_id},
+    }
 
 
 def queued_message(q: Queued, parent_id: str) -> dict:
-    """"waiting: 2 turns ahead on gemma3-270m, then a swap" (the serving queue; updated in place)."""
-    return {"role": "assistant", "content": escape_html(q.message),
-            "metadata": {"title": "⏳ queued", "parent_id": parent_id, "status": "pending"}}
+    """ "waiting: 2 turns ahead on gemma3-270m, then a swap" (the serving queue; updated in place)."""
+    return {
+        "role": "assistant",
+        "content": escape_html(q.message),
+        "metadata": {"title": "⏳ queued", "parent_id": parent_id, "status": "pending"},
+    }
 
 
 def stats_line(stats: TurnStats) -> str:

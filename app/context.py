@@ -26,8 +26,10 @@ class AppContext:
 
     def __post_init__(self) -> None:
         if not isinstance(self.coe.routing, RoutingService):
-            raise ValueError("the playground shows and manages the router: build the engine with routing='auto' "
-                             f"(a RoutingService), not {type(self.coe.routing).__name__}")
+            raise ValueError(
+                "the playground shows and manages the router: build the engine with routing='auto' "
+                f"(a RoutingService), not {type(self.coe.routing).__name__}"
+            )
         self.routing = self.coe.routing
         cfg = self.coe.config
         if not self.colors:
@@ -44,4 +46,3 @@ class AppContext:
     @property
     def experts(self) -> list[str]:
         return list(self.coe.config.experts)
-

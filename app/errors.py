@@ -12,8 +12,12 @@ from coe_core.errors import Busy, CoEError, ConfigError, InvalidRequest, StoreEr
 ENGINE_ERRORS = (CoEError,)
 
 _TITLES: tuple[tuple[type[CoEError], str], ...] = (
-    (InvalidRequest, "Invalid request"), (Busy, "Busy"), (Unavailable, "Unavailable"),
-    (StoreError, "Interaction log"), (ConfigError, "Configuration"))
+    (InvalidRequest, "Invalid request"),
+    (Busy, "Busy"),
+    (Unavailable, "Unavailable"),
+    (StoreError, "Interaction log"),
+    (ConfigError, "Configuration"),
+)
 
 
 def user_message(exc: BaseException) -> str:

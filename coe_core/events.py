@@ -15,8 +15,9 @@ from typing import Any, Literal
 #: the fallback category's expert), ``override-category`` / ``override-expert`` (the user forced one),
 #: ``mapping-override`` (``mapping.overrides`` in spaces.yaml), ``default`` (no router: the default expert),
 #: ``remote-fallback`` (set during the turn: its remote expert did not answer and a local one stood in).
-RouteReason = Literal["mapped", "fallback", "override-category", "override-expert", "mapping-override", "default",
-                      "remote-fallback"]
+RouteReason = Literal[
+    "mapped", "fallback", "override-category", "override-expert", "mapping-override", "default", "remote-fallback"
+]
 
 
 @dataclass
@@ -93,8 +94,11 @@ class RemoteConnect:
     @property
     def phases(self) -> dict[str, float]:
         """Consecutive stretches (they add up to ``first_byte_s``): connect, wait for headers, first byte."""
-        return {"connect": self.connect_s, "headers": max(self.headers_s - self.connect_s, 0.0),
-                "first_byte": max(self.first_byte_s - self.headers_s, 0.0)}
+        return {
+            "connect": self.connect_s,
+            "headers": max(self.headers_s - self.connect_s, 0.0),
+            "first_byte": max(self.first_byte_s - self.headers_s, 0.0),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "phases": {k: round(v, 4) for k, v in self.phases.items()}}

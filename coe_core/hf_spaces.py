@@ -19,10 +19,26 @@ from coe_core.errors import Unavailable
 #: File systems whose locking SQLite cannot trust (the SQLite FAQ and "How To Corrupt An SQLite Database File"
 #: name network file systems). Any FUSE mount is counted too: on a Space the only one is a storage bucket
 #: (``hf-mount``, type ``fuse``), and a FUSE file system's locking is whatever its daemon implements.
-NETWORK_FS_TYPES = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs", "afs",
-    "ocfs2", "virtiofs", "fuse", "fuseblk",
-})
+NETWORK_FS_TYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "afs",
+        "ocfs2",
+        "virtiofs",
+        "fuse",
+        "fuseblk",
+    }
+)
 
 
 def on_space(env: Mapping[str, str] | None = None) -> bool:
@@ -53,8 +69,8 @@ def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -97,11 +113,15 @@ def space_notes(database_url: str, env: Mapping[str, str] | None = None) -> list
     env = os.environ if env is None else env
     if not on_space(env):
         return []
-    notes = [f"on Hugging Face Space {env.get('SPACE_ID') or '(unnamed)'}"
-             + (": ZeroGPU, a GPU slice is attached for each answer" if on_zero_gpu(env) else "")]
+    notes = [
+        f"on Hugging Face Space {env.get('SPACE_ID') or '(unnamed)'}"
+        + (": ZeroGPU, a GPU slice is attached for each answer" if on_zero_gpu(env) else "")
+    ]
     if database_url.startswith("sqlite") and not env.get("COE_HUB_EXPORT_REPO"):
-        notes.append("the log is SQLite on the Space's disk, which a restart wipes: set COE_HUB_EXPORT_REPO "
-                     "(a Hub dataset, scheduled JSONL export) or COE_DATABASE_URL (PostgreSQL) to keep it")
+        notes.append(
+            "the log is SQLite on the Space's disk, which a restart wipes: set COE_HUB_EXPORT_REPO "
+            "(a Hub dataset, scheduled JSONL export) or COE_DATABASE_URL (PostgreSQL) to keep it"
+        )
     return notes
 
 
@@ -112,12 +132,16 @@ def storage_warnings(data_dir: str | Path, database_url: str, mountinfo: str | N
         return []
     where = f"{mount.fstype} mount of {mount.source} at {mount.point}"
     if database_url.startswith("sqlite"):
-        return [f"the data directory {data_dir} is on a network file system ({where}). SQLite's locking is not "
-                "safe there (a storage bucket mounted as a volume is one): the log can be corrupted. Keep "
-                "COE_DATA_DIR on the Space's local disk and keep the log with COE_DATABASE_URL (PostgreSQL) or "
-                "COE_HUB_EXPORT_REPO (a scheduled JSONL export into a Hub dataset); see the README's Spaces section."]
-    return [f"the data directory {data_dir} is on a network file system ({where}): the log is in an external "
-            "database, fine; the disk tier and router versions are read over the network (slower swaps)."]
+        return [
+            f"the data directory {data_dir} is on a network file system ({where}). SQLite's locking is not "
+            "safe there (a storage bucket mounted as a volume is one): the log can be corrupted. Keep "
+            "COE_DATA_DIR on the Space's local disk and keep the log with COE_DATABASE_URL (PostgreSQL) or "
+            "COE_HUB_EXPORT_REPO (a scheduled JSONL export into a Hub dataset); see the README's Spaces section."
+        ]
+    return [
+        f"the data directory {data_dir} is on a network file system ({where}): the log is in an external "
+        "database, fine; the disk tier and router versions are read over the network (slower swaps)."
+    ]
 
 
 # -- ZeroGPU -------------------------------------------------------------------------------------------------
@@ -149,9 +173,13 @@ def gpu_error_message(title: str, message: str) -> str:
     title = (title or "").strip()
     message = " ".join((message or "").split())
     if "quota" in title.lower() or "quota" in message.lower():
-        return (f"the GPU of this Space is not available to you right now: {message} The answer was not generated; "
-                "try again later, log in to Hugging Face for more daily GPU time, or duplicate the Space.")
+        return (
+            f"the GPU of this Space is not available to you right now: {message} The answer was not generated; "
+            "try again later, log in to Hugging Face for more daily GPU time, or duplicate the Space."
+        )
     if "duration" in title.lower():
-        return (f"the GPU reservation for this answer was refused: {message} Ask for fewer new tokens "
-                "(max new tokens) and try again.")
+        return (
+            f"the GPU reservation for this answer was refused: {message} Ask for fewer new tokens "
+            "(max new tokens) and try again."
+        )
     return f"the GPU worker failed ({title or 'ZeroGPU'}): {message or 'no details'}. Try again."

@@ -30,8 +30,16 @@ from coe_core.routing.features import FeatureSet  # noqa: E402
 from coe_core.routing.service import RoutingService  # noqa: E402
 from coe_core.routing.training import prepare  # noqa: E402
 
-COMBOS = [("tokens",), ("chars",), ("sentence",), ("tokens", "chars"), ("tokens", "sentence"),
-          ("chars", "sentence"), ("tokens", "chars", "sentence"), ("tokens", "chars", "shape")]
+COMBOS = [
+    ("tokens",),
+    ("chars",),
+    ("sentence",),
+    ("tokens", "chars"),
+    ("tokens", "sentence"),
+    ("chars", "sentence"),
+    ("tokens", "chars", "sentence"),
+    ("tokens", "chars", "shape"),
+]
 
 
 def accuracy_by_slice(examples, predicted) -> dict[str, float]:
@@ -48,8 +56,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here as well")
     args = parser.parse_args()
     config = load_config(args.config, env=False)
-    config = config.model_copy(update={"router": config.router.model_copy(
-        update={"features": ["tokens", "chars", "sentence", "shape"]})})
+    config = config.model_copy(
+        update={"router": config.router.model_copy(update={"features": ["tokens", "chars", "sentence", "shape"]})}
+    )
     service = RoutingService(config, progress=lambda m: print(m, file=sys.stderr))
     train, _ = prepare(config, service.seed_labelled())
     dev = service.dev_labelled()
@@ -69,8 +78,13 @@ def main() -> None:
         x_train = sparse.hstack([blocks[b][0] for b in combo], format="csr")
         x_dev = sparse.hstack([blocks[b][1] for b in combo], format="csr")
         clf = SoftmaxLinearSVC(C=3.0, max_iter=5000, random_state=0).fit(x_train, y)
-        rows.append({"features": "+".join(combo), "ms_per_prompt": round(sum(per_prompt_ms[b] for b in combo), 2),
-                     **accuracy_by_slice(dev, clf.predict(x_dev))})
+        rows.append(
+            {
+                "features": "+".join(combo),
+                "ms_per_prompt": round(sum(per_prompt_ms[b] for b in combo), 2),
+                **accuracy_by_slice(dev, clf.predict(x_dev)),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
     # the first router: MiniLM on the start of the text only, RBF SVM with calibrated probabilities
     from sklearn.calibration import CalibratedClassifierCV
@@ -79,13 +93,21 @@ def main() -> None:
     embedder = resources.sentence
     truncated = embedder.embed(texts_train), embedder.embed(texts_dev)
     svm = CalibratedClassifierCV(SVC(C=1.0, kernel="rbf"), method="temperature", cv=3, ensemble=False)
-    svm.fit(truncated[0][[i for i, ex in enumerate(train) if ex.category != "general"]],
-            y[[i for i, ex in enumerate(train) if ex.category != "general"]])
-    rows.append({"features": "baseline (MiniLM first 128 tokens, RBF SVM, no general class)",
-                 "ms_per_prompt": per_prompt_ms["sentence"], **accuracy_by_slice(dev, svm.predict(truncated[1]))})
+    svm.fit(
+        truncated[0][[i for i, ex in enumerate(train) if ex.category != "general"]],
+        y[[i for i, ex in enumerate(train) if ex.category != "general"]],
+    )
+    rows.append(
+        {
+            "features": "baseline (MiniLM first 128 tokens, RBF SVM, no general class)",
+            "ms_per_prompt": per_prompt_ms["sentence"],
+            **accuracy_by_slice(dev, svm.predict(truncated[1])),
+        }
+    )
     print(json.dumps(rows[-1]), file=sys.stderr)
-    slices = sorted({k for r in rows for k in r if k not in ("features", "ms_per_prompt")},
-                    key=lambda s: (s != "all", s))
+    slices = sorted(
+        {k for r in rows for k in r if k not in ("features", "ms_per_prompt")}, key=lambda s: (s != "all", s)
+    )
     print("| features | ms/prompt | " + " | ".join(slices) + " |")
     print("|---|---|" + "---|" * len(slices))
     for r in rows:

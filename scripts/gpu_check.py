@@ -56,9 +56,15 @@ def batching_vs_library(coe, expert: str, *, tokens: int = 48, rows: int = 8) ->
     ceiling = generate_ceiling(coe, expert, tokens=tokens, batches=(rows,))[str(rows)]
     with coe.tiers.acquire(expert, trigger="bench") as lease:
         assert lease.runtime.batcher is not None, "the expert has no batched decoder"
-        prompts = [lease.runtime.format_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], cfg,
-                                               context_length=2048, reserve_tokens=tokens).input_ids
-                   for i in range(rows)]
+        prompts = [
+            lease.runtime.format_prompt(
+                [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                cfg,
+                context_length=2048,
+                reserve_tokens=tokens,
+            ).input_ids
+            for i in range(rows)
+        ]
         params = GenerationParams(max_new_tokens=tokens, temperature=0.0, min_new_tokens=tokens)
         results = [GenerationResult() for _ in prompts]
 
@@ -77,35 +83,60 @@ def batching_vs_library(coe, expert: str, *, tokens: int = 48, rows: int = 8) ->
         model = lease.model
         attention = model.config._attn_implementation  # generate_batch may switch it to a paged kernel
         try:
-            gen = GenerationConfig(max_new_tokens=tokens, do_sample=False, pad_token_id=lease.tokenizer.pad_token_id,
-                                   eos_token_id=model.generation_config.eos_token_id)
+            gen = GenerationConfig(
+                max_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=lease.tokenizer.pad_token_id,
+                eos_token_id=model.generation_config.eos_token_id,
+            )
             model.generate_batch(prompts, generation_config=gen)  # warm-up (CUDA graphs, its cache)
             start = time.perf_counter()
             outputs = model.generate_batch(prompts, generation_config=gen)
             library = sum(len(o.generated_tokens) for o in outputs.values()) / (time.perf_counter() - start)
         finally:
             model.set_attn_implementation(attention)
-    return {"batched_decode_tok_s": round(ours, 1), "generate_batch_tok_s": round(library, 1),
-            "generate_ceiling_tok_s": round(ceiling, 1), "ratio_to_ceiling": round(ours / ceiling, 2),
-            "widest_batch": widest, "faster": "batched_decode" if ours >= library else "generate_batch"}
+    return {
+        "batched_decode_tok_s": round(ours, 1),
+        "generate_batch_tok_s": round(library, 1),
+        "generate_ceiling_tok_s": round(ceiling, 1),
+        "ratio_to_ceiling": round(ours / ceiling, 2),
+        "widest_batch": widest,
+        "faster": "batched_decode" if ours >= library else "generate_batch",
+    }
 
 
 def serve_checks(config, *, levels=(1, 4, 8), tokens: int = 48, turns: int = 2) -> dict:
     """``coe bench serve`` twice: all traffic on the first expert (against the generate ceiling), then mixed
     traffic with an execution tier that holds one expert (swaps). The summary keeps the table's columns."""
     out = {}
-    single = bench_serve(config, levels=levels, turns=turns, tokens=tokens, think_s=0.0, runtime="transformers",
-                         expert=next(iter(config.experts)))
+    single = bench_serve(
+        config,
+        levels=levels,
+        turns=turns,
+        tokens=tokens,
+        think_s=0.0,
+        runtime="transformers",
+        expert=next(iter(config.experts)),
+    )
     mixed = bench_serve(config, levels=levels, turns=turns, tokens=max(tokens // 3, 8), runtime="transformers")
     for name, result in (("single", single), ("mixed", mixed)):
         rows = []
         for level in result["levels"]:
             a, b = level["scheduler"], level["one_at_a_time"]
             assert a["errors"] == b["errors"] == 0 and a["refused"] == b["refused"] == 0, level
-            rows.append({"users": level["users"], "tok_s": a["tokens_per_s"], "one_at_a_time": b["tokens_per_s"],
-                         "ratio": level["tokens_per_s_ratio"], "ceiling": level.get("ceiling_tokens_per_s"),
-                         "to_ceiling": level.get("ratio_to_ceiling"), "to_per_turn": level.get("ratio_to_per_turn"),
-                         "ttft_p50_s": a["ttft_p50_s"], "swaps_per_100": a["swaps_per_100_turns"]})
+            rows.append(
+                {
+                    "users": level["users"],
+                    "tok_s": a["tokens_per_s"],
+                    "one_at_a_time": b["tokens_per_s"],
+                    "ratio": level["tokens_per_s_ratio"],
+                    "ceiling": level.get("ceiling_tokens_per_s"),
+                    "to_ceiling": level.get("ratio_to_ceiling"),
+                    "to_per_turn": level.get("ratio_to_per_turn"),
+                    "ttft_p50_s": a["ttft_p50_s"],
+                    "swaps_per_100": a["swaps_per_100_turns"],
+                }
+            )
         out[name] = {"exec_tier": result["exec_tier"], "levels": rows}
     return out
 
@@ -125,12 +156,17 @@ def main() -> int:
         start = time.perf_counter()
         try:
             detail = fn()
-            rows.append({"check": name, "ok": True, "seconds": round(time.perf_counter() - start, 3),
-                         "detail": detail})
+            rows.append({"check": name, "ok": True, "seconds": round(time.perf_counter() - start, 3), "detail": detail})
         except Exception as exc:  # report every check, keep going
             traceback.print_exc()
-            rows.append({"check": name, "ok": False, "seconds": round(time.perf_counter() - start, 3),
-                         "detail": f"{type(exc).__name__}: {exc}"})
+            rows.append(
+                {
+                    "check": name,
+                    "ok": False,
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "detail": f"{type(exc).__name__}: {exc}",
+                }
+            )
 
     config = load_config(REPO / "spaces.yaml", env=False, data_dir=str(data_dir))
     coe = CoE(config, routing=None, store=None)
@@ -179,11 +215,15 @@ def main() -> int:
     check("cpu -> gpu bandwidth vs pinned copy", bandwidth)
 
     def generate():
-        _, swaps, stats = coe.run("Explain why the sky is blue.", {"expert": experts[0]}, temperature=0,
-                                  max_new_tokens=64, min_new_tokens=64)
+        _, swaps, stats = coe.run(
+            "Explain why the sky is blue.", {"expert": experts[0]}, temperature=0, max_new_tokens=64, min_new_tokens=64
+        )
         assert stats.status == "ok", stats.error
-        return {"tokens_per_s": round(stats.tokens_per_s, 1), "ttft_s": round(stats.ttft_s, 3),
-                "swaps": [f"{s.src}->{s.dst} {s.seconds:.3f}s" for s in swaps]}
+        return {
+            "tokens_per_s": round(stats.tokens_per_s, 1),
+            "ttft_s": round(stats.ttft_s, 3),
+            "swaps": [f"{s.src}->{s.dst} {s.seconds:.3f}s" for s in swaps],
+        }
 
     check("generation on cuda", generate)
 
@@ -222,19 +262,26 @@ def main() -> int:
     print(f"\nGPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print(f"{'check':<{width}}  ok    seconds  detail")
     for r in rows:
-        print(f"{r['check']:<{width}}  {'yes' if r['ok'] else 'NO ':<4}  {r['seconds']:>7}  "
-              f"{json.dumps(r['detail'], default=str)[:160]}")
+        print(
+            f"{r['check']:<{width}}  {'yes' if r['ok'] else 'NO ':<4}  {r['seconds']:>7}  "
+            f"{json.dumps(r['detail'], default=str)[:160]}"
+        )
     serve_row = next((r for r in rows if r["check"].startswith("coe bench serve") and r["ok"]), None)
     if serve_row:  # the table for docs/benchmarks.md
-        print("\ntraffic | users | tok/s | one at a time | ratio | ceiling | to ceiling | to per-turn | ttft p50 s | "
-              "swaps/100")
+        print(
+            "\ntraffic | users | tok/s | one at a time | ratio | ceiling | to ceiling | to per-turn | ttft p50 s | "
+            "swaps/100"
+        )
         for name, result in serve_row["detail"].items():
             for v in result["levels"]:
-                print(f"{name} | {v['users']} | {v['tok_s']} | {v['one_at_a_time']} | {v['ratio']} | {v['ceiling']} | "
-                      f"{v['to_ceiling']} | {v['to_per_turn']} | {v['ttft_p50_s']} | {v['swaps_per_100']}")
+                print(
+                    f"{name} | {v['users']} | {v['tok_s']} | {v['one_at_a_time']} | {v['ratio']} | {v['ceiling']} | "
+                    f"{v['to_ceiling']} | {v['to_per_turn']} | {v['ttft_p50_s']} | {v['swaps_per_100']}"
+                )
     if args.json:
-        Path(args.json).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "checks": rows}, indent=2,
-                                              default=str))
+        Path(args.json).write_text(
+            json.dumps({"gpu": torch.cuda.get_device_name(0), "checks": rows}, indent=2, default=str)
+        )
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -28,9 +28,16 @@ sys.path.insert(0, str(REPO))
 
 #: the environment a Space sets for a Gradio app (the runtime's variables; Spaces docs, "Spaces Overview" and
 #: "Gradio Spaces"): SYSTEM and SPACE_ID identify it, Gradio listens on 0.0.0.0:7860 behind the proxy
-SPACE_ENV = {"SYSTEM": "spaces", "SPACE_ID": "rehearsal/coe-playground", "SPACE_AUTHOR_NAME": "rehearsal",
-             "SPACE_REPO_NAME": "coe-playground", "SPACE_HOST": "rehearsal-coe-playground.hf.space",
-             "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7860", "PYTHONUNBUFFERED": "1"}
+SPACE_ENV = {
+    "SYSTEM": "spaces",
+    "SPACE_ID": "rehearsal/coe-playground",
+    "SPACE_AUTHOR_NAME": "rehearsal",
+    "SPACE_REPO_NAME": "coe-playground",
+    "SPACE_HOST": "rehearsal-coe-playground.hf.space",
+    "GRADIO_SERVER_NAME": "0.0.0.0",
+    "GRADIO_SERVER_PORT": "7860",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 class Failed(Exception):
@@ -62,8 +69,10 @@ def check_front_matter(readme: Path) -> dict:
 
     data = SpaceCard.load(readme).data.to_dict()
     check(data.get("sdk") == "gradio", "front matter: sdk is gradio")
-    check(str(data.get("sdk_version")) == gradio.__version__,
-          f"front matter: sdk_version {data.get('sdk_version')} is the installed gradio {gradio.__version__}")
+    check(
+        str(data.get("sdk_version")) == gradio.__version__,
+        f"front matter: sdk_version {data.get('sdk_version')} is the installed gradio {gradio.__version__}",
+    )
     python = str(data.get("python_version", ""))
     check(bool(re.fullmatch(r"3\.\d+(\.\d+)?", python)), f"front matter: python_version {python!r} is set")
     running = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -82,8 +91,9 @@ def check_front_matter(readme: Path) -> dict:
 # -- the app on one port ----------------------------------------------------------------------------------------
 def http(method: str, url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, bytes, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", "Accept": "*/*"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", "Accept": "*/*"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read(), dict(resp.headers)
@@ -93,17 +103,37 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 300) 
 
 class App:
     def __init__(self, python: str, data_dir: Path, port: int, log: Path) -> None:
-        env = {**os.environ, **SPACE_ENV, "GRADIO_SERVER_PORT": str(port), "COE_DATA_DIR": str(data_dir),
-               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        for var in ("COE_CONFIG", "COE_PROFILE", "COE_DATABASE_URL", "COE_API_KEY", "COE_ADMIN_TOKEN",
-                    "GRADIO_SSR_MODE", "GRADIO_MCP_SERVER", "SPACES_ZERO_GPU"):
+        env = {
+            **os.environ,
+            **SPACE_ENV,
+            "GRADIO_SERVER_PORT": str(port),
+            "COE_DATA_DIR": str(data_dir),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        for var in (
+            "COE_CONFIG",
+            "COE_PROFILE",
+            "COE_DATABASE_URL",
+            "COE_API_KEY",
+            "COE_ADMIN_TOKEN",
+            "GRADIO_SSR_MODE",
+            "GRADIO_MCP_SERVER",
+            "SPACES_ZERO_GPU",
+        ):
             env.pop(var, None)
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.start = time.perf_counter()
         # a Space runs the app_file as a script from the repository root
-        self.proc = subprocess.Popen([python, "app/__main__.py"], cwd=REPO, env=env, stdout=log.open("ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [python, "app/__main__.py"],
+            cwd=REPO,
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float) -> float:
         deadline = time.monotonic() + timeout
@@ -152,8 +182,12 @@ def mcp_list_tools(url: str) -> list[str]:
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
     def post(payload: dict, session: str | None) -> tuple[dict | None, str | None]:
-        req = urllib.request.Request(url + "/gradio_api/mcp/", data=json.dumps(payload).encode(), method="POST",
-                                     headers={**headers, **({"mcp-session-id": session} if session else {})})
+        req = urllib.request.Request(
+            url + "/gradio_api/mcp/",
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={**headers, **({"mcp-session-id": session} if session else {})},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             session = resp.headers.get("mcp-session-id") or session
             text = resp.read().decode()
@@ -163,9 +197,16 @@ def mcp_list_tools(url: str) -> list[str]:
                 return json.loads(line), session
         return None, session
 
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                       "clientInfo": {"name": "coe-rehearsal", "version": "1"}}}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "coe-rehearsal", "version": "1"},
+        },
+    }
     _, session = post(init, None)
     post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
     listed, _ = post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session)
@@ -185,8 +226,10 @@ def probe(url: str, chat_tokens: int) -> dict:
     check(status == 200 and any(m["id"] == "coe" for m in json.loads(body)["data"]), "API: /v1/models lists coe")
     status, body, _ = http("POST", url + "/v1/route", {"messages": [{"role": "user", "content": "Solve 2x+3=7"}]})
     route = json.loads(body)
-    check(status == 200 and route.get("category"), f"API: /v1/route routes ({route.get('category')} -> "
-                                                   f"{route.get('expert')})")
+    check(
+        status == 200 and route.get("category"),
+        f"API: /v1/route routes ({route.get('category')} -> {route.get('expert')})",
+    )
     out["router_version"] = route.get("router_version")
     tools = mcp_tools(url)
     check({"route", "chat"} <= set(tools), f"MCP: the schema lists route and chat ({', '.join(sorted(tools))})")
@@ -199,24 +242,33 @@ def probe(url: str, chat_tokens: int) -> dict:
     client = Client(url + "/", verbose=False)
     decision = client.predict("Write a haiku about the sea", api_name="/route")
     check(isinstance(decision, dict) and decision.get("expert"), f"gradio_client: /route -> {decision.get('expert')}")
-    body = {"model": "coe", "max_tokens": chat_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]}
+    body = {
+        "model": "coe",
+        "max_tokens": chat_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}],
+    }
     t0 = time.perf_counter()
     status, raw, _ = http("POST", url + "/v1/chat/completions", body)
     reply = json.loads(raw)
     check(status == 200 and reply["choices"][0]["message"]["content"], "API: /v1/chat/completions answers")
     stats = reply.get("coe", {}).get("stats", {}) or reply.get("coe", {})
-    out["chat"] = {"wall_s": round(time.perf_counter() - t0, 2), "expert": reply.get("coe", {}).get("expert"),
-                   "new_tokens": reply.get("usage", {}).get("completion_tokens"),
-                   "tokens_per_s": stats.get("tokens_per_s"), "ttft_s": stats.get("ttft_s")}
+    out["chat"] = {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "expert": reply.get("coe", {}).get("expert"),
+        "new_tokens": reply.get("usage", {}).get("completion_tokens"),
+        "tokens_per_s": stats.get("tokens_per_s"),
+        "ttft_s": stats.get("ttft_s"),
+    }
     say(f"chat turn: {out['chat']}")
     return out
 
 
 def logged_turns(python: str, data_dir: Path) -> int:
     env = {**os.environ, "COE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([python, "-m", "coe_core.cli", "stats", "--json"], cwd=REPO, env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [python, "-m", "coe_core.cli", "stats", "--json"], cwd=REPO, env=env, check=True, capture_output=True, text=True
+    ).stdout
     return int(json.loads(out)["turns"])
 
 
@@ -225,10 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the app (a clean venv's)")
     parser.add_argument("--port", type=int, default=7860, help="the Space's port (default 7860)")
     parser.add_argument("--data-dir", help="fresh data dir (default: a new temporary folder, removed at the end)")
-    parser.add_argument("--experts-from", help="reuse materialised experts from this folder (symlinked as "
-                        "<data_dir>/experts): skips the first start's conversion, not its router training")
-    parser.add_argument("--router-from", help="start from a trained router folder (copied as <data_dir>/router): "
-                        "skips the first start's router training (for the test)")
+    parser.add_argument(
+        "--experts-from",
+        help="reuse materialised experts from this folder (symlinked as "
+        "<data_dir>/experts): skips the first start's conversion, not its router training",
+    )
+    parser.add_argument(
+        "--router-from",
+        help="start from a trained router folder (copied as <data_dir>/router): "
+        "skips the first start's router training (for the test)",
+    )
     parser.add_argument("--chat-tokens", type=int, default=64, help="max_tokens of the timed chat turn")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the first start")
     parser.add_argument("--json", help="write the summary here")
@@ -248,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["front_matter"] = check_front_matter(REPO / "README.md")
         app = App(args.python, data_dir, args.port, log)
         summary["first_start_s"] = round(app.wait_ready(args.timeout), 1)
-        say(f"first start: /healthz answered after {summary['first_start_s']} s "
+        say(
+            f"first start: /healthz answered after {summary['first_start_s']} s "
             f"({'experts reused' if args.experts_from else 'experts converted'}, "
-            f"{'router copied' if args.router_from else 'router trained'})")
+            f"{'router copied' if args.router_from else 'router trained'})"
+        )
         summary["first"] = probe(app.url, args.chat_tokens)
         app.stop()
         turns = logged_turns(args.python, data_dir)
@@ -261,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["second"] = probe(app.url, args.chat_tokens)
         app.stop()
         check(logged_turns(args.python, data_dir) == turns + 1, "restart: the log kept its turns (one more now)")
-        check(summary["second"]["router_version"] == summary["first"]["router_version"],
-              f"restart: the router version is kept ({summary['first']['router_version']})")
+        check(
+            summary["second"]["router_version"] == summary["first"]["router_version"],
+            f"restart: the router version is kept ({summary['first']['router_version']})",
+        )
         summary["ok"] = True
     except Failed as exc:
         say(f"FAILED: {exc}")

@@ -16,8 +16,17 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for _var in ("COE_PROFILE", "COE_DATA_DIR", "COE_CPU_BUDGET", "COE_GPU_BUDGET", "COE_DISK_BUDGET",
-             "COE_DATABASE_URL", "COE_MAPPING_BUDGET", "COE_CONFIG", "COE_ADMIN_TOKEN"):
+for _var in (
+    "COE_PROFILE",
+    "COE_DATA_DIR",
+    "COE_CPU_BUDGET",
+    "COE_GPU_BUDGET",
+    "COE_DISK_BUDGET",
+    "COE_DATABASE_URL",
+    "COE_MAPPING_BUDGET",
+    "COE_CONFIG",
+    "COE_ADMIN_TOKEN",
+):
     os.environ.pop(_var, None)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,19 +48,32 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>",
-                                                                    "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     return fast
 
 
-def make_tiny_expert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, chat: bool = True,
-                     tie: bool = True, context: int = 256) -> Path:
+def make_tiny_expert(
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    chat: bool = True,
+    tie: bool = True,
+    context: int = 256,
+) -> Path:
     """Save a random-weight Llama model + tokenizer as a transformers folder (a ``dir:`` source)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,10 +81,19 @@ def make_tiny_expert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: i
     tokenizer = make_tokenizer()
     if not chat:
         tokenizer.chat_template = None
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=context, tie_word_embeddings=tie,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -83,15 +114,16 @@ def tiny_sources(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_config_dict(sources: dict[str, Path], data_dir: Path, **tiers) -> dict:
-    experts = {
-        name: {"source": f"dir:{path}", "generalist": name == "small"}
-        for name, path in sources.items()
-    }
+    experts = {name: {"source": f"dir:{path}", "generalist": name == "small"} for name, path in sources.items()}
     experts["plain"].update(prompt_format="plain", stop=["\nQuestion:"])
     return {
         "data_dir": str(data_dir),
-        "tiers": {"cpu": {"budget": tiers.get("cpu", "auto")}, "disk": {"budget": tiers.get("disk", "auto")},
-                  "read_threads": 4, "warmup": True},
+        "tiers": {
+            "cpu": {"budget": tiers.get("cpu", "auto")},
+            "disk": {"budget": tiers.get("disk", "auto")},
+            "read_threads": 4,
+            "warmup": True,
+        },
         "store": {"url": f"sqlite:///{data_dir / 'test.sqlite3'}"},
         "profiles": {"offline": {"default_expert": "small", "experts": experts}},
     }

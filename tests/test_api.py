@@ -84,8 +84,9 @@ def test_openai_client_whole_answer_is_logged_with_its_route(tiny_server):
 
 def test_openai_client_stream_forced_expert(tiny_server):
     coe, url = tiny_server
-    stream = client(url).chat.completions.create(model="medium", messages=HELLO, max_tokens=8, stream=True,
-                                                 stream_options={"include_usage": True}, temperature=0)
+    stream = client(url).chat.completions.create(
+        model="medium", messages=HELLO, max_tokens=8, stream=True, stream_options={"include_usage": True}, temperature=0
+    )
     chunks = list(stream)
     first, text = chunks[0], "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert first.choices[0].delta.role == "assistant"
@@ -125,8 +126,9 @@ def test_models_route_feedback_and_probes(tiny_server):
     assert logged(coe) == []  # routing runs nothing and logs nothing
     completion = client(url).chat.completions.create(model="coe", messages=HELLO, max_tokens=4)
     iid = completion.model_extra["coe"]["interaction_id"]
-    ok = httpx.post(f"{url}/v1/feedback", json={"interaction_id": iid, "kind": "wrong_category",
-                                                 "corrected_category": "coding"})
+    ok = httpx.post(
+        f"{url}/v1/feedback", json={"interaction_id": iid, "kind": "wrong_category", "corrected_category": "coding"}
+    )
     assert ok.status_code == 200 and coe.store.latest_feedback(iid)["corrected_category"] == "coding"
     missing = httpx.post(f"{url}/v1/feedback", json={"interaction_id": iid + 999, "kind": "like"})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "interaction_id"
@@ -139,8 +141,12 @@ def test_models_route_feedback_and_probes(tiny_server):
 
 # -- bad input ------------------------------------------------------------------------------------------
 BAD_REQUESTS = [
-    ("malformed json", {"content": b'{"model": "coe", "messages": [', "headers": {"content-type": "application/json"}},
-     400, "invalid_json"),
+    (
+        "malformed json",
+        {"content": b'{"model": "coe", "messages": [', "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
     ("not a json object", {"content": b"model=coe"}, 400, "invalid_json"),
     ("no messages", {"json": {"model": "coe"}}, 400, None),
     ("empty messages", {"json": {"model": "coe", "messages": []}}, 400, None),
@@ -151,11 +157,19 @@ BAD_REQUESTS = [
     ("temperature", {"json": {"model": "coe", "messages": HELLO, "temperature": 3}}, 400, None),
     ("too many tokens", {"json": {"model": "coe", "messages": HELLO, "max_tokens": 10**6}}, 400, None),
     ("unknown category", {"json": {"model": "coe", "messages": HELLO, "category": "cooking"}}, 400, None),
-    ("prompt over max_prompt_chars", {"json": {"model": "coe", "messages": [{"role": "user", "content": "x" * 5000}]}},
-     400, "context_length_exceeded"),
+    (
+        "prompt over max_prompt_chars",
+        {"json": {"model": "coe", "messages": [{"role": "user", "content": "x" * 5000}]}},
+        400,
+        "context_length_exceeded",
+    ),
     ("unknown model", {"json": {"model": "gpt-4o", "messages": HELLO}}, 404, "model_not_found"),
-    ("body over max_body_bytes", {"json": {"model": "coe", "messages": [{"role": "user", "content": "x" * 70_000}]}},
-     413, "request_too_large"),
+    (
+        "body over max_body_bytes",
+        {"json": {"model": "coe", "messages": [{"role": "user", "content": "x" * 70_000}]}},
+        413,
+        "request_too_large",
+    ),
 ]
 
 
@@ -238,20 +252,27 @@ def test_turn_failing_before_text_maps_to_status(tiny_sources, tmp_path, monkeyp
     def failing_turn(messages, overrides=None, **kwargs):
         yield RouteDecision(category="general", expert="small", reason="default")
         exc = failure["exc"]
-        yield TurnDone(TurnStats(expert="small", response="", status="error", error=str(exc),
-                                 error_type=type(exc).__name__), error=exc)
+        yield TurnDone(
+            TurnStats(expert="small", response="", status="error", error=str(exc), error_type=type(exc).__name__),
+            error=exc,
+        )
 
     coe.chat = failing_turn
     try:
         with ServerThread(build_server(coe)) as url:
-            for exc, status, code in ((TierBusy("TierBusy happened", 3), 429, "busy"),
-                                      (ExpertUnavailable("ExpertUnavailable happened"), 503, "no_expert_available"),
-                                      (RemoteExpertError("the remote is down"), 503, "no_expert_available"),
-                                      (OSError("OSError happened"), 500, "turn_failed")):
+            for exc, status, code in (
+                (TierBusy("TierBusy happened", 3), 429, "busy"),
+                (ExpertUnavailable("ExpertUnavailable happened"), 503, "no_expert_available"),
+                (RemoteExpertError("the remote is down"), 503, "no_expert_available"),
+                (OSError("OSError happened"), 500, "turn_failed"),
+            ):
                 failure["exc"] = exc
                 for stream in (False, True):
-                    response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                                          json={"model": "coe", "messages": HELLO, "stream": stream})
+                    response = httpx.post(
+                        f"{url}/v1/chat/completions",
+                        timeout=60,
+                        json={"model": "coe", "messages": HELLO, "stream": stream},
+                    )
                     assert response.status_code == status
                     assert response.json()["error"]["message"] == str(exc)
                     assert response.json()["error"]["code"] == code
@@ -260,19 +281,22 @@ def test_turn_failing_before_text_maps_to_status(tiny_sources, tmp_path, monkeyp
         coe.close()
 
 
-@pytest.mark.parametrize("exc, status, code", [
-    (PromptTooLong("too long"), 400, "context_length_exceeded"),
-    (InvalidRequest("unknown expert 'x'"), 400, "invalid_value"),
-    (InteractionNotFound("no turn 5"), 404, "interaction_not_found"),
-    (RateLimited("too much feedback"), 429, "rate_limited"),
-    (QueueFull("busy: 64 turns wait", 7), 429, "busy"),
-    (TierBusy("the gpu tier is full"), 429, "busy"),
-    (ExpertUnavailable("no weights"), 503, "no_expert_available"),
-    (GPUQuotaError("the GPU of this Space is not available to you right now"), 503, "unavailable"),
-    (StoreError("the interaction store failed"), 503, "store_error"),
-    (ConfigError("router.embedder: no such package"), 500, "config_error"),
-    (RuntimeError("a bug"), 500, "turn_failed"),
-])
+@pytest.mark.parametrize(
+    "exc, status, code",
+    [
+        (PromptTooLong("too long"), 400, "context_length_exceeded"),
+        (InvalidRequest("unknown expert 'x'"), 400, "invalid_value"),
+        (InteractionNotFound("no turn 5"), 404, "interaction_not_found"),
+        (RateLimited("too much feedback"), 429, "rate_limited"),
+        (QueueFull("busy: 64 turns wait", 7), 429, "busy"),
+        (TierBusy("the gpu tier is full"), 429, "busy"),
+        (ExpertUnavailable("no weights"), 503, "no_expert_available"),
+        (GPUQuotaError("the GPU of this Space is not available to you right now"), 503, "unavailable"),
+        (StoreError("the interaction store failed"), 503, "store_error"),
+        (ConfigError("router.embedder: no such package"), 500, "config_error"),
+        (RuntimeError("a bug"), 500, "turn_failed"),
+    ],
+)
 def test_every_engine_error_has_one_status(exc, status, code):
     """``api_error`` is the API's one map from the engine's errors to HTTP: a caller's mistake is a 4xx, a busy
     CoE a 429 that says when to retry, a CoE that cannot serve a 503, anything else a 500."""
@@ -292,8 +316,11 @@ def test_failure_after_text_ends_the_stream_with_an_error(tiny_sources, tmp_path
     def breaking_turn(messages, overrides=None, **kwargs):
         yield RouteDecision(category="general", expert="small", reason="default")
         yield TextChunk("Half an")
-        yield TurnDone(TurnStats(expert="small", response="Half an", status="error", error="the GPU fell over",
-                                 error_type="RuntimeError"))
+        yield TurnDone(
+            TurnStats(
+                expert="small", response="Half an", status="error", error="the GPU fell over", error_type="RuntimeError"
+            )
+        )
 
     coe.chat = breaking_turn
     try:
@@ -317,8 +344,9 @@ def playground(tmp_path_factory, seed_router_dir):
     base = tmp_path_factory.mktemp("playground")
     config, data = smollm2_data_dir(base, REPO, SHARED_EXPERTS, seed_router_dir)
     port = free_port()
-    proc = start_process(["-m", "app", "--port", str(port), "--config", str(config), "--data-dir", str(data)],
-                         base / "app.log", REPO)
+    proc = start_process(
+        ["-m", "app", "--port", str(port), "--config", str(config), "--data-dir", str(data)], base / "app.log", REPO
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, timeout=240)
@@ -342,8 +370,11 @@ def test_playground_and_api_share_one_port(playground):
 def test_real_expert_routed_through_the_openai_client(playground):
     url, store = playground
     raw = client(url).chat.completions.with_raw_response.create(
-        model="coe", max_tokens=12, temperature=0,
-        messages=[{"role": "user", "content": "Write a Python function that reverses a string."}])
+        model="coe",
+        max_tokens=12,
+        temperature=0,
+        messages=[{"role": "user", "content": "Write a Python function that reverses a string."}],
+    )
     completion = raw.parse()
     route = completion.model_extra["coe"]
     assert raw.headers["x-coe-category"] == route["category"] == "coding"
@@ -365,8 +396,11 @@ def _next_logged_turn(store: Store, before: set[int], within_s: float = 90) -> d
     raise AssertionError(f"no turn was completed in the log within {within_s:g} s")
 
 
-STORY = {"model": "smollm2-135m", "max_tokens": 400,
-         "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]}
+STORY = {
+    "model": "smollm2-135m",
+    "max_tokens": 400,
+    "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}],
+}
 
 
 @pytest.mark.slow

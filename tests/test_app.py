@@ -41,8 +41,9 @@ def test_category_colours_are_stable_distinct_and_fallback_is_grey():
 
 # -- chat tab figures ------------------------------------------------------------------------------------
 def test_probability_plot_draws_bars_in_category_colours_and_the_threshold_line():
-    fig = plots.probabilities_figure({"coding": 0.7, "math": 0.2, "writing": 0.1}, COLORS, threshold=0.35,
-                                     chosen="coding")
+    fig = plots.probabilities_figure(
+        {"coding": 0.7, "math": 0.2, "writing": 0.1}, COLORS, threshold=0.35, chosen="coding"
+    )
     bar = fig.data[0]
     assert list(bar.y) == CATS and list(bar.x) == [0.7, 0.2, 0.1]
     assert list(bar.marker.color) == [COLORS[c] for c in CATS]
@@ -59,13 +60,31 @@ def test_probability_plot_without_probabilities_says_why():
 
 SNAPSHOT = TierSnapshot(
     exec_tier="cpu",
-    tiers={"gpu": TierUsage("gpu", False, 0, 0, "absent: no CUDA device"),
-           "cpu": TierUsage("cpu", True, 2_000_000_000, 1_500_000_000, "spaces.yaml"),
-           "disk": TierUsage("disk", True, 40_000_000_000, 2_000_000_000, "spaces.yaml")},
-    experts={"small": ExpertResidency("cpu", {"gpu": 0, "cpu": 500_000_000, "disk": 500_000_000}, 500_000_000, 0,
-                                      "float32", "transformers", pinned=1),
-             "big": ExpertResidency("cpu", {"gpu": 0, "cpu": 1_000_000_000, "disk": 1_500_000_000}, 1_000_000_000, 0,
-                                    "float32", "transformers", pinned=0)},
+    tiers={
+        "gpu": TierUsage("gpu", False, 0, 0, "absent: no CUDA device"),
+        "cpu": TierUsage("cpu", True, 2_000_000_000, 1_500_000_000, "spaces.yaml"),
+        "disk": TierUsage("disk", True, 40_000_000_000, 2_000_000_000, "spaces.yaml"),
+    },
+    experts={
+        "small": ExpertResidency(
+            "cpu",
+            {"gpu": 0, "cpu": 500_000_000, "disk": 500_000_000},
+            500_000_000,
+            0,
+            "float32",
+            "transformers",
+            pinned=1,
+        ),
+        "big": ExpertResidency(
+            "cpu",
+            {"gpu": 0, "cpu": 1_000_000_000, "disk": 1_500_000_000},
+            1_000_000_000,
+            0,
+            "float32",
+            "transformers",
+            pinned=0,
+        ),
+    },
 )
 
 
@@ -87,8 +106,9 @@ def test_residency_plot_stacks_experts_per_tier_marks_absent_tiers_and_the_gener
 
 
 def test_timeline_shows_each_phase_and_the_swap_steps_with_tokens_per_second():
-    swap = SwapEvent("small", "disk", "cpu", 500_000_000, 0.5, phases={"read": 0.4, "bind": 0.1},
-                     started_at=0.1).to_dict()
+    swap = SwapEvent(
+        "small", "disk", "cpu", 500_000_000, 0.5, phases={"read": 0.4, "bind": 0.1}, started_at=0.1
+    ).to_dict()
     timeline = [("route", 0.0, 0.05), ("swap", 0.1, 0.6), ("prefill", 0.6, 0.9), ("generate", 0.9, 2.9)]
     fig = plots.timeline_figure(timeline, [swap], tokens_per_s=12.5, new_tokens=25)
     bar = fig.data[0]
@@ -102,8 +122,9 @@ def test_timeline_shows_each_phase_and_the_swap_steps_with_tokens_per_second():
 
 
 def test_a_remote_experts_connection_shows_as_its_own_step_not_as_a_swap():
-    connection = RemoteConnect("edge", connect_s=0.05, headers_s=0.2, first_byte_s=0.3, started_at=0.1,
-                               base_url="http://gpu-box:8000/v1")
+    connection = RemoteConnect(
+        "edge", connect_s=0.05, headers_s=0.2, first_byte_s=0.3, started_at=0.1, base_url="http://gpu-box:8000/v1"
+    )
     timeline = [("route", 0.0, 0.05), ("connect", 0.1, 0.4), ("prefill", 0.4, 0.5), ("generate", 0.5, 1.0)]
     fig = plots.timeline_figure(timeline, [], connection=connection.to_dict())
     labels, bar = list(fig.data[0].y), fig.data[0]
@@ -121,8 +142,14 @@ def test_a_remote_experts_connection_shows_as_its_own_step_not_as_a_swap():
 # -- explorer, router, mapping, analytics figures --------------------------------------------------------
 def test_routing_map_colours_seeds_by_category_and_places_new_prompts_as_stars():
     seed_xy = np.array([[0, 0], [1, 1], [2, 2]], dtype=float)
-    fig = plots.routing_map_figure(seed_xy, ["coding", "math", "coding"], COLORS, new_xy=np.array([[0.5, 0.5]]),
-                                   new_categories=["math"], new_labels=["what is 2+2"])
+    fig = plots.routing_map_figure(
+        seed_xy,
+        ["coding", "math", "coding"],
+        COLORS,
+        new_xy=np.array([[0.5, 0.5]]),
+        new_categories=["math"],
+        new_labels=["what is 2+2"],
+    )
     seeds = {t.name: t for t in fig.data if t.name in CATS}
     assert seeds["coding"].marker.color == COLORS["coding"] and len(seeds["coding"].x) == 2
     stars = next(t for t in fig.data if t.name == "your prompts")
@@ -137,9 +164,11 @@ def test_confusion_heatmap_colours_by_row_share_and_prints_counts():
 
 
 def test_reliability_diagram_plots_accuracy_per_confidence_bin_against_the_diagonal():
-    table = [{"bin": "0.0-0.1", "n": 0, "confidence": None, "accuracy": None},
-             {"bin": "0.5-0.6", "n": 20, "confidence": 0.55, "accuracy": 0.6},
-             {"bin": "0.9-1.0", "n": 300, "confidence": 0.97, "accuracy": 0.98}]
+    table = [
+        {"bin": "0.0-0.1", "n": 0, "confidence": None, "accuracy": None},
+        {"bin": "0.5-0.6", "n": 20, "confidence": 0.55, "accuracy": 0.6},
+        {"bin": "0.9-1.0", "n": 300, "confidence": 0.97, "accuracy": 0.98},
+    ]
     fig = plots.reliability_figure(table, 0.021)
     bars, diagonal = fig.data
     assert list(bars.x) == [0.55, 0.97] and list(bars.y) == [0.6, 0.98] and list(bars.text) == ["20", "300"]
@@ -150,9 +179,16 @@ def test_reliability_diagram_plots_accuracy_per_confidence_bin_against_the_diago
 def test_router_tab_reports_the_development_set_per_slice():
     from app.router_tab import dev_summary, slice_rows
 
-    report = {"n": 810, "threshold": 0.66, "accuracy": 0.88, "accuracy_without_fallback": 0.92,
-              "fallback_rate": 0.09, "wrong_caught_by_fallback": 0.53, "ece": 0.02,
-              "slices": {"lang=zh": {"n": 36, "accuracy": 0.94}, "length=long": {"n": 168, "accuracy": 0.95}}}
+    report = {
+        "n": 810,
+        "threshold": 0.66,
+        "accuracy": 0.88,
+        "accuracy_without_fallback": 0.92,
+        "fallback_rate": 0.09,
+        "wrong_caught_by_fallback": 0.53,
+        "ece": 0.02,
+        "slices": {"lang=zh": {"n": 36, "accuracy": 0.94}, "length=long": {"n": 168, "accuracy": 0.95}},
+    }
     assert slice_rows(report) == [["lang=zh", 0.94, 36], ["length=long", 0.95, 168]]
     text = dev_summary(report)
     assert "810" in text and "88.0%" in text and "53%" in text and "0.020" in text
@@ -160,11 +196,14 @@ def test_router_tab_reports_the_development_set_per_slice():
 
 
 def test_frontier_plot_marks_the_current_point_and_each_single_expert():
-    frontier = [{"avg_active_params": 300e6, "expected_score": 0.7, "assignment": {}},
-                {"avg_active_params": 150e6, "expected_score": 0.6, "assignment": {}}]
+    frontier = [
+        {"avg_active_params": 300e6, "expected_score": 0.7, "assignment": {}},
+        {"avg_active_params": 150e6, "expected_score": 0.6, "assignment": {}},
+    ]
     singles = [{"expert": "a", "avg_active_params": 150e6, "expected_score": 0.6}]
-    fig = plots.frontier_figure(frontier, current={"avg_active_params": 300e6, "expected_score": 0.7},
-                                singles=singles, budget=200e6)
+    fig = plots.frontier_figure(
+        frontier, current={"avg_active_params": 300e6, "expected_score": 0.7}, singles=singles, budget=200e6
+    )
     names = [t.name for t in fig.data]
     assert names[0] == "Pareto frontier" and list(fig.data[0].x) == [150, 300]  # millions, cheapest first
     assert "only a" in names and "current mapping" in names
@@ -172,14 +211,23 @@ def test_frontier_plot_marks_the_current_point_and_each_single_expert():
 
 
 def test_analytics_figures_say_when_nothing_is_logged_and_colour_swaps_by_destination_tier():
-    for fig in (plots.turns_over_time_figure([], COLORS), plots.expert_usage_figure({}), plots.ttft_figure([]),
-                plots.swap_times_figure({})):
+    for fig in (
+        plots.turns_over_time_figure([], COLORS),
+        plots.expert_usage_figure({}),
+        plots.ttft_figure([]),
+        plots.swap_times_figure({}),
+    ):
         assert not fig.data and "logged yet" in annotations_text(fig)
     fig = plots.swap_times_figure({"disk->cpu": [1.0, 1.2], "cpu->gpu": [0.1]})
     colours = {t.name: t.marker.color for t in fig.data}
     assert colours == {"disk → cpu": TIER_COLORS["cpu"], "cpu → gpu": TIER_COLORS["gpu"]}
-    turns = plots.turns_over_time_figure([{"day": "2026-01-01", "category": "math", "turns": 3},
-                                          {"day": "2026-01-02", "category": "coding", "turns": 1}], COLORS)
+    turns = plots.turns_over_time_figure(
+        [
+            {"day": "2026-01-01", "category": "math", "turns": 3},
+            {"day": "2026-01-02", "category": "coding", "turns": 1},
+        ],
+        COLORS,
+    )
     assert {t.name: t.marker.color for t in turns.data} == {"coding": COLORS["coding"], "math": COLORS["math"]}
     rates = plots.rates_figure(0.25, {"like": 0.5, "dislike": 0.0, "wrong_category": 0.1})
     assert list(rates.data[0].text) == ["25.0%", "50.0%", "0.0%", "10.0%"]
@@ -193,14 +241,24 @@ def test_engine_messages_keep_the_conversation_and_drop_routing_thoughts():
         {"role": "assistant", "content": [{"type": "text", "text": "hello!"}], "metadata": None},
     ]
     assert engine_messages(history, "and now?") == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
-        {"role": "user", "content": "and now?"}]
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "and now?"},
+    ]
     assert text_of([{"text": "a"}, "b"]) == "ab"
 
 
 def test_routing_message_says_category_probability_expert_and_why_with_swaps_as_children():
-    d = RouteDecision("general", "small", "fallback", probabilities={"coding": 0.3}, confidence=0.3,
-                      fallback=True, threshold=0.35, explanation="unsure -> general -> small")
+    d = RouteDecision(
+        "general",
+        "small",
+        "fallback",
+        probabilities={"coding": 0.3},
+        confidence=0.3,
+        fallback=True,
+        threshold=0.35,
+        explanation="unsure -> general -> small",
+    )
     msg = routing_message(d, "route-1")
     assert msg["metadata"]["title"].startswith("🧭 general → small")
     assert "fallback" in msg["metadata"]["title"] and msg["metadata"]["status"] == "pending"
@@ -275,8 +333,7 @@ def _launch(data_dir: Path, router_dir: Path) -> Server:
     problems = coe.prepare()
     demo = build_app(coe, problems=problems, gate=AdminGate(""))
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
 
     def close() -> None:
         demo.close()

@@ -21,9 +21,10 @@ DRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.browser,
-    pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                       reason="headless Chromium is not installed (apt-get install chromium chromium-driver; "
-                              ".ci/run installs it)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and DRIVER),
+        reason="headless Chromium is not installed (apt-get install chromium chromium-driver; .ci/run installs it)",
+    ),
 ]
 
 
@@ -35,8 +36,16 @@ def browser():
     profile = tempfile.mkdtemp(prefix="coe-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1100",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
@@ -57,8 +66,11 @@ def test_chat_streams_an_answer_with_routing_message_and_plots(browser, app_serv
     prompt = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#coe-prompt textarea")))
 
     # a short answer keeps the test quick: set max new tokens through the slider's number box
-    browser.find_element(By.XPATH, "//button[.//span[contains(., 'Controls')]] | //*[contains(@class,'label-wrap')]"
-                                   "[.//span[contains(., 'Controls')]]").click()
+    browser.find_element(
+        By.XPATH,
+        "//button[.//span[contains(., 'Controls')]] | //*[contains(@class,'label-wrap')]"
+        "[.//span[contains(., 'Controls')]]",
+    ).click()
     tokens = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#coe-max-tokens input[type=number]")))
     tokens.send_keys(Keys.CONTROL, "a")
     tokens.send_keys("12", Keys.TAB)

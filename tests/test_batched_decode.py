@@ -24,8 +24,12 @@ def smol(tmp_path_factory):
     config = with_runtime(packaged_config(tmp_path_factory.mktemp("batch") / "data"), "transformers", [SMOL])
     tiers = TierManager(config, gpu=False, progress=False)
     with tiers.acquire(SMOL) as lease:
-        ids = [lease.runtime.format_prompt([{"role": "user", "content": p}], config.experts[SMOL],
-                                           context_length=2048, reserve_tokens=64).input_ids for p in PROMPTS]
+        ids = [
+            lease.runtime.format_prompt(
+                [{"role": "user", "content": p}], config.experts[SMOL], context_length=2048, reserve_tokens=64
+            ).input_ids
+            for p in PROMPTS
+        ]
         assert lease.runtime.batcher is not None
         yield tiers, lease, ids
     tiers.close()
@@ -40,8 +44,17 @@ def alone(lease, ids, params) -> tuple[str, list[int]]:
     import torch
 
     result = GenerationResult()
-    text = "".join(stream_generate(lease.model, lease.tokenizer, ids, params, device=torch.device("cpu"),
-                                   cancel=threading.Event(), result=result))
+    text = "".join(
+        stream_generate(
+            lease.model,
+            lease.tokenizer,
+            ids,
+            params,
+            device=torch.device("cpu"),
+            cancel=threading.Event(),
+            result=result,
+        )
+    )
     return text, result.token_ids
 
 
@@ -57,8 +70,9 @@ class Turn(threading.Thread):
 
     def run(self):
         try:
-            for n, piece in enumerate(self.lease.runtime.stream(self.ids, self.params, cancel=self.cancel,
-                                                                 result=self.result), 1):
+            for n, piece in enumerate(
+                self.lease.runtime.stream(self.ids, self.params, cancel=self.cancel, result=self.result), 1
+            ):
                 self.text += piece
                 self.pieces.release()
                 if self.cancel_after is not None and n >= self.cancel_after:
@@ -114,7 +128,7 @@ def test_each_turn_keeps_its_own_sampling_stop_strings_and_cancel(smol):
     plain, stopped, sampled, cancelled = runs
     assert all(turn.error is None for turn in runs)
     assert plain.result.token_ids == token_ids and plain.text == text  # its neighbours changed nothing
-    assert stopped.text == text[:text.index(stop)] and len(stopped.result.token_ids) < 20
+    assert stopped.text == text[: text.index(stop)] and len(stopped.result.token_ids) < 20
     assert len(sampled.result.token_ids) == 12 and not sampled.result.cancelled
     assert cancelled.result.cancelled and len(cancelled.result.token_ids) < 20
 
@@ -137,8 +151,10 @@ def test_a_turn_that_breaks_ends_alone_and_the_others_keep_decoding(smol):
     # arriving together, they are prefilled in one forward: that fails, and each is then prefilled alone
     batcher = lease.runtime.batcher
     with batcher._cv:  # the decode thread sees both at once
-        rows = [batcher.submit(ids[1], greedy(16), threading.Event()),
-                batcher.submit([*ids[2][:-1], vocab + 7], greedy(8), threading.Event())]
+        rows = [
+            batcher.submit(ids[1], greedy(16), threading.Event()),
+            batcher.submit([*ids[2][:-1], vocab + 7], greedy(8), threading.Event()),
+        ]
     for row in rows:
         row.done.wait(timeout=120)
     assert rows[0].error is None and rows[0].out == token_ids
@@ -152,9 +168,12 @@ def test_the_batch_kv_cache_is_counted_in_the_tier_and_a_turn_waits_for_room(tin
         with tiers.acquire("small") as lease:
             batcher = lease.runtime.batcher
             weights = tiers.snapshot().tiers["cpu"].used_bytes
-            ids = lease.runtime.format_prompt([{"role": "user", "content": "once upon a time"}],
-                                              config.experts["small"], context_length=256,
-                                              reserve_tokens=40).input_ids
+            ids = lease.runtime.format_prompt(
+                [{"role": "user", "content": "once upon a time"}],
+                config.experts["small"],
+                context_length=256,
+                reserve_tokens=40,
+            ).input_ids
             one_row = (len(ids) + 40) * batcher.bytes_per_token
             tiers.tiers["cpu"].budget_bytes = weights + one_row + one_row // 2  # room for one turn's KV cache, not two
             first = Turn(lease, ids, greedy(40))

@@ -80,8 +80,17 @@ def test_environment_overrides_paths_budgets_and_profile(monkeypatch, tmp_path):
         load_config(REPO / "spaces.yaml")
 
 
-@pytest.mark.parametrize("text, value", [("512MB", 512 * 10**6), ("2GB", 2 * 10**9), ("1.5GiB", int(1.5 * 2**30)),
-                                         ("300M", 300 * 10**6), (1234, 1234), ("77", 77)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("512MB", 512 * 10**6),
+        ("2GB", 2 * 10**9),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("300M", 300 * 10**6),
+        (1234, 1234),
+        ("77", 77),
+    ],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 

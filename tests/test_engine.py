@@ -92,14 +92,17 @@ def test_unavailable_expert_is_replaced_with_a_notice(coe):
     assert events[-1].stats.expert == "small" and events[-1].stats.status == "ok"
 
 
-@pytest.mark.parametrize("messages, match", [
-    ("", "empty prompt"),
-    ("   \n ", "empty prompt"),
-    ([], "non-empty list"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "last message"),
-    ([{"role": "robot", "content": "hi"}], "role"),
-    ("x" * 40_000, "more than the limit"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ("", "empty prompt"),
+        ("   \n ", "empty prompt"),
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "last message"),
+        ([{"role": "robot", "content": "hi"}], "role"),
+        ("x" * 40_000, "more than the limit"),
+    ],
+)
 def test_bad_requests_get_a_clear_message_and_are_not_logged(coe, messages, match):
     with pytest.raises(InvalidRequest, match=match):
         run(coe, messages)
@@ -121,8 +124,10 @@ def test_long_conversation_is_truncated_from_the_oldest_turns(tiny_sources, tmp_
     engine = CoE(config_from_dict(raw, env=False), routing=None, store=None, gpu=False, progress=False)
     history = []
     for i in range(12):
-        history += [{"role": "user", "content": f"question {i} about the quick brown fox"},
-                    {"role": "assistant", "content": "the lazy dog answer"}]
+        history += [
+            {"role": "user", "content": f"question {i} about the quick brown fox"},
+            {"role": "assistant", "content": "the lazy dog answer"},
+        ]
     history.append({"role": "user", "content": "the final question"})
     events = list(engine.chat(history, temperature=0, max_new_tokens=8))
     notices = [e.message for e in events if isinstance(e, Notice)]

@@ -17,8 +17,13 @@ class FixedRouting:
 
     def decide(self, messages: list[dict], overrides: dict | None = None) -> RouteDecision:
         self.decided += 1
-        return RouteDecision(category="coding", expert=self.expert, reason="mapped",
-                             routed_text=messages[-1]["content"], explanation=f"coding -> {self.expert}: fixed")
+        return RouteDecision(
+            category="coding",
+            expert=self.expert,
+            reason="mapped",
+            routed_text=messages[-1]["content"],
+            explanation=f"coding -> {self.expert}: fixed",
+        )
 
     def warm_up(self) -> None:
         self.loaded = True

@@ -37,11 +37,14 @@ def coe(tiny_config):
 
 
 # -- routing and tiers raise the engine's types ------------------------------------------------------------
-@pytest.mark.parametrize("overrides, says", [
-    ({"expert": "nope"}, "unknown expert 'nope'"),
-    ({"category": "cooking"}, "unknown category 'cooking'"),
-    ({"model": "small"}, "unknown override"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        ({"expert": "nope"}, "unknown expert 'nope'"),
+        ({"category": "cooking"}, "unknown category 'cooking'"),
+        ({"model": "small"}, "unknown override"),
+    ],
+)
 def test_a_bad_override_is_an_invalid_request(tiny_config, overrides, says):
     with pytest.raises(InvalidRequest, match=says):
         decisions.check_overrides(tiny_config(), overrides)
@@ -79,21 +82,39 @@ def test_the_engine_raises_coe_errors_for_requests_and_missing_parts(coe):
 
 
 # -- the app's one map -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("exc, title, says", [
-    (InvalidRequest("empty prompt: type a question or a task"), "Invalid request",
-     "empty prompt: type a question or a task"),
-    (TierBusy("the cpu tier is held by experts that are generating", 4), "Busy",
-     "the cpu tier is held by experts that are generating; try again in about 4 s"),
-    (QueueFull("busy: 64 turns are waiting already; try again in about 9 s", 9), "Busy",
-     "busy: 64 turns are waiting already; try again in about 9 s"),
-    (ExpertUnavailable("gemma3-270m is unavailable: its weights are missing"), "Unavailable",
-     "gemma3-270m is unavailable: its weights are missing"),
-    (StoreError("database is locked"), "Interaction log", "the interaction log: database is locked"),
-    (InteractionNotFound("no turn #9 in this session"), "Invalid request", "no turn #9 in this session"),
-    (InvalidStoreRequest("unknown feedback kind 'meh'"), "Invalid request", "unknown feedback kind 'meh'"),
-    (ConfigError("router.embedder: no such package"), "Configuration",
-     "the configuration: router.embedder: no such package"),
-])
+@pytest.mark.parametrize(
+    "exc, title, says",
+    [
+        (
+            InvalidRequest("empty prompt: type a question or a task"),
+            "Invalid request",
+            "empty prompt: type a question or a task",
+        ),
+        (
+            TierBusy("the cpu tier is held by experts that are generating", 4),
+            "Busy",
+            "the cpu tier is held by experts that are generating; try again in about 4 s",
+        ),
+        (
+            QueueFull("busy: 64 turns are waiting already; try again in about 9 s", 9),
+            "Busy",
+            "busy: 64 turns are waiting already; try again in about 9 s",
+        ),
+        (
+            ExpertUnavailable("gemma3-270m is unavailable: its weights are missing"),
+            "Unavailable",
+            "gemma3-270m is unavailable: its weights are missing",
+        ),
+        (StoreError("database is locked"), "Interaction log", "the interaction log: database is locked"),
+        (InteractionNotFound("no turn #9 in this session"), "Invalid request", "no turn #9 in this session"),
+        (InvalidStoreRequest("unknown feedback kind 'meh'"), "Invalid request", "unknown feedback kind 'meh'"),
+        (
+            ConfigError("router.embedder: no such package"),
+            "Configuration",
+            "the configuration: router.embedder: no such package",
+        ),
+    ],
+)
 def test_the_app_says_each_kind_of_error_in_one_sentence(exc, title, says):
     assert isinstance(exc, CoEError)
     assert user_message(exc) == says
@@ -104,8 +125,7 @@ def test_the_app_says_each_kind_of_error_in_one_sentence(exc, title, says):
 def chat_tab(chat) -> ChatTab:
     """The chat tab over a scripted engine; its output components are named by strings (no Blocks needed)."""
     limits = SimpleNamespace(max_new_tokens=16, max_new_tokens_cap=64)
-    engine = SimpleNamespace(config=SimpleNamespace(limits=limits), chat=chat,
-                             tiers=SimpleNamespace(exec_tier="cpu"))
+    engine = SimpleNamespace(config=SimpleNamespace(limits=limits), chat=chat, tiers=SimpleNamespace(exec_tier="cpu"))
     tab = ChatTab(SimpleNamespace(coe=engine, colors={}))
     for name in ("chatbot", "decision_md", "prob_plot", "timeline_plot", "turn_md", "correct_turn", "session"):
         setattr(tab, name, name)
@@ -131,8 +151,10 @@ def test_the_chat_says_why_a_turn_failed_with_the_same_map():
     def failing(messages, overrides=None, **kwargs):
         yield RouteDecision(category="general", expert="small", reason="default", explanation="general -> small")
         yield TextChunk("Half")
-        yield TurnDone(TurnStats(expert="small", response="Half", status="error", error="lost",
-                                 error_type="ExpertUnavailable"), error=failure)
+        yield TurnDone(
+            TurnStats(expert="small", response="Half", status="error", error="lost", error_type="ExpertUnavailable"),
+            error=failure,
+        )
 
     tab = chat_tab(failing)
     with pytest.warns(UserWarning, match="could not be logged"):  # no store in this scripted engine

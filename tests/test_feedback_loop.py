@@ -20,8 +20,9 @@ def log_turn(logger: TurnLogger, service: RoutingService, prompt: str) -> int:
     """One turn as the engine logs it: the routing decision, the answer and its stats."""
     decision: RouteDecision = service.decide([{"role": "user", "content": prompt}])
     stats = TurnStats(expert=decision.expert, response="(answer)", ttft_s=0.1, total_s=0.5, new_tokens=5)
-    record = TurnRecord.from_turn(decision, [], stats, prompt=prompt, started_at=TurnRecord(expert="x").started_at,
-                                  client="cli")
+    record = TurnRecord.from_turn(
+        decision, [], stats, prompt=prompt, started_at=TurnRecord(expert="x").started_at, client="cli"
+    )
     return logger.submit(record).result(timeout=30)
 
 

@@ -23,10 +23,13 @@ from tests.http_server import ServerThread
 
 #: seconds any single answer may take (a 4-token turn of a tiny expert takes well under one)
 BOUND_S = 20.0
-FUZZ = settings(max_examples=int(__import__("os").environ.get("COE_FUZZ_EXAMPLES", "60")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=int(__import__("os").environ.get("COE_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 
 #: every answer seen: (endpoint, status, seconds), for the summary the docs quote
 SEEN: list[tuple[str, int, float]] = []
@@ -35,20 +38,41 @@ SEEN: list[tuple[str, int, float]] = []
 any_char = st.characters(codec=None, categories=None)  # every code point, lone surrogates and NUL included
 edge_text = st.one_of(
     st.text(any_char, max_size=40),
-    st.sampled_from(["\ud800", "a\udfffb", "\x00", "", " ", "<script>alert(1)</script>", "../../etc/passwd",
-                     "coe'; DROP TABLE interactions;--", "\u202e", "😀" * 10, "x" * 5000]),
+    st.sampled_from(
+        [
+            "\ud800",
+            "a\udfffb",
+            "\x00",
+            "",
+            " ",
+            "<script>alert(1)</script>",
+            "../../etc/passwd",
+            "coe'; DROP TABLE interactions;--",
+            "\u202e",
+            "😀" * 10,
+            "x" * 5000,
+        ]
+    ),
 )
 huge_int = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([2**63, 2**63 - 1, -(2**63), 2**64, 0, -1]))
 scalar = st.one_of(st.none(), st.booleans(), huge_int, st.floats(allow_nan=True, allow_infinity=True), edge_text)
-json_value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                            st.dictionaries(edge_text, inner, max_size=4)),
-                          max_leaves=12)
+json_value = st.recursive(
+    scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(edge_text, inner, max_size=4)),
+    max_leaves=12,
+)
 role = st.one_of(st.sampled_from(["user", "assistant", "system", "developer", "tool"]), json_value)
-content = st.one_of(edge_text, st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
-                                                               "text": edge_text}), max_size=3), json_value)
+content = st.one_of(
+    edge_text,
+    st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": edge_text}), max_size=3),
+    json_value,
+)
 message = st.one_of(st.fixed_dictionaries({"role": role, "content": content}), json_value)
-messages = st.one_of(st.lists(message, max_size=6), json_value,
-                     st.integers(0, 12_000).map(lambda n: [{"role": "user", "content": "hi"}] * n))
+messages = st.one_of(
+    st.lists(message, max_size=6),
+    json_value,
+    st.integers(0, 12_000).map(lambda n: [{"role": "user", "content": "hi"}] * n),
+)
 maybe = st.one_of(json_value, st.none())
 
 
@@ -57,18 +81,40 @@ def optional(**fields):
 
 
 chat_body = st.one_of(
-    optional(model=st.one_of(st.sampled_from(["coe", "small", "../small", "small\x00"]), json_value),
-             messages=messages, max_tokens=st.one_of(st.integers(-3, 6), maybe), temperature=maybe,
-             top_p=maybe, stream=st.one_of(st.booleans(), maybe), stop=maybe, n=maybe, category=maybe,
-             stream_options=maybe, tools=maybe, max_completion_tokens=maybe),
+    optional(
+        model=st.one_of(st.sampled_from(["coe", "small", "../small", "small\x00"]), json_value),
+        messages=messages,
+        max_tokens=st.one_of(st.integers(-3, 6), maybe),
+        temperature=maybe,
+        top_p=maybe,
+        stream=st.one_of(st.booleans(), maybe),
+        stop=maybe,
+        n=maybe,
+        category=maybe,
+        stream_options=maybe,
+        tools=maybe,
+        max_completion_tokens=maybe,
+    ),
     json_value,
 )
-route_body = st.one_of(optional(prompt=st.one_of(edge_text, json_value), messages=messages, model=maybe,
-                                category=st.one_of(st.sampled_from(["coding", "general", "' OR 1=1 --"]), maybe)),
-                       json_value)
-feedback_body = st.one_of(optional(interaction_id=st.one_of(huge_int, json_value), kind=st.one_of(
-    st.sampled_from(["like", "dislike", "wrong_category", "retracted"]), json_value),
-    corrected_category=maybe, comment=maybe), json_value)
+route_body = st.one_of(
+    optional(
+        prompt=st.one_of(edge_text, json_value),
+        messages=messages,
+        model=maybe,
+        category=st.one_of(st.sampled_from(["coding", "general", "' OR 1=1 --"]), maybe),
+    ),
+    json_value,
+)
+feedback_body = st.one_of(
+    optional(
+        interaction_id=st.one_of(huge_int, json_value),
+        kind=st.one_of(st.sampled_from(["like", "dislike", "wrong_category", "retracted"]), json_value),
+        corrected_category=maybe,
+        comment=maybe,
+    ),
+    json_value,
+)
 
 
 def encode(body) -> bytes:
@@ -93,14 +139,17 @@ def fuzz_server(tiny_sources, tmp_path_factory):
         from collections import Counter
 
         by = Counter((path, status) for path, status, _ in SEEN)
-        print(f"\nfuzz: {len(SEEN)} requests, 5xx: {sum(s >= 500 for _, s, _ in SEEN)}, "
-              f"max {max(t for _, _, t in SEEN):.2f} s; {dict(sorted(by.items()))}")
+        print(
+            f"\nfuzz: {len(SEEN)} requests, 5xx: {sum(s >= 500 for _, s, _ in SEEN)}, "
+            f"max {max(t for _, _, t in SEEN):.2f} s; {dict(sorted(by.items()))}"
+        )
 
 
 def check(url: str, path: str, data: bytes, *, headers: dict | None = None) -> httpx.Response:
     start = time.perf_counter()
-    response = httpx.post(url + path, content=data, timeout=BOUND_S + 10,
-                          headers={"content-type": "application/json", **(headers or {})})
+    response = httpx.post(
+        url + path, content=data, timeout=BOUND_S + 10, headers={"content-type": "application/json", **(headers or {})}
+    )
     took = time.perf_counter() - start
     SEEN.append((path, response.status_code, took))
     assert took < BOUND_S, f"{path} took {took:.1f} s"
@@ -123,12 +172,18 @@ def test_fuzz_chat_completions(fuzz_server, body):
     check(fuzz_server[1], "/v1/chat/completions", encode(body))
 
 
-valid_turn = st.fixed_dictionaries({
-    "model": st.sampled_from(["coe", "small", "plain"]),
-    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
-                                                "content": edge_text}), max_size=5).map(
-        lambda ms: [*ms, {"role": "user", "content": "and now?"}]),
-    "stream": st.booleans(), "max_tokens": st.integers(1, 4), "temperature": st.sampled_from([0, 0.7, 2])})
+valid_turn = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["coe", "small", "plain"]),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": edge_text}),
+            max_size=5,
+        ).map(lambda ms: [*ms, {"role": "user", "content": "and now?"}]),
+        "stream": st.booleans(),
+        "max_tokens": st.integers(1, 4),
+        "temperature": st.sampled_from([0, 0.7, 2]),
+    }
+)
 
 
 @settings(FUZZ, max_examples=25)

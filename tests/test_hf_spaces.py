@@ -39,10 +39,10 @@ def test_a_bucket_or_nfs_under_the_data_dir_is_named_at_start():
     assert mount_of("/data/coe/not-yet-created", MOUNTINFO).fstype == "fuse"  # nearest existing ancestor
     assert mount_of("/mnt/my share/x", MOUNTINFO).fstype == "nfs4"  # octal escapes in mount points
     assert mount_of("/home/user/.coe-data", MOUNTINFO).fstype == "ext4"
-    warning, = storage_warnings("/data/coe", "sqlite:////data/coe/coe.sqlite3", MOUNTINFO)
+    (warning,) = storage_warnings("/data/coe", "sqlite:////data/coe/coe.sqlite3", MOUNTINFO)
     assert "network file system" in warning and "hf-mount" in warning and "COE_DATABASE_URL" in warning
     assert "COE_HUB_EXPORT_REPO" in warning
-    external, = storage_warnings("/data/coe", "postgresql+psycopg://db/coe", MOUNTINFO)
+    (external,) = storage_warnings("/data/coe", "postgresql+psycopg://db/coe", MOUNTINFO)
     assert "external database" in external
     assert storage_warnings("/home/user/.coe-data", "sqlite:///x", MOUNTINFO) == []
 
@@ -91,8 +91,10 @@ def test_on_zero_gpu_prepare_stages_every_expert_before_the_first_gpu_call(coe, 
 
 def test_a_zero_gpu_refusal_ends_the_turn_with_a_clear_message(coe, monkeypatch):
     def refused(expert, input_ids, params):
-        raise gr.Error("You have exceeded your free ZeroGPU quota (23s requested vs. 4s left). Try again in 0:41:00.",
-                       title="ZeroGPU quota exceeded")
+        raise gr.Error(
+            "You have exceeded your free ZeroGPU quota (23s requested vs. 4s left). Try again in 0:41:00.",
+            title="ZeroGPU quota exceeded",
+        )
         yield  # pragma: no cover
 
     monkeypatch.setattr(zero_gpu, "generate_on_gpu", refused)
@@ -103,4 +105,3 @@ def test_a_zero_gpu_refusal_ends_the_turn_with_a_clear_message(coe, monkeypatch)
     assert "Try again in 0:41:00" in stats.error and "Traceback" not in stats.error
     row = coe.store.get_interaction(stats.interaction_id)
     assert row["status"] == "error" and "quota" in row["error"]
-

@@ -60,8 +60,10 @@ def test_prompt_tokens_are_capped_whatever_the_experts_context(tiny_sources, tmp
     coe = tiny_engine(tiny_sources, tmp_path, max_prompt_tokens=40)
     history = []
     for i in range(20):
-        history += [{"role": "user", "content": f"question {i} about the quick brown fox"},
-                    {"role": "assistant", "content": "the lazy dog answer"}]
+        history += [
+            {"role": "user", "content": f"question {i} about the quick brown fox"},
+            {"role": "assistant", "content": "the lazy dog answer"},
+        ]
     history.append({"role": "user", "content": "the final question"})
     stats = list(coe.chat(history, temperature=0, max_new_tokens=4))[-1].stats
     assert stats.status == "ok" and stats.truncated and stats.prompt_tokens <= 40
@@ -70,8 +72,9 @@ def test_prompt_tokens_are_capped_whatever_the_experts_context(tiny_sources, tmp
 
 def test_lone_surrogates_and_nul_are_made_safe_text(tiny_sources, tmp_path):
     coe = tiny_engine(tiny_sources, tmp_path)
-    stats = list(coe.chat("bad \ud800 text \x00 here", temperature=0, max_new_tokens=2, stop=["\udfff", "x\x00"])
-                 )[-1].stats
+    stats = list(coe.chat("bad \ud800 text \x00 here", temperature=0, max_new_tokens=2, stop=["\udfff", "x\x00"]))[
+        -1
+    ].stats
     assert stats.status == "ok"
     coe.close()
 
@@ -79,17 +82,23 @@ def test_lone_surrogates_and_nul_are_made_safe_text(tiny_sources, tmp_path):
 def test_chat_text_is_escaped_html_with_markdown_kept():
     from app.chat_messages import engine_messages, escape_html, unescape_html
 
-    hostile = ('<img src="https://tracker.example/p.png"> <form action=x><input></form> ![t](https://t.example/x.png) '
-               "**bold** & `a < b` and\n```python\nif a < b:\n    print('<b>')\n```\n<script>alert(1)</script>")
+    hostile = (
+        '<img src="https://tracker.example/p.png"> <form action=x><input></form> ![t](https://t.example/x.png) '
+        "**bold** & `a < b` and\n```python\nif a < b:\n    print('<b>')\n```\n<script>alert(1)</script>"
+    )
     shown = escape_html(hostile)
     outside_code = shown.split("`a < b`")[0] + shown.split("```")[-1]
     assert "<" not in outside_code and "![" not in shown  # no tag and no Markdown image outside code
     assert "**bold**" in shown and "`a < b`" in shown and "print('<b>')" in shown  # Markdown and code intact
     assert unescape_html(shown) == hostile
-    history = [{"role": "user", "content": escape_html("is 1 < 2 & 3 > 2?")},
-               {"role": "assistant", "content": escape_html("yes: 1 < 2")}]
-    assert engine_messages(history, "ok")[:2] == [{"role": "user", "content": "is 1 < 2 & 3 > 2?"},
-                                                  {"role": "assistant", "content": "yes: 1 < 2"}]
+    history = [
+        {"role": "user", "content": escape_html("is 1 < 2 & 3 > 2?")},
+        {"role": "assistant", "content": escape_html("yes: 1 < 2")},
+    ]
+    assert engine_messages(history, "ok")[:2] == [
+        {"role": "user", "content": "is 1 < 2 & 3 > 2?"},
+        {"role": "assistant", "content": "yes: 1 < 2"},
+    ]
 
 
 def test_an_export_link_serves_its_file_once_and_deletes_it(tiny_sources, tmp_path):
@@ -174,7 +183,7 @@ def test_a_sha256_mismatch_says_in_one_log_line_which_file_and_what_is_done(tiny
     tiers.prepare(["small"])
     weights = tiers.disk_folder("small") / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # same size, same header, wrong bytes
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # same size, same header, wrong bytes
     weights.write_bytes(bytes(data))
     fresh = TierManager(config, gpu=False, progress=False)  # a new process: verifies once by sha256
     with caplog.at_level(logging.WARNING, logger="coe_core.tiers.manager"), fresh.acquire("small"):

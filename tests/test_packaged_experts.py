@@ -15,15 +15,32 @@ from tests.conftest import REPO
 
 def coe_cli(config, *args, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COE_DATA_DIR": str(config.data_path)}
-    return subprocess.run([sys.executable, "-m", "coe_core.cli", "--config", str(REPO / "spaces.yaml"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "coe_core.cli", "--config", str(REPO / "spaces.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("expert", ["smollm2-135m", "gemma3-270m"])
 def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert):
-    done = coe_cli(real_config, "chat", "--json", "--no-router", "--expert", expert, "--max-new-tokens", "12",
-                   "--temperature", "0", "Name the capital of France.")
+    done = coe_cli(
+        real_config,
+        "chat",
+        "--json",
+        "--no-router",
+        "--expert",
+        expert,
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "Name the capital of France.",
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["expert"] == expert and out["status"] == "ok"
@@ -38,8 +55,16 @@ def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert
 
 @pytest.mark.slow
 def test_routed_chat_and_experts_listing(routed_config):
-    done = coe_cli(routed_config, "chat", "--json", "--max-new-tokens", "8", "--temperature", "0",
-                   "Write a Python function that reverses a string.")
+    done = coe_cli(
+        routed_config,
+        "chat",
+        "--json",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "Write a Python function that reverses a string.",
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["route"]["category"] == "coding" and out["route"]["reason"] in {"mapped", "mapping-override"}
@@ -61,7 +86,11 @@ def test_cli_errors_are_one_clear_line(real_config, tmp_path):
     assert huge.returncode == 2 and "more than the limit" in huge.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("profiles:\n  offline:\n    experts: {}\n    default_expert: x\n    colour: red\n")
-    broken = subprocess.run([sys.executable, "-m", "coe_core.cli", "--config", str(bad), "experts"],
-                            capture_output=True, text=True, timeout=120)
+    broken = subprocess.run(
+        [sys.executable, "-m", "coe_core.cli", "--config", str(bad), "experts"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert broken.returncode == 2 and "profiles.offline.colour: unknown key" in broken.stderr
     assert "Traceback" not in broken.stderr

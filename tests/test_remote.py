@@ -60,10 +60,14 @@ def stub_server(received: list[dict]) -> FastAPI:
         if mode == "broken":
             return StreamingResponse(iter(["data: {not json at all\n\n"]), media_type="text/event-stream")
         if mode == "midway":
-            return StreamingResponse(iter(_sse(_delta(), _delta("Half an answer")) + ["data: {oops\n\n"]),
-                                     media_type="text/event-stream")
-        usage = {"object": "chat.completion.chunk", "choices": [],
-                 "usage": {"prompt_tokens": 7, "completion_tokens": len(STUB_PIECES), "total_tokens": 10}}
+            return StreamingResponse(
+                iter(_sse(_delta(), _delta("Half an answer")) + ["data: {oops\n\n"]), media_type="text/event-stream"
+            )
+        usage = {
+            "object": "chat.completion.chunk",
+            "choices": [],
+            "usage": {"prompt_tokens": 7, "completion_tokens": len(STUB_PIECES), "total_tokens": 10},
+        }
         events = [_delta(), *[_delta(p) for p in STUB_PIECES], _delta(finish="stop"), usage, "[DONE]"]
         return StreamingResponse(iter(_sse(*events)), media_type="text/event-stream")
 
@@ -101,11 +105,14 @@ def of(events: list, kind: type) -> list:
 
 
 # -- config ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("expert, says", [
-    ({"source": "openai:http://gpu-box:8000/v1"}, "needs `model`"),
-    ({"source": "openai:gpu-box:8000"}, "base URL"),
-    ({"source": "dir:/models/x", "model": "x"}, "only apply to remote experts"),
-])
+@pytest.mark.parametrize(
+    "expert, says",
+    [
+        ({"source": "openai:http://gpu-box:8000/v1"}, "needs `model`"),
+        ({"source": "openai:gpu-box:8000"}, "base URL"),
+        ({"source": "dir:/models/x", "model": "x"}, "only apply to remote experts"),
+    ],
+)
 def test_remote_expert_config_is_checked(tmp_path, expert, says):
     raw = {"data_dir": str(tmp_path), "profiles": {"offline": {"default_expert": "e", "experts": {"e": expert}}}}
     with pytest.raises(ConfigError) as err:
@@ -146,12 +153,15 @@ def test_remote_expert_streams_token_by_token(tiny_sources, tmp_path, stub):
 
 
 # -- a remote that fails: fall back, or fail clearly, within the timeout -----------------------------------
-@pytest.mark.parametrize("mode, says", [
-    ("down", "unreachable"),
-    ("slow", "did not answer within 1 s"),
-    ("garbage", "not a stream of server-sent events"),
-    ("broken", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "mode, says",
+    [
+        ("down", "unreachable"),
+        ("slow", "did not answer within 1 s"),
+        ("garbage", "not a stream of server-sent events"),
+        ("broken", "not JSON"),
+    ],
+)
 def test_failing_remote_falls_back_to_a_local_expert(tiny_sources, tmp_path, stub, mode, says):
     url, _ = stub
     base = closed_port_url() if mode == "down" else f"{url}/{mode}/v1"
@@ -211,8 +221,11 @@ def downstream_coe(tmp_path_factory, seed_router_dir):
     base = tmp_path_factory.mktemp("downstream")
     config, data = smollm2_data_dir(base, REPO, SHARED_EXPERTS, seed_router_dir)
     port = free_port()
-    proc = start_process(["-m", "coe_core.api", "--port", str(port), "--config", str(config), "--data-dir",
-                          str(data)], base / "server.log", REPO)
+    proc = start_process(
+        ["-m", "coe_core.api", "--port", str(port), "--config", str(config), "--data-dir", str(data)],
+        base / "server.log",
+        REPO,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, timeout=240)
@@ -225,9 +238,13 @@ def downstream_coe(tmp_path_factory, seed_router_dir):
 def test_a_coe_serves_as_an_expert_of_another_coe(downstream_coe, tiny_sources, tmp_path, seed_router_dir):
     url, downstream_data = downstream_coe
     raw = tiny_config_dict(tiny_sources, tmp_path / "data")
-    raw["profiles"]["offline"] = {"default_expert": "edge", "experts": {
-        "edge": {"source": f"openai:{url}/v1", "model": "smollm2-135m", "timeout_s": 60, "generalist": True},
-        "small": raw["profiles"]["offline"]["experts"]["small"]}}
+    raw["profiles"]["offline"] = {
+        "default_expert": "edge",
+        "experts": {
+            "edge": {"source": f"openai:{url}/v1", "model": "smollm2-135m", "timeout_s": 60, "generalist": True},
+            "small": raw["profiles"]["offline"]["experts"]["small"],
+        },
+    }
     config = config_from_dict(raw, env=False)
     shutil.copytree(seed_router_dir, config.data_path / "router")
     coe = CoE(config, progress=False)  # routed: no score table, so every category maps to the default, edge
@@ -274,8 +291,11 @@ def test_two_coe_servers_share_one_postgresql_log(tiny_sources, tmp_path, monkey
         with ServerThread(build_server(coes[0])) as a, ServerThread(build_server(coes[1])) as b:
             ids = []
             for server in (a, b, a):
-                answer = httpx.post(f"{server}/v1/chat/completions", timeout=60,
-                                    json={"model": "coe", "messages": HELLO, "max_tokens": 4}).json()
+                answer = httpx.post(
+                    f"{server}/v1/chat/completions",
+                    timeout=60,
+                    json={"model": "coe", "messages": HELLO, "max_tokens": 4},
+                ).json()
                 ids.append(answer["coe"]["interaction_id"])
             assert len(set(ids)) == 3  # one sequence of ids across both servers
             ok = httpx.post(f"{b}/v1/feedback", json={"interaction_id": ids[0], "kind": "like"})

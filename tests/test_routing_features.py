@@ -100,10 +100,14 @@ def test_evaluation_reports_slices_reliability_and_what_the_fallback_caught():
         LabelledPrompt("c", "coding", lang="zh", style="casual", turns=2, chars=20),
         LabelledPrompt("d", "general", lang="en", style="casual", chars=5),
     ]
-    proba = np.array([[0.9, 0.05, 0.05],  # right, confident
-                      [0.8, 0.1, 0.1],  # wrong, confident: not caught
-                      [0.3, 0.4, 0.3],  # wrong, unsure: falls back (wrong: not labelled general)
-                      [0.4, 0.35, 0.25]])  # unsure: falls back to general, which is right
+    proba = np.array(
+        [
+            [0.9, 0.05, 0.05],  # right, confident
+            [0.8, 0.1, 0.1],  # wrong, confident: not caught
+            [0.3, 0.4, 0.3],  # wrong, unsure: falls back (wrong: not labelled general)
+            [0.4, 0.35, 0.25],
+        ]
+    )  # unsure: falls back to general, which is right
     report = evaluate_proba(proba, cats, examples, threshold=0.5, fallback="general")
     assert report["accuracy"] == 0.5 and report["accuracy_without_fallback"] == 0.25
     assert report["fallback_rate"] == 0.5
@@ -119,10 +123,16 @@ def test_labelled_files_take_conversations_and_slice_fields(tmp_path):
     path = tmp_path / "data.jsonl"
     rows = [
         {"prompt": "hola que tal", "category": "general", "lang": "es", "style": "casual"},
-        {"messages": [{"role": "user", "content": "write a sort in python"},
-                      {"role": "assistant", "content": "def s(x): return sorted(x)"},
-                      {"role": "user", "content": "now in rust pls"}],
-         "category": "coding", "lang": "en", "style": "casual"},
+        {
+            "messages": [
+                {"role": "user", "content": "write a sort in python"},
+                {"role": "assistant", "content": "def s(x): return sorted(x)"},
+                {"role": "user", "content": "now in rust pls"},
+            ],
+            "category": "coding",
+            "lang": "en",
+            "style": "casual",
+        },
         {"messages": [{"role": "assistant", "content": "hi"}], "category": "coding"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
@@ -160,8 +170,9 @@ def test_calibration_on_the_development_set_reports_a_cross_fitted_ece():
     examples = [LabelledPrompt(f"p{i}", labels[t], lang="en", style="clean", chars=10) for i, t in enumerate(truth)]
     examples.append(LabelledPrompt("outside", "sports", lang="en", style="clean", chars=10))  # not a label
     raw = np.vstack([raw, [[0.34, 0.33, 0.33]]])
-    changes = calibrate_on_examples(raw, labels, examples, target_precision=0.9, fallback="general",
-                                    confidence_kind="max_prob")
+    changes = calibrate_on_examples(
+        raw, labels, examples, target_precision=0.9, fallback="general", confidence_kind="max_prob"
+    )
     report = changes["dev_metrics"]
     assert changes["temperature"] > 1.5 and changes["temperature_fitted_on"] == "development set"
     assert report["ece"] < 0.1 and report["ece"] != report["ece_in_sample"]
@@ -173,10 +184,12 @@ def test_prompts_that_paste_the_same_material_share_a_group():
     from coe_core.routing.training import group_shared_material
 
     material = "\n".join(f"line {i}: the quarterly revenue of the north region grew by {i} percent" for i in range(5))
-    rows = [LabelledPrompt(f"summarise for the board:\n{material}", "writing"),
-            LabelledPrompt(f"{material}\nlist every percentage as json", "extraction"),
-            LabelledPrompt("an unrelated short prompt", "general"),
-            LabelledPrompt(f"{material}\nexplicit group wins", "math", group="conv-1")]
+    rows = [
+        LabelledPrompt(f"summarise for the board:\n{material}", "writing"),
+        LabelledPrompt(f"{material}\nlist every percentage as json", "extraction"),
+        LabelledPrompt("an unrelated short prompt", "general"),
+        LabelledPrompt(f"{material}\nexplicit group wins", "math", group="conv-1"),
+    ]
     out = group_shared_material(rows)
     assert out[0].group == out[1].group and out[0].group.startswith("material:")
     assert out[2].group == "" and out[3].group == "conv-1"

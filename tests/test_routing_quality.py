@@ -48,34 +48,52 @@ def test_the_shipped_router_is_calibrated_on_the_development_set_and_reports_sli
     assert meta["threshold"] == meta["calibration"]["threshold"] and meta["calibration"]["on"] == "development set"
 
 
-@pytest.mark.parametrize(("turns", "category"), [
-    (["my 4yo has a fever of 39.2 since last night and wont eat, when do i take her to the ER"], "stem"),
-    (["whats the max ibuprofen dose if i also take blood thinners??"], "stem"),
-    (["hey there! how's your day going"], "general"),
-    (["any ideas for a cheap weekend trip from Berlin, we like hiking"], "general"),
-    (["帮我写一个Python函数，检查字符串是不是回文"], "coding"),
-    (["¿Cuál es la derivada de x^3 * ln(x)? explícame paso a paso"], "math"),
-    (["Écris un petit poème sur la pluie d'automne à Paris"], "writing"),
-    (["Quarterly report (draft)\n" + "Revenue grew in all regions while costs stayed flat. " * 40
-      + "\nSummarise this for the board in five bullet points, plain words."], "writing"),
-    (["Traceback (most recent call last):\n  File \"app.py\", line 12, in <module>\n"
-      "    total = sum(prices) / len(prices)\nZeroDivisionError: division by zero\n" * 12
-      + "\nwhy does this crash and how do i fix it"], "coding"),
-    (["write a sql query for the top 5 customers by revenue", "SELECT ...", "and now in pandas pls"], "coding"),
-])
+@pytest.mark.parametrize(
+    ("turns", "category"),
+    [
+        (["my 4yo has a fever of 39.2 since last night and wont eat, when do i take her to the ER"], "stem"),
+        (["whats the max ibuprofen dose if i also take blood thinners??"], "stem"),
+        (["hey there! how's your day going"], "general"),
+        (["any ideas for a cheap weekend trip from Berlin, we like hiking"], "general"),
+        (["帮我写一个Python函数，检查字符串是不是回文"], "coding"),
+        (["¿Cuál es la derivada de x^3 * ln(x)? explícame paso a paso"], "math"),
+        (["Écris un petit poème sur la pluie d'automne à Paris"], "writing"),
+        (
+            [
+                "Quarterly report (draft)\n"
+                + "Revenue grew in all regions while costs stayed flat. " * 40
+                + "\nSummarise this for the board in five bullet points, plain words."
+            ],
+            "writing",
+        ),
+        (
+            [
+                'Traceback (most recent call last):\n  File "app.py", line 12, in <module>\n'
+                "    total = sum(prices) / len(prices)\nZeroDivisionError: division by zero\n"
+                * 12
+                + "\nwhy does this crash and how do i fix it"
+            ],
+            "coding",
+        ),
+        (["write a sql query for the top 5 customers by revenue", "SELECT ...", "and now in pandas pls"], "coding"),
+    ],
+)
 def test_traffic_like_prompts_go_where_a_person_expects(service, turns, category):
     d = _route(service, *turns)
     top = max(d.probabilities, key=d.probabilities.get)
     assert top == category, (d.probabilities, d.explanation)
 
 
-@pytest.mark.parametrize("text", [
-    "x" * 32000,
-    "🙂🙂🙂🔥🔥",
-    "\x00\x01\x02\ufffd\ufffd binary \x7f\x80",
-    "Привет! 我想问一下 how to 作る una tarta 🎂",
-    "?",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 32000,
+        "🙂🙂🙂🔥🔥",
+        "\x00\x01\x02\ufffd\ufffd binary \x7f\x80",
+        "Привет! 我想问一下 how to 作る una tarta 🎂",
+        "?",
+    ],
+)
 def test_odd_input_gets_a_decision_not_a_trace(service, text):
     d = service.decide([{"role": "user", "content": text}])
     assert d.category in [*service.config.all_categories]

@@ -97,8 +97,15 @@ def _config(tmp_path: Path, **router):
     raw["data_dir"] = str(tmp_path / "data")
     # the sentence block alone (MiniLM) with the three classic classifiers: the tiny English taxonomy here
     # is what it suits; the default blocks are tested on the packaged data (test_routing_quality.py)
-    raw["router"].update({"seed_data": str(seed), "dev_data": [], "features": ["sentence"],
-                          "classifiers": ["logreg", "knn", "svm"], **router})
+    raw["router"].update(
+        {
+            "seed_data": str(seed),
+            "dev_data": [],
+            "features": ["sentence"],
+            "classifiers": ["logreg", "knn", "svm"],
+            **router,
+        }
+    )
     raw["profiles"]["offline"]["scores"] = str(scores)
     return config_from_dict(raw, env=False)
 
@@ -250,6 +257,7 @@ def test_corrections_change_the_route_and_a_worse_candidate_is_not_promoted(tmp_
     first = service.active_version()["id"]
     service.calibrate(0.6)  # a calibrated threshold is recalibrated for every new version
     probe = "Find me the best street food stalls in Bangkok"
+
     def top(text: str) -> str:  # the classifier's winner (fallback aside)
         probs = service.decide(_ask(text)).probabilities
         return max(probs, key=probs.get)
@@ -316,12 +324,17 @@ def test_cli_route_and_eval_router_json(trained, tmp_path, capsys):
     assert out["category"] == "cooking"
 
     eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "How do I bake bread?", "category": "cooking"},
-        {"prompt": "Write a Go HTTP server", "category": "code"},
-        {"prompt": "Who won the 1998 World Cup?", "category": "sports"},
-        {"prompt": "hmm", "category": "general"},
-    ]))
+    eval_file.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "How do I bake bread?", "category": "cooking"},
+                {"prompt": "Write a Go HTTP server", "category": "code"},
+                {"prompt": "Who won the 1998 World Cup?", "category": "sports"},
+                {"prompt": "hmm", "category": "general"},
+            ]
+        )
+    )
     assert main(["--config", str(config_path), "eval-router", "--json", str(eval_file)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 3 and out["outside_taxonomy"] == {"sports": 1}

@@ -61,9 +61,7 @@ def test_dedupe_keeps_the_latest_label():
 
 
 def test_split_never_puts_a_group_on_both_sides_and_is_stable():
-    examples = [
-        LabelledPrompt(f"prompt {i}", ["a", "b"][i % 2], "feedback", f"conv-{i // 3}") for i in range(300)
-    ]
+    examples = [LabelledPrompt(f"prompt {i}", ["a", "b"][i % 2], "feedback", f"conv-{i // 3}") for i in range(300)]
     examples += [LabelledPrompt(f"seed {i}", ["a", "b"][i % 2]) for i in range(200)]
     train, test = split(examples)
     assert {group_of(e) for e in train}.isdisjoint({group_of(e) for e in test})
@@ -103,6 +101,7 @@ def test_routed_text_ends_with_the_latest_turn_and_keeps_both_ends_of_a_long_one
         routed_text([{"role": "user", "content": "hi"}, {"role": "user", "content": "   "}], 1, 2000)
     with pytest.raises(InvalidRequest, match="empty prompt"):
         routed_text([{"role": "assistant", "content": "hi"}], 1, 2000)
+
 
 def test_confidence_kinds():
     p = np.array([[0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3]])
@@ -152,10 +151,7 @@ def test_metrics_count_fallback_as_its_own_label():
 def _eval_dir(tmp_path, categories):
     for cat in categories:
         (tmp_path / f"{cat}.jsonl").write_text(
-            "\n".join(
-                json.dumps({"prompt": f"{cat} question {i}", "reference": f"{cat} answer {i}"})
-                for i in range(3)
-            )
+            "\n".join(json.dumps({"prompt": f"{cat} question {i}", "reference": f"{cat} answer {i}"}) for i in range(3))
         )
     return tmp_path
 
@@ -184,9 +180,7 @@ def test_eval_experts_scores_normalises_and_caches(tmp_path):
     )
     assert table["scores"]["a"]["coding"] == 1.0
     assert table["scores"]["b"]["coding"] == pytest.approx(math.exp(-1.0), abs=1e-6)
-    assert table["scores"]["b"]["math"] == 1.0 and table["scores"]["a"]["math"] == pytest.approx(
-        math.exp(-1.5)
-    )
+    assert table["scores"]["b"]["math"] == 1.0 and table["scores"]["a"]["math"] == pytest.approx(math.exp(-1.5))
     assert table["scores"]["a"]["general"] == pytest.approx((1 + math.exp(-1.5)) / 2, abs=1e-6)
     assert table["method"]["eval_sets"]["coding"]["sha256"] == sets["coding"].sha256
     assert len(calls) == 12 and json.loads(cache.read_text())["params"] == {"a": 100, "b": 200}

@@ -32,9 +32,9 @@ def test_policy_prefers_the_resident_expert_over_an_earlier_turn_that_needs_a_sw
 
 def test_policy_joins_the_running_batch_but_never_swaps_while_turns_run():
     waiting = [Waiting(1, "b", 0.0), Waiting(2, "a", 1.0)]
-    assert pick(waiting, {"a": 2}).id == 2           # joins the batch on the resident expert
-    assert pick(waiting[:1], {"a": 2}) is None        # b needs a swap: it waits until a's turns end
-    assert pick(waiting[:1], {}).id == 1              # nothing runs: now the swap is allowed
+    assert pick(waiting, {"a": 2}).id == 2  # joins the batch on the resident expert
+    assert pick(waiting[:1], {"a": 2}) is None  # b needs a swap: it waits until a's turns end
+    assert pick(waiting[:1], {}).id == 1  # nothing runs: now the swap is allowed
 
 
 def test_policy_takes_the_cheapest_swap_first_and_arrival_order_on_ties():
@@ -43,11 +43,11 @@ def test_policy_takes_the_cheapest_swap_first_and_arrival_order_on_ties():
 
 
 def test_policy_a_due_turn_goes_first_and_blocks_the_others_until_it_can_start():
-    starving = Waiting(1, "b", 0.0, bypassed=3)      # bypassed max_bypass times
+    starving = Waiting(1, "b", 0.0, bypassed=3)  # bypassed max_bypass times
     fresh = Waiting(2, "a", 5.0)
     assert pick([starving, fresh], {"a": 1}) is None  # no more joins: the batch drains
     assert pick([starving, fresh], {}).id == 1
-    old = Waiting(1, "b", 0.0)                        # or waited max_wait_s
+    old = Waiting(1, "b", 0.0)  # or waited max_wait_s
     assert pick([old, fresh], {"a": 1}, now=59.0).id == 2
     assert pick([old, fresh], {"a": 1}, now=60.0) is None
 
@@ -64,8 +64,14 @@ def test_aging_bound_holds_under_a_stream_of_turns_for_the_resident_expert():
     """Turns for the resident expert keep coming; one turn needs a swap. It is bypassed at most max_bypass
     times, then runs once the running batch has drained."""
     clock = [0.0]
-    sched = Scheduler(max_running=2, max_queue=100, max_wait_s=1e9, max_bypass=5,
-                      swap_cost_s=lambda e: 0.0 if e == "a" else 1.0, clock=lambda: clock[0])
+    sched = Scheduler(
+        max_running=2,
+        max_queue=100,
+        max_wait_s=1e9,
+        max_bypass=5,
+        swap_cost_s=lambda e: 0.0 if e == "a" else 1.0,
+        clock=lambda: clock[0],
+    )
     tickets = [sched.admit("a"), sched.admit("a")]
     clock[0] += 1
     other = sched.admit("b")
@@ -97,11 +103,11 @@ def test_queued_events_say_who_goes_first():
 def test_the_upcoming_expert_is_the_first_waiting_turns_expert_that_nothing_runs():
     sched = Scheduler(max_running=1, max_queue=10, swap_cost_s=lambda e: 0.0 if e == "a" else 1.0)
     running = sched.admit("a")
-    assert sched.upcoming_expert() is None            # nothing waits
+    assert sched.upcoming_expert() is None  # nothing waits
     sched.admit("a")
-    assert sched.upcoming_expert() is None            # the waiting turn joins a's batch: nothing to stage
+    assert sched.upcoming_expert() is None  # the waiting turn joins a's batch: nothing to stage
     sched.admit("b")
-    assert sched.upcoming_expert() == "b"             # worth prefetching while a decodes
+    assert sched.upcoming_expert() == "b"  # worth prefetching while a decodes
     sched.leave(running)
 
 
@@ -110,12 +116,12 @@ def test_the_queue_prefetches_a_waiting_turns_expert_while_another_decodes(tiny_
     coe.tiers.prepare()
     first = coe.chat("hi", {"expert": "small"}, max_new_tokens=2, min_new_tokens=2, temperature=0)
     second = coe.chat("hi", {"expert": "medium"}, max_new_tokens=2, temperature=0)
-    next(first)                                       # the decision: small's turn is admitted and runs
-    next(second)                                      # medium's turn waits behind it
+    next(first)  # the decision: small's turn is admitted and runs
+    next(second)  # medium's turn waits behind it
     staged = []
     coe.tiers.prefetch = lambda expert, evict=True: staged.append((expert, evict))
     list(first)
-    assert staged == [("medium", False)]              # into free room only, never evicting
+    assert staged == [("medium", False)]  # into free room only, never evicting
     assert any(isinstance(e, TurnDone) for e in second)
 
 
@@ -175,8 +181,14 @@ def test_sixteen_users_at_once_no_refusals_no_errors_every_turn_logged_once(tiny
         try:
             for k in range(turns_of[u]):
                 expert = ("small", "medium")[(u + k) % 2]
-                _, _, stats = coe.run(f"user {u} turn {k}: say something", {"expert": expert},
-                                      max_new_tokens=4, temperature=0, session_id=f"user-{u}", client="api")
+                _, _, stats = coe.run(
+                    f"user {u} turn {k}: say something",
+                    {"expert": expert},
+                    max_new_tokens=4,
+                    temperature=0,
+                    session_id=f"user-{u}",
+                    client="api",
+                )
                 results[u].append(stats)
         except BaseException as exc:  # a refusal (QueueFull) or anything else fails the test below
             failures.append(exc)
@@ -200,6 +212,5 @@ def test_sixteen_users_at_once_no_refusals_no_errors_every_turn_logged_once(tiny
     assert all(h["queue_wait_p95_s"] is not None and h["swaps_per_100_turns"] >= 0 for h in hours)
     from app.plots import serving_figure
 
-    assert [t.name for t in serving_figure(hours).data] == ["swaps per 100 turns", "queue wait p50",
-                                                              "queue wait p95"]
+    assert [t.name for t in serving_figure(hours).data] == ["swaps per 100 turns", "queue wait p50", "queue wait p95"]
     coe.close()

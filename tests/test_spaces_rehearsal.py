@@ -32,10 +32,29 @@ def test_the_space_rehearsal_passes(tmp_path, request):
     seed_router_dir = request.getfixturevalue("seed_router_dir")  # only once the skips are decided
     summary = tmp_path / "summary.json"
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "spaces_rehearsal.sh"), "--port", str(_free_port()),
-         "--data-dir", str(tmp_path / "data"), "--experts-from", str(SHARED_EXPERTS),
-         "--router-from", str(seed_router_dir), "--chat-tokens", "8", "--timeout", "300", "--json", str(summary)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            "bash",
+            str(REPO / "scripts" / "spaces_rehearsal.sh"),
+            "--port",
+            str(_free_port()),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--experts-from",
+            str(SHARED_EXPERTS),
+            "--router-from",
+            str(seed_router_dir),
+            "--chat-tokens",
+            "8",
+            "--timeout",
+            "300",
+            "--json",
+            str(summary),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     result = json.loads(summary.read_text())
     assert proc.returncode == 0 and result["ok"], proc.stdout[-3000:] + proc.stderr[-2000:]
     assert result["first"]["router_version"] == result["second"]["router_version"]

@@ -62,9 +62,20 @@ def store(db_url: str):
 
 
 def turn(prompt: str = "write a python function", **kw) -> TurnRecord:
-    base = dict(expert="coder", prompt=prompt, routing_context=prompt, response="def f(): pass",
-                category="coding", probabilities={"coding": 0.9, "math": 0.1}, confidence=0.9, ttft_s=0.1,
-                total_s=1.0, new_tokens=10, tokens_per_s=10.0, client="cli")
+    base = dict(
+        expert="coder",
+        prompt=prompt,
+        routing_context=prompt,
+        response="def f(): pass",
+        category="coding",
+        probabilities={"coding": 0.9, "math": 0.1},
+        confidence=0.9,
+        ttft_s=0.1,
+        total_s=1.0,
+        new_tokens=10,
+        tokens_per_s=10.0,
+        client="cli",
+    )
     base.update(kw)
     return TurnRecord(**base)
 
@@ -164,9 +175,17 @@ def test_log_turn_appends_to_a_conversation_and_titles_new_ones(store: Store):
 
 
 def test_record_from_engine_events_keeps_route_swaps_and_timings(store: Store):
-    decision = RouteDecision(category="math", expert="mathy", reason="mapped", probabilities={"math": 0.8},
-                             confidence=0.8, latency_ms=3.5, threshold=0.35, router_version="r1",
-                             routed_text="what is 2+2")
+    decision = RouteDecision(
+        category="math",
+        expert="mathy",
+        reason="mapped",
+        probabilities={"math": 0.8},
+        confidence=0.8,
+        latency_ms=3.5,
+        threshold=0.35,
+        router_version="r1",
+        routed_text="what is 2+2",
+    )
     swap = SwapEvent(expert="mathy", src="disk", dst="cpu", bytes=2_000_000_000, seconds=0.5)
     stats = TurnStats(expert="mathy", response="4", status="cancelled", ttft_s=0.2, total_s=0.4, new_tokens=1)
     rec = TurnRecord.from_turn(decision, [swap], stats, prompt="what is 2+2", started_at=datetime.now(UTC))
@@ -220,8 +239,16 @@ def test_stats_have_the_documented_keys_and_numbers(store: Store):
     tid = store.log_turn(turn(ttft_s=0.4, category="general", fallback=True, status="error", error="boom"))
     store.add_feedback(tid, "dislike", categories=CATEGORIES)
     s = store.stats()
-    assert {"turns", "by_category", "by_expert", "fallback_rate", "feedback", "ttft_p50_s", "ttft_p95_s",
-            "swaps"} <= set(s)
+    assert {
+        "turns",
+        "by_category",
+        "by_expert",
+        "fallback_rate",
+        "feedback",
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "swaps",
+    } <= set(s)
     assert s["turns"] == 4
     assert s["by_category"] == {"coding": 2, "math": 1, "general": 1}
     assert s["by_expert"] == {"coder": 3, "mathy": 1}
@@ -240,7 +267,7 @@ def test_stats_have_the_documented_keys_and_numbers(store: Store):
 
 def test_export_has_one_row_per_turn_with_its_latest_feedback(store: Store):
     old = store.log_turn(turn("old prompt", started_at=datetime.now(UTC) - timedelta(days=10)))
-    a = store.log_turn(turn("a, with \"quotes\"\nand a newline"))
+    a = store.log_turn(turn('a, with "quotes"\nand a newline'))
     b = store.log_turn(turn("b"))
     store.add_feedback(a, "like", categories=CATEGORIES)
     store.add_feedback(a, "dislike", comment="too long", categories=CATEGORIES)
@@ -258,7 +285,7 @@ def test_export_has_one_row_per_turn_with_its_latest_feedback(store: Store):
     assert store.export("csv", out, since=datetime.now(UTC) - timedelta(days=1)) == 2
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [int(r["id"]) for r in rows] == [a, b]
-    assert rows[0]["prompt"] == "a, with \"quotes\"\nand a newline" and rows[0]["feedback_kind"] == "dislike"
+    assert rows[0]["prompt"] == 'a, with "quotes"\nand a newline' and rows[0]["feedback_kind"] == "dislike"
     assert json.loads(rows[1]["probabilities"])["coding"] == 0.9
     with pytest.raises(StoreError, match="jsonl, csv"):
         store.export("xml", io.StringIO())
@@ -277,8 +304,7 @@ def test_log_prompts_false_keeps_metadata_but_no_text(db_url: str, tmp_path: Pat
         assert "hunter2" not in out.getvalue()
         # a turn that cannot be written goes to the spool without its text either
         down = DownStore(db_url, log_prompts=False)
-        with (TurnLogger(down, tmp_path / "spool.jsonl", attempts=1) as logger,
-              pytest.raises(TurnNotLoggedError)):
+        with TurnLogger(down, tmp_path / "spool.jsonl", attempts=1) as logger, pytest.raises(TurnNotLoggedError):
             logger.submit(turn(secret)).result(timeout=10)
         assert "hunter2" not in (tmp_path / "spool.jsonl").read_text()
         down.close()
@@ -297,10 +323,15 @@ def test_labelled_prompts_follow_the_feedback_rules(db_url: str):
         retracted = store.log_turn(turn("retracted like"))
         fallback_liked = store.log_turn(turn("liked fallback", category="general", fallback=True))
         store.log_turn(turn("no feedback"))
-        for tid, kind, cat in [(liked, "like", None), (corrected, "wrong_category", "math"),
-                               (disliked, "dislike", None), (wrong_no_fix, "wrong_category", None),
-                               (retracted, "like", None), (retracted, "retracted", None),
-                               (fallback_liked, "like", None)]:
+        for tid, kind, cat in [
+            (liked, "like", None),
+            (corrected, "wrong_category", "math"),
+            (disliked, "dislike", None),
+            (wrong_no_fix, "wrong_category", None),
+            (retracted, "like", None),
+            (retracted, "retracted", None),
+            (fallback_liked, "like", None),
+        ]:
             store.add_feedback(tid, kind, cat, categories=CATEGORIES)
         conv = store.get_interaction(corrected)["conversation_id"]
         labels = labelled_prompts(store, CATEGORIES)
@@ -318,8 +349,7 @@ def test_labelled_prompts_follow_the_feedback_rules(db_url: str):
 # -- router versions -------------------------------------------------------------------------------------
 def test_router_versions_keep_one_active(store: Store):
     store.record_router_version("r1", "/a/r1", {"accuracy": 0.8}, {"seed": 100}, None, active=True)
-    store.record_router_version("r2", "/a/r2", {"accuracy": 0.85}, {"seed": 100, "feedback-like": 5}, "r1",
-                                active=True)
+    store.record_router_version("r2", "/a/r2", {"accuracy": 0.85}, {"seed": 100, "feedback-like": 5}, "r1", active=True)
     versions = {v["id"]: v for v in store.list_router_versions()}
     assert (versions["r1"]["active"], versions["r2"]["active"]) == (False, True)
     assert versions["r2"]["parent_id"] == "r1" and versions["r2"]["sample_counts"]["feedback-like"] == 5
@@ -334,8 +364,15 @@ def test_router_versions_keep_one_active(store: Store):
 # -- schema versions -----------------------------------------------------------------------------------------
 #: how releases before schema v5 logged a remote expert's connection: as a swap from tier "remote", its phases
 #: cumulative seconds
-_LEGACY_REMOTE_SWAP = {"expert": "edge", "src": "remote", "dst": "connect", "bytes": 0, "seconds": 0.3,
-                       "phases": {"connect": 0.05, "headers": 0.2, "first_byte": 0.3}, "started_at": 0.01}
+_LEGACY_REMOTE_SWAP = {
+    "expert": "edge",
+    "src": "remote",
+    "dst": "connect",
+    "bytes": 0,
+    "seconds": 0.3,
+    "phases": {"connect": 0.05, "headers": 0.2, "first_byte": 0.3},
+    "started_at": 0.01,
+}
 
 
 def _make_v1_database(url: str) -> None:
@@ -366,8 +403,9 @@ def test_an_older_database_is_upgraded_and_keeps_its_turns(db_url: str):
         assert old["remote_connection"] is None
         # v5: the remote connection left the swaps, with its phases as consecutive stretches
         assert remote["swaps"] == [] and remote["remote_connection"]["expert"] == "edge"
-        assert remote["remote_connection"]["phases"] == pytest.approx({"connect": 0.05, "headers": 0.15,
-                                                                       "first_byte": 0.1})
+        assert remote["remote_connection"]["phases"] == pytest.approx(
+            {"connect": 0.05, "headers": 0.15, "first_byte": 0.1}
+        )
         assert store.stats()["swaps"] == {} and store.stats()["remote_first_byte_seconds"] == {"edge": [0.3]}
         new = store.log_turn(turn("after the upgrade", route_latency_ms=2.0))
         assert store.get_interaction(new)["route_latency_ms"] == 2.0
@@ -435,12 +473,15 @@ def test_a_database_left_by_a_killed_writer_opens_with_every_committed_turn(db_u
 
 
 # -- spool -------------------------------------------------------------------------------------------------
-def test_a_turn_that_cannot_be_written_is_spooled_and_replayed(db_url: str, tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture):
+def test_a_turn_that_cannot_be_written_is_spooled_and_replayed(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     spool = tmp_path / "data" / "unlogged_turns.jsonl"
     down = DownStore(db_url)
-    with (caplog.at_level(logging.WARNING, logger="coe_core.store.writer"),
-          TurnLogger(down, spool, attempts=3, backoff_s=0.01) as logger):
+    with (
+        caplog.at_level(logging.WARNING, logger="coe_core.store.writer"),
+        TurnLogger(down, spool, attempts=3, backoff_s=0.01) as logger,
+    ):
         future = logger.submit(turn("keep me", session_id="sess"))
         with pytest.raises(TurnNotLoggedError, match="unlogged_turns.jsonl"):
             future.result(timeout=10)

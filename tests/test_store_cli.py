@@ -30,10 +30,16 @@ def run(config, *argv: str) -> int:
 @pytest.fixture
 def logged(config) -> list[int]:
     with Store.from_config(config) as store:
-        old = store.log_turn(TurnRecord(expert="smollm2-135m", prompt="old", category="math",
-                                        started_at=datetime.now(UTC) - timedelta(days=30), ttft_s=0.5))
-        new = store.log_turn(TurnRecord(expert="smollm2-135m", prompt="sort a list", category="coding",
-                                        ttft_s=0.1))
+        old = store.log_turn(
+            TurnRecord(
+                expert="smollm2-135m",
+                prompt="old",
+                category="math",
+                started_at=datetime.now(UTC) - timedelta(days=30),
+                ttft_s=0.5,
+            )
+        )
+        new = store.log_turn(TurnRecord(expert="smollm2-135m", prompt="sort a list", category="coding", ttft_s=0.1))
     return [old, new]
 
 
@@ -77,8 +83,14 @@ def test_stats_prints_a_summary_or_json(config, logged, capsys):
 
 def test_review_lists_and_accepts_visitors_feedback(config, logged, capsys):
     with Store.from_config(config) as store:
-        fb = store.add_feedback(logged[1], "wrong_category", "math", categories=list(config.all_categories),
-                                review="pending", author="gradio:abc")
+        fb = store.add_feedback(
+            logged[1],
+            "wrong_category",
+            "math",
+            categories=list(config.all_categories),
+            review="pending",
+            author="gradio:abc",
+        )
     assert run(config, "review") == 0
     out = capsys.readouterr()
     assert f"{fb}\tturn {logged[1]}\tcoding\twrong_category -> math\tsort a list" in out.out

@@ -160,7 +160,7 @@ def test_corrupt_weights_are_rematerialised_and_others_keep_serving(tiny_config,
     tiers.prepare()
     weights = tiers.disk_folder("small") / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # same size, same header, wrong bytes
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # same size, same header, wrong bytes
     weights.write_bytes(bytes(data))
     fresh = manager(config)  # a new process: verifies once by sha256
     with fresh.acquire("small") as lease:
@@ -230,7 +230,7 @@ def test_a_prefetch_into_free_room_only_evicts_nothing(tiny_config):
         pass
     assert tiers.prefetch("medium", evict=False) is None
     assert tiers.state("small") == "cpu"
-    thread = tiers.prefetch("medium")                 # the default may evict an idle expert for it
+    thread = tiers.prefetch("medium")  # the default may evict an idle expert for it
     thread.join(30)
     assert tiers.state("medium") == "cpu" and tiers.state("small") == "disk"
 

@@ -44,8 +44,10 @@ def test_a_scripted_turn_ends_up_in_the_transcript_fields():
     assert [q.position for q in turn.queued] == [2, 1]
     assert [(s.expert, s.src, s.dst) for s in turn.swaps] == [("small", "disk", "cpu")]
     assert turn.connection is None
-    assert [n.message for n in turn.notices] == ["edge is down; small serves this turn instead.",
-                                                 "the prompt was truncated"]
+    assert [n.message for n in turn.notices] == [
+        "edge is down; small serves this turn instead.",
+        "the prompt was truncated",
+    ]
     assert turn.text == "Hello, world" and turn.pieces == ["Hello", ", world"]
     assert turn.done and not turn.failed and turn.error is None
     assert turn.stats.interaction_id == 7
@@ -62,12 +64,14 @@ def test_who_serves_is_known_before_the_turn_ends():
 
 
 def test_a_remote_connection_is_kept_apart_from_the_swaps():
-    turn = Transcript.collect([
-        DECISION,
-        RemoteConnect("edge", connect_s=0.01, headers_s=0.05, first_byte_s=0.2, base_url="http://gpu-box/v1"),
-        TextChunk("hi"),
-        TurnDone(TurnStats(expert="edge", response="hi")),
-    ])
+    turn = Transcript.collect(
+        [
+            DECISION,
+            RemoteConnect("edge", connect_s=0.01, headers_s=0.05, first_byte_s=0.2, base_url="http://gpu-box/v1"),
+            TextChunk("hi"),
+            TurnDone(TurnStats(expert="edge", response="hi")),
+        ]
+    )
     assert turn.swaps == [] and turn.connection.expert == "edge"
     assert turn.connection.phases == pytest.approx({"connect": 0.01, "headers": 0.04, "first_byte": 0.15})
     assert turn.connection.to_dict()["phases"]["first_byte"] == pytest.approx(0.15)
@@ -75,11 +79,17 @@ def test_a_remote_connection_is_kept_apart_from_the_swaps():
 
 def test_a_failed_turn_keeps_its_exception_for_the_front_end_to_map():
     failure = ExpertUnavailable("small could not be loaded: out of memory")
-    turn = Transcript.collect([
-        DECISION,
-        TurnDone(TurnStats(expert="small", response="", status="error", error=str(failure),
-                           error_type="ExpertUnavailable"), error=failure),
-    ])
+    turn = Transcript.collect(
+        [
+            DECISION,
+            TurnDone(
+                TurnStats(
+                    expert="small", response="", status="error", error=str(failure), error_type="ExpertUnavailable"
+                ),
+                error=failure,
+            ),
+        ]
+    )
     assert turn.failed and turn.error is failure and turn.text == ""
 
 

@@ -43,16 +43,30 @@ from coe_core.errors import (
 )
 from coe_core.store.errors import InteractionNotFound
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
 
 
 class APIError(Exception):
     """An error a caller of the API gets back, with its status code and OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
@@ -90,21 +104,22 @@ def api_error(exc: BaseException) -> APIError:
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")), None, \
-            "invalid_json"
+        return "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")), None, "invalid_json"
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
-        return ("the request body must be a JSON object (send it with Content-Type: application/json)", None,
-                "invalid_json")
+        return (
+            "the request body must be a JSON object (send it with Content-Type: application/json)",
+            None,
+            "invalid_json",
+        )
     msg = first.get("msg", "invalid request")
     if first.get("type") == "missing":
         msg = "required parameter is missing"
@@ -128,5 +143,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), code=code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )

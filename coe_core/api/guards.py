@@ -40,16 +40,23 @@ class ApiGuard:
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 what = "no API key given" if not token else "the API key is wrong"
-                return APIError(401, f"{what}: send 'Authorization: Bearer <COE_API_KEY>'",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return APIError(
+                    401,
+                    f"{what}: send 'Authorization: Bearer <COE_API_KEY>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()
         return None
 
     def _too_large(self) -> APIError:
-        return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes (api.max_body_bytes)",
-                        code="request_too_large")
+        return APIError(
+            413,
+            f"the request body is larger than {self.max_body_bytes} bytes (api.max_body_bytes)",
+            code="request_too_large",
+        )
 
     def _counting(self, receive: Receive) -> Receive:
         seen = 0

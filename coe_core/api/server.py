@@ -24,13 +24,11 @@ from coe_core.config import CoEConfig
 from coe_core.engine import CoE
 
 
-def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None,
-                 **mount_kwargs: Any) -> FastAPI:
+def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = None, **mount_kwargs: Any) -> FastAPI:
     """The API for ``coe`` and, when ``blocks`` is given, the Gradio app at ``/`` (``mount_kwargs`` go to
     ``gr.mount_gradio_app``, e.g. theme and css). ``api_key`` defaults to ``$COE_API_KEY``; empty: no key."""
     api_key = (api_key if api_key is not None else os.environ.get("COE_API_KEY")) or None
-    app = FastAPI(title=f"{coe.config.name} API", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
-                  redoc_url=None)
+    app = FastAPI(title=f"{coe.config.name} API", docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
     app.state.coe = coe
     install_error_handlers(app)
     app.add_middleware(ApiGuard, api_key=api_key, max_body_bytes=coe.config.api.max_body_bytes)
@@ -44,8 +42,10 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
         """An admin's export, once: the link is spent and the file deleted when it has been sent."""
         path = downloads.DOWNLOADS.take(token)
         if path is None:
-            return JSONResponse(error_body(404, "this download link is unknown, used or expired: export again",
-                                           code="not_found"), status_code=404)
+            return JSONResponse(
+                error_body(404, "this download link is unknown, used or expired: export again", code="not_found"),
+                status_code=404,
+            )
         return FileResponse(path, filename=path.name, background=BackgroundTask(path.unlink, missing_ok=True))
 
     downloads.DOWNLOADS.served = True
@@ -59,8 +59,12 @@ def build_server(coe: CoE, blocks: Any | None = None, *, api_key: str | None = N
     async def readyz() -> JSONResponse:
         """Readiness: the router is loaded and at least one expert is available (503 otherwise, with why)."""
         r = coe.readiness()
-        body = {"ready": r.ready, "router": r.router_state, "available_experts": r.available_experts,
-                "unavailable": r.unavailable}
+        body = {
+            "ready": r.ready,
+            "router": r.router_state,
+            "available_experts": r.available_experts,
+            "unavailable": r.unavailable,
+        }
         return JSONResponse(body, status_code=200 if r.ready else 503)
 
     if blocks is not None:

@@ -39,8 +39,9 @@ _END = object()
 
 
 class ApiTurn:
-    def __init__(self, events: Iterator[Event], cancel: threading.Event, *,
-                 max_new_tokens: int, include_usage: bool = False):
+    def __init__(
+        self, events: Iterator[Event], cancel: threading.Event, *, max_new_tokens: int, include_usage: bool = False
+    ):
         self._events, self._cancel = events, cancel
         self._closed = False
         self.max_new_tokens, self.include_usage = max_new_tokens, include_usage
@@ -93,8 +94,11 @@ class ApiTurn:
         if self.transcript.failed and not self.stats.response:  # it failed before its first text
             await self.aclose()
             error = self.transcript.error
-            raise (api_error(error) if error is not None
-                   else APIError(500, self.stats.error or "the turn failed", code="turn_failed"))
+            raise (
+                api_error(error)
+                if error is not None
+                else APIError(500, self.stats.error or "the turn failed", code="turn_failed")
+            )
 
     def cancel(self) -> None:
         """Ask the engine to stop generating (the turn ends at the next token)."""
@@ -117,27 +121,47 @@ class ApiTurn:
 
     def headers(self) -> dict[str, str]:
         d = self.decision
-        return {"x-coe-category": d.category, "x-coe-expert": self.served_by,
-                "x-coe-confidence": f"{d.confidence:.4f}", "x-coe-reason": d.reason}
+        return {
+            "x-coe-category": d.category,
+            "x-coe-expert": self.served_by,
+            "x-coe-confidence": f"{d.confidence:.4f}",
+            "x-coe-reason": d.reason,
+        }
 
     def route_summary(self) -> dict[str, Any]:
         d = self.decision
-        return {"category": d.category, "expert": self.served_by, "routed_expert": d.expert, "reason": d.reason,
-                "confidence": d.confidence, "fallback": d.fallback, "probabilities": d.probabilities,
-                "router_version": d.router_version, "explanation": d.explanation,
-                "swaps": [s.to_dict() for s in self.transcript.swaps],
-                "connection": self.transcript.connection.to_dict() if self.transcript.connection else None,
-                "notices": [{"kind": n.kind, "message": n.message} for n in self.transcript.notices]}
+        return {
+            "category": d.category,
+            "expert": self.served_by,
+            "routed_expert": d.expert,
+            "reason": d.reason,
+            "confidence": d.confidence,
+            "fallback": d.fallback,
+            "probabilities": d.probabilities,
+            "router_version": d.router_version,
+            "explanation": d.explanation,
+            "swaps": [s.to_dict() for s in self.transcript.swaps],
+            "connection": self.transcript.connection.to_dict() if self.transcript.connection else None,
+            "notices": [{"kind": n.kind, "message": n.message} for n in self.transcript.notices],
+        }
 
     def end_summary(self) -> dict[str, Any]:
         s = self.stats
-        return {"interaction_id": s.interaction_id, "status": s.status, "error": s.error, "ttft_s": s.ttft_s,
-                "total_s": s.total_s, "tokens_per_s": s.tokens_per_s, "truncated": s.truncated}
+        return {
+            "interaction_id": s.interaction_id,
+            "status": s.status,
+            "error": s.error,
+            "ttft_s": s.ttft_s,
+            "total_s": s.total_s,
+            "tokens_per_s": s.tokens_per_s,
+            "truncated": s.truncated,
+        }
 
     def usage(self) -> Usage:
         s = self.stats
-        return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.new_tokens,
-                     total_tokens=s.prompt_tokens + s.new_tokens)
+        return Usage(
+            prompt_tokens=s.prompt_tokens, completion_tokens=s.new_tokens, total_tokens=s.prompt_tokens + s.new_tokens
+        )
 
     def finish_reason(self) -> str:
         return "length" if self.stats.new_tokens >= self.max_new_tokens else "stop"
@@ -156,16 +180,23 @@ class ApiTurn:
         if self.stats.status == "error":
             raise APIError(500, f"the expert failed mid-answer: {self.stats.error}", code="turn_failed")
         return ChatCompletion(
-            id=self.id, created=self.created, model=self.served_by, usage=self.usage(),
-            choices=[Choice(message=AssistantMessage(content=self.stats.response),
-                            finish_reason=self.finish_reason())],
-            coe={**self.route_summary(), **self.end_summary()})
+            id=self.id,
+            created=self.created,
+            model=self.served_by,
+            usage=self.usage(),
+            choices=[Choice(message=AssistantMessage(content=self.stats.response), finish_reason=self.finish_reason())],
+            coe={**self.route_summary(), **self.end_summary()},
+        )
 
     # -- streaming ------------------------------------------------------------------------------------
     def _chunk(self, delta: Delta, **fields: Any) -> str:
-        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.served_by,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=fields.pop("finish", None))],
-                                    **fields)
+        chunk = ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.served_by,
+            choices=[ChunkChoice(delta=delta, finish_reason=fields.pop("finish", None))],
+            **fields,
+        )
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
     async def sse(self) -> AsyncIterator[str]:
@@ -183,8 +214,9 @@ class ApiTurn:
             else:
                 yield self._chunk(Delta(), finish=self.finish_reason(), coe=self.end_summary())
                 if self.include_usage:
-                    chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.served_by,
-                                                choices=[], usage=self.usage())
+                    chunk = ChatCompletionChunk(
+                        id=self.id, created=self.created, model=self.served_by, choices=[], usage=self.usage()
+                    )
                     yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnected: stop generating, log the turn as cancelled
@@ -195,8 +227,11 @@ class TurnStream(StreamingResponse):
     """The SSE response of a turn; closes the turn however the response ends (even if never iterated)."""
 
     def __init__(self, turn: ApiTurn):
-        super().__init__(turn.sse(), media_type="text/event-stream",
-                         headers={**turn.headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            turn.sse(),
+            media_type="text/event-stream",
+            headers={**turn.headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.turn = turn
 
     async def listen_for_disconnect(self, receive: Receive) -> None:

@@ -63,9 +63,9 @@ def _engine_rate(coe, expert: str, tokens: int) -> float:
 
 def _concurrent_rate(coe, expert: str, tokens: int, users: int) -> float:
     """``users`` turns at once on one expert: all their tokens / wall time."""
+
     def one(_):
-        _, _, stats = coe.run(PROMPT, {"expert": expert}, temperature=0, max_new_tokens=tokens,
-                              min_new_tokens=tokens)
+        _, _, stats = coe.run(PROMPT, {"expert": expert}, temperature=0, max_new_tokens=tokens, min_new_tokens=tokens)
         return stats.new_tokens
 
     start = time.perf_counter()
@@ -92,16 +92,25 @@ def _no_stops(config: CoEConfig, expert: str) -> CoEConfig:
     return config
 
 
-def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, users: int,
-                 transformers: bool, threads: int | None = None) -> dict:
+def bench_expert(
+    config: CoEConfig,
+    expert: str,
+    *,
+    tokens: int,
+    repeats: int,
+    users: int,
+    transformers: bool,
+    threads: int | None = None,
+) -> dict:
     import llama_cpp
 
     from coe_core.bench.swap import with_runtime
     from coe_core.engine import CoE
     from coe_core.experts.llama_cpp_runtime import default_threads
 
-    coe = CoE(_no_stops(with_runtime(config, "llama_cpp", [expert], threads), expert), routing=None, store=None,
-              gpu=False)
+    coe = CoE(
+        _no_stops(with_runtime(config, "llama_cpp", [expert], threads), expert), routing=None, store=None, gpu=False
+    )
     row: dict = {"expert": expert}
     try:
         tiers = coe.tiers
@@ -110,8 +119,14 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
             return {**row, "error": problem}
         slot = tiers.slots[expert]
         threads = coe.config.experts[expert].threads or default_threads()
-        row.update(runtime=slot.runtime, file_bytes=slot.disk.manifest["file_bytes"], n_ctx=slot.n_ctx,
-                   kv_bytes=slot.kv_bytes, accounted_bytes=slot.resident_bytes, threads=threads)
+        row.update(
+            runtime=slot.runtime,
+            file_bytes=slot.disk.manifest["file_bytes"],
+            n_ctx=slot.n_ctx,
+            kv_bytes=slot.kv_bytes,
+            accounted_bytes=slot.resident_bytes,
+            threads=threads,
+        )
         path = slot.disk.weights_path
         ceiling = _read_ceiling(path, path.stat().st_size, config.tiers.read_threads, repeats)
         swaps, grown = [], []
@@ -131,22 +146,30 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
             probe(path)
             vocab.append(time.perf_counter() - start)
         row["vocab_only_load_s"] = round(statistics.median(vocab), 4)
-        row.update(resident_bytes=int(statistics.median(grown)), swap_s=round(swap, 4),
-                   read_ceiling_s=round(ceiling, 4), swap_ratio_to_read_ceiling=round(ceiling / swap, 3))
+        row.update(
+            resident_bytes=int(statistics.median(grown)),
+            swap_s=round(swap, 4),
+            read_ceiling_s=round(ceiling, 4),
+            swap_ratio_to_read_ceiling=round(ceiling / swap, 3),
+        )
         row["resident_ratio_to_file"] = round(row["resident_bytes"] / row["file_bytes"], 2)
 
         # the same prompt ids for both: the engine's formatting of PROMPT
         with tiers.acquire(expert) as lease:
-            prompt = lease.runtime.format_prompt([{"role": "user", "content": PROMPT}], config.experts[expert],
-                                                 context_length=slot.n_ctx, reserve_tokens=tokens)
+            prompt = lease.runtime.format_prompt(
+                [{"role": "user", "content": PROMPT}],
+                config.experts[expert],
+                context_length=slot.n_ctx,
+                reserve_tokens=tokens,
+            )
             ids = prompt.input_ids
             result = GenerationResult()
-            for _ in lease.runtime.stream(ids, GenerationParams(tokens, 0.0), cancel=threading.Event(),
-                                          result=result):
+            for _ in lease.runtime.stream(ids, GenerationParams(tokens, 0.0), cancel=threading.Event(), result=result):
                 pass
             engine_ids = result.token_ids
-        raw = llama_cpp.Llama(str(path), n_ctx=slot.n_ctx, use_mmap=False, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+        raw = llama_cpp.Llama(
+            str(path), n_ctx=slot.n_ctx, use_mmap=False, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
         try:
             _, raw_ids = _raw_rate(raw, ids, tokens, stop_at_eog=True)
             row["greedy_token_identical"] = engine_ids == raw_ids
@@ -158,8 +181,11 @@ def bench_expert(config: CoEConfig, expert: str, *, tokens: int, repeats: int, u
         finally:
             raw.close()
         engine, raw_rate = statistics.median(engine_rates), statistics.median(raw_rates)
-        row.update(tokens_per_s=round(engine, 2), raw_llama_cpp_tokens_per_s=round(raw_rate, 2),
-                   ratio_to_raw=round(engine / raw_rate, 3) if raw_rate else None)
+        row.update(
+            tokens_per_s=round(engine, 2),
+            raw_llama_cpp_tokens_per_s=round(raw_rate, 2),
+            ratio_to_raw=round(engine / raw_rate, 3) if raw_rate else None,
+        )
         batch = _concurrent_rate(coe, expert, tokens, users) if users else None
         row["batch8_tokens_per_s"] = round(batch, 2) if batch else None
         row["batch8_ratio_to_single"] = round(batch / engine, 2) if batch and engine else None
@@ -185,16 +211,26 @@ def _transformers_row(config: CoEConfig, expert: str, tokens: int, repeats: int)
             return {"transformers_error": problem}
         rates = [_engine_rate(coe, expert, tokens) for _ in range(repeats + 1)][1:]  # the first one swaps in
         slot = coe.tiers.slots[expert]
-        out = {"transformers_tokens_per_s": round(statistics.median(rates), 2),
-               "transformers_resident_bytes": slot.resident_bytes}
+        out = {
+            "transformers_tokens_per_s": round(statistics.median(rates), 2),
+            "transformers_resident_bytes": slot.resident_bytes,
+        }
         coe.tiers.evict(expert, "cpu")
         return out
     finally:
         coe.close()
 
 
-def bench_runtime(config: CoEConfig, *, tokens: int = 64, repeats: int = 3, users: int = 8,
-                  transformers: bool = True, experts: list[str] | None = None, threads: int | None = None) -> dict:
+def bench_runtime(
+    config: CoEConfig,
+    *,
+    tokens: int = 64,
+    repeats: int = 3,
+    users: int = 8,
+    transformers: bool = True,
+    experts: list[str] | None = None,
+    threads: int | None = None,
+) -> dict:
     from coe_core.experts.llama_cpp_runtime import llama_cpp_unavailable
 
     problem = llama_cpp_unavailable()
@@ -205,10 +241,21 @@ def bench_runtime(config: CoEConfig, *, tokens: int = 64, repeats: int = 3, user
     names = experts or [e for e, c in config.experts.items() if c.is_gguf]
     load_before = os.getloadavg()
     start = time.perf_counter()
-    rows = [bench_expert(config, e, tokens=tokens, repeats=repeats, users=users, transformers=transformers,
-                         threads=threads) for e in names]
-    return {"machine": {"cpu_count": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__,
-                        "loadavg_before": [round(x, 2) for x in load_before],
-                        "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-            "prompt": PROMPT, "tokens": tokens, "repeats": repeats, "users": users,
-            "seconds": round(time.perf_counter() - start, 1), "experts": rows}
+    rows = [
+        bench_expert(config, e, tokens=tokens, repeats=repeats, users=users, transformers=transformers, threads=threads)
+        for e in names
+    ]
+    return {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "llama_cpp_python": llama_cpp.__version__,
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "prompt": PROMPT,
+        "tokens": tokens,
+        "repeats": repeats,
+        "users": users,
+        "seconds": round(time.perf_counter() - start, 1),
+        "experts": rows,
+    }

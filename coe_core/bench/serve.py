@@ -83,8 +83,15 @@ def _run(coe, experts: list[str], *, users: int, turns: int, tokens: int, think_
             i = (u * turns + k) % len(PROMPTS)
             expert = experts[(u + k) % len(experts)]
             try:
-                _, _, stats = coe.run(PROMPTS[i], {"expert": expert}, max_new_tokens=tokens, min_new_tokens=tokens,
-                                      temperature=0, session_id=f"{tag}-{u}", client="cli")
+                _, _, stats = coe.run(
+                    PROMPTS[i],
+                    {"expert": expert},
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    temperature=0,
+                    session_id=f"{tag}-{u}",
+                    client="cli",
+                )
             except QueueFull:
                 with lock:
                     refused += 1
@@ -114,11 +121,16 @@ def _run(coe, experts: list[str], *, users: int, turns: int, tokens: int, think_
     ttfts = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
     return {
         "tokens_per_s": round(sum(r["new_tokens"] for r in records) / wall, 2) if wall > 0 else 0.0,
-        "ttft_p50_s": _pct(ttfts, 0.5), "ttft_p95_s": _pct(ttfts, 0.95),
+        "ttft_p50_s": _pct(ttfts, 0.5),
+        "ttft_p95_s": _pct(ttfts, 0.95),
         "queue_wait_p95_s": _pct([r["queue_s"] for r in records], 0.95),
         "swaps_per_100_turns": round(100 * swaps / max(len(records), 1), 1),
-        "refused": refused, "errors": errors, "turns": users * turns, "completed": len(records),
-        "logged": logged, "wall_s": round(wall, 2),
+        "refused": refused,
+        "errors": errors,
+        "turns": users * turns,
+        "completed": len(records),
+        "logged": logged,
+        "wall_s": round(wall, 2),
     }
 
 
@@ -136,11 +148,22 @@ def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] 
     with coe.tiers.acquire(expert, trigger="bench") as lease:
         tokenizer = lease.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        prompts = [lease.runtime.format_prompt([{"role": "user", "content": p}], cfg, context_length=2048,
-                                               reserve_tokens=tokens).input_ids for p in PROMPTS]
+        prompts = [
+            lease.runtime.format_prompt(
+                [{"role": "user", "content": p}], cfg, context_length=2048, reserve_tokens=tokens
+            ).input_ids
+            for p in PROMPTS
+        ]
         with torch.inference_mode():  # the first generate of a process pays one-time costs: not counted
-            lease.model.generate(input_ids=torch.tensor([prompts[0]], device=lease.device), max_new_tokens=2,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+            lease.model.generate(
+                input_ids=torch.tensor([prompts[0]], device=lease.device),
+                max_new_tokens=2,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+            )
         for n in batches:
             rows = [prompts[i % len(prompts)] for i in range(n)]
             width = max(map(len, rows))
@@ -148,9 +171,17 @@ def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] 
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lease.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                generated = lease.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
-                                                 min_new_tokens=tokens, do_sample=False, temperature=None,
-                                                 top_p=None, top_k=None, pad_token_id=pad)
+                generated = lease.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad,
+                )
             if lease.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -158,9 +189,17 @@ def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] 
     return out
 
 
-def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), turns: int = 2, tokens: int = 16,
-                think_s: float = 0.2, tight: bool = True, runtime: str | None = None,
-                expert: str | None = None) -> dict:
+def bench_serve(
+    config: CoEConfig,
+    *,
+    levels: tuple[int, ...] = (1, 4, 8, 16),
+    turns: int = 2,
+    tokens: int = 16,
+    think_s: float = 0.2,
+    tight: bool = True,
+    runtime: str | None = None,
+    expert: str | None = None,
+) -> dict:
     from coe_core.bench.swap import with_runtime
     from coe_core.engine import CoE
     from coe_core.store.store import Store
@@ -189,10 +228,17 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
             for expert in experts:  # the first turn of a process pays one-time costs (llama.cpp start-up): not counted
                 coe.run(PROMPTS[0], {"expert": expert}, max_new_tokens=2, temperature=0, session_id="warmup")
             serve = config.serve
-            result = {"experts": experts, "exec_tier": coe.tiers.exec_tier, "budget": budget_note,
-                      "runtime": {e: coe.tiers.slots[e].runtime for e in experts},
-                      "tokens": tokens, "turns_per_user": turns, "think_s": think_s,
-                      "serve": serve.model_dump(), "levels": []}
+            result = {
+                "experts": experts,
+                "exec_tier": coe.tiers.exec_tier,
+                "budget": budget_note,
+                "runtime": {e: coe.tiers.slots[e].runtime for e in experts},
+                "tokens": tokens,
+                "turns_per_user": turns,
+                "think_s": think_s,
+                "serve": serve.model_dump(),
+                "levels": [],
+            }
             transformers = [e for e in experts if coe.tiers.slots[e].runtime == "transformers"]
             batches = tuple(sorted({*CEILING_BATCHES, *(min(u, serve.max_running) for u in levels)}))
             result["ceiling"] = {e: generate_ceiling(coe, e, tokens=tokens, batches=batches) for e in transformers}
@@ -202,15 +248,25 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
                 for name in runs:
                     coe.tiers.batching = name != "per_turn"
                     if name in ("scheduler", "per_turn"):
-                        coe.scheduler = Scheduler(max_running=serve.max_running, max_queue=serve.max_queue,
-                                                  max_wait_s=serve.max_wait_s, max_bypass=serve.max_bypass,
-                                                  swap_cost_s=coe.swap_cost_s)
+                        coe.scheduler = Scheduler(
+                            max_running=serve.max_running,
+                            max_queue=serve.max_queue,
+                            max_wait_s=serve.max_wait_s,
+                            max_bypass=serve.max_bypass,
+                            swap_cost_s=coe.swap_cost_s,
+                        )
                     else:
-                        coe.scheduler = Scheduler(max_running=1, max_queue=serve.max_queue,
-                                                  max_wait_s=serve.max_wait_s, max_bypass=serve.max_bypass,
-                                                  swap_cost_s=coe.swap_cost_s, policy=fifo)
-                    row[name] = _run(coe, experts, users=users, turns=turns, tokens=tokens, think_s=think_s,
-                                     tag=f"{name}-{users}")
+                        coe.scheduler = Scheduler(
+                            max_running=1,
+                            max_queue=serve.max_queue,
+                            max_wait_s=serve.max_wait_s,
+                            max_bypass=serve.max_bypass,
+                            swap_cost_s=coe.swap_cost_s,
+                            policy=fifo,
+                        )
+                    row[name] = _run(
+                        coe, experts, users=users, turns=turns, tokens=tokens, think_s=think_s, tag=f"{name}-{users}"
+                    )
                 a, b = row["scheduler"], row["one_at_a_time"]
                 row["tokens_per_s_ratio"] = _ratio(a["tokens_per_s"], b["tokens_per_s"])
                 if "per_turn" in row:
@@ -222,7 +278,8 @@ def bench_serve(config: CoEConfig, *, levels: tuple[int, ...] = (1, 4, 8, 16), t
                     row["ratio_to_ceiling"] = _ratio(a["tokens_per_s"], ceiling[batch])
                 result["levels"].append(row)
             result["median_ratio"] = statistics.median(
-                [r["tokens_per_s_ratio"] for r in result["levels"] if r["tokens_per_s_ratio"]] or [0])
+                [r["tokens_per_s_ratio"] for r in result["levels"] if r["tokens_per_s_ratio"]] or [0]
+            )
             return result
         finally:
             coe.close()

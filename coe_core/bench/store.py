@@ -23,19 +23,30 @@ from coe_core.store.writer import TurnLogger
 
 def _record(i: int) -> TurnRecord:
     swap = SwapEvent(expert="e", src="disk", dst="cpu", bytes=270_000_000, seconds=0.05 + (i % 7) / 100)
-    return TurnRecord(expert=f"expert-{i % 3}", prompt=f"prompt {i} " + "x" * 400,
-                      routing_context=f"prompt {i}", response="y" * 1200,
-                      category=["coding", "math", "writing"][i % 3],
-                      probabilities={"coding": 0.6, "math": 0.3, "writing": 0.1}, confidence=0.6,
-                      swaps=[swap.to_dict()], ttft_s=0.1 + (i % 10) / 100, total_s=2.0, new_tokens=64,
-                      tokens_per_s=32.0, client="bench")
+    return TurnRecord(
+        expert=f"expert-{i % 3}",
+        prompt=f"prompt {i} " + "x" * 400,
+        routing_context=f"prompt {i}",
+        response="y" * 1200,
+        category=["coding", "math", "writing"][i % 3],
+        probabilities={"coding": 0.6, "math": 0.3, "writing": 0.1},
+        confidence=0.6,
+        swaps=[swap.to_dict()],
+        ttft_s=0.1 + (i % 10) / 100,
+        total_s=2.0,
+        new_tokens=64,
+        tokens_per_s=32.0,
+        client="bench",
+    )
 
 
 def _ms(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values) * 1000
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 4),
-            "p95_ms": round(float(np.percentile(arr, 95)), 4),
-            "mean_ms": round(float(arr.mean()), 4)}
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 4),
+        "p95_ms": round(float(np.percentile(arr, 95)), 4),
+        "mean_ms": round(float(arr.mean()), 4),
+    }
 
 
 def bench_store(n: int = 500, url: str | None = None) -> dict[str, Any]:

@@ -53,8 +53,13 @@ def cached_fraction(path: Path) -> float | None:
     if not shutil.which("fincore"):
         return None
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", str(path)],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
         return round(int(out[0]) / max(int(out[1]), 1), 3)
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
@@ -165,9 +170,11 @@ def cpu_to_gpu(tiers: TierManager, expert: str, repeats: int) -> dict:
         torch.cuda.synchronize()
         ceiling.append(time.perf_counter() - start)
     swap_s, ceil_s = _median(seconds), _median(ceiling)
-    return {"cpu_to_gpu_gbps": round(slot.bytes / swap_s / 1e9, 2),
-            "pinned_copy_gbps": round(slot.bytes / ceil_s / 1e9, 2),
-            "cpu_to_gpu_ratio_to_ceiling": round(ceil_s / swap_s, 3)}
+    return {
+        "cpu_to_gpu_gbps": round(slot.bytes / swap_s / 1e9, 2),
+        "pinned_copy_gbps": round(slot.bytes / ceil_s / 1e9, 2),
+        "cpu_to_gpu_ratio_to_ceiling": round(ceil_s / swap_s, 3),
+    }
 
 
 def make_synthetic(folder: Path, target_bytes: int, tokenizer_from: Path) -> Path:
@@ -183,9 +190,16 @@ def make_synthetic(folder: Path, target_bytes: int, tokenizer_from: Path) -> Pat
     hidden, inter, vocab = 1024, 2816, len(tokenizer)
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((target_bytes / 4 - 2 * vocab * hidden) / per_layer))
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=16, vocab_size=vocab,
-                         tie_word_embeddings=False, max_position_embeddings=2048)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    )
     with MODULE_BUILD_LOCK:
         model = LlamaForCausalLM(config)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -197,8 +211,9 @@ def make_synthetic(folder: Path, target_bytes: int, tokenizer_from: Path) -> Pat
     return folder
 
 
-def with_runtime(config: CoEConfig, runtime: str, experts: list[str] | None = None,
-                 threads: int | None = None) -> CoEConfig:
+def with_runtime(
+    config: CoEConfig, runtime: str, experts: list[str] | None = None, threads: int | None = None
+) -> CoEConfig:
     """The same CoE with ``runtime`` (and llama.cpp ``threads``) set on its local experts (GGUF ones only for
     llama_cpp)."""
     raw = config.model_dump(exclude={"source_path"})
@@ -220,8 +235,15 @@ def bench_config(config: CoEConfig, synthetic: Path | None) -> CoEConfig:
     return config_from_dict(raw, origin="bench config", source_path=config.source_path, env=False)
 
 
-def bench_swap(config: CoEConfig, *, synthetic_gb: float = 1.0, repeats: int = 5, cold: bool = True,
-               generation_tokens: int = 64, experts: list[str] | None = None) -> dict:
+def bench_swap(
+    config: CoEConfig,
+    *,
+    synthetic_gb: float = 1.0,
+    repeats: int = 5,
+    cold: bool = True,
+    generation_tokens: int = 64,
+    experts: list[str] | None = None,
+) -> dict:
     work = config.data_path / "bench"
     work.mkdir(parents=True, exist_ok=True)
     # this bench measures the transformers runtime's safetensors swaps (coe bench runtime measures llama.cpp)
@@ -231,8 +253,9 @@ def bench_swap(config: CoEConfig, *, synthetic_gb: float = 1.0, repeats: int = 5
     synthetic = None
     ready = [e for e, p in problems.items() if p is None]
     if synthetic_gb and ready:
-        synthetic = make_synthetic(work / f"synthetic-{synthetic_gb:g}gb", int(synthetic_gb * 1e9),
-                                   tiers.disk_folder(ready[0]))
+        synthetic = make_synthetic(
+            work / f"synthetic-{synthetic_gb:g}gb", int(synthetic_gb * 1e9), tiers.disk_folder(ready[0])
+        )
         tiers = TierManager(bench_config(config, synthetic), progress=True)
         problems = tiers.prepare(experts + ["synthetic-1gb"] if experts else None)
     cfg = tiers.config
@@ -250,17 +273,20 @@ def bench_swap(config: CoEConfig, *, synthetic_gb: float = 1.0, repeats: int = 5
         # dropped first): measured once per expert, reported on every row of the expert
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             offload_ttft = round(accelerate_offload_ttft(folder, slot.dtype, input_ids, Path(tmp)), 4)
-        for cache in (["warm", "cold"] if cold else ["warm"]):
+        for cache in ["warm", "cold"] if cold else ["warm"]:
             is_cold = cache == "cold"
             if not is_cold:  # warm the page cache
                 ceiling_read(layout.path, layout, threads, 1, False)
             ceil = ceiling_read(layout.path, layout, threads, repeats, is_cold)
             swap = engine_swaps(tiers, expert, repeats, is_cold)
             fp = from_pretrained_times(folder, slot.dtype, max(2, repeats // 2), is_cold)
-            achieved = ([c for c in ceil["cached_after_drop"] + swap["cached_after_drop"] if c is not None]
-                        if is_cold else [])
+            achieved = (
+                [c for c in ceil["cached_after_drop"] + swap["cached_after_drop"] if c is not None] if is_cold else []
+            )
             row = {
-                "expert": expert, "bytes": slot.bytes, "cache": cache,
+                "expert": expert,
+                "bytes": slot.bytes,
+                "cache": cache,
                 "cold_achieved": (max(achieved) < 0.05 if achieved else None) if is_cold else None,
                 "ceiling_gbps": round(slot.bytes / ceil["seconds"] / 1e9, 2),
                 "disk_to_cpu_gbps": round(slot.bytes / swap["seconds"] / 1e9, 2),
@@ -281,8 +307,14 @@ def bench_swap(config: CoEConfig, *, synthetic_gb: float = 1.0, repeats: int = 5
             results.append(row)
         tiers.evict(expert, "cpu")  # make room for the next one
     generation = bench_generation(config, generation_tokens) if generation_tokens else None
-    return {"machine": _machine(), "read_threads": threads, "repeats": repeats, "experts": results,
-            "generation": generation, "unavailable": {e: p for e, p in problems.items() if p}}
+    return {
+        "machine": _machine(),
+        "read_threads": threads,
+        "repeats": repeats,
+        "experts": results,
+        "generation": generation,
+        "unavailable": {e: p for e, p in problems.items() if p},
+    }
 
 
 def bench_generation(config: CoEConfig, tokens: int, repeats: int = 3) -> dict:
@@ -295,24 +327,40 @@ def bench_generation(config: CoEConfig, tokens: int, repeats: int = 3) -> dict:
     try:
         engine_rates, plain_rates = [], []
         for _ in range(repeats):
-            _, _, stats = coe.run(PROMPT, {"expert": expert}, temperature=0, max_new_tokens=tokens,
-                                  min_new_tokens=tokens)
+            _, _, stats = coe.run(
+                PROMPT, {"expert": expert}, temperature=0, max_new_tokens=tokens, min_new_tokens=tokens
+            )
             gen_start = next(start for phase, start, _ in stats.timeline if phase == "prefill")
             gen_end = next(end for phase, _, end in stats.timeline if phase == "generate")
             engine_rates.append(stats.new_tokens / (gen_end - gen_start))
             with coe.tiers.acquire(expert) as lease:
-                prompt = format_prompt(lease.tokenizer, [{"role": "user", "content": PROMPT}],
-                                       config.experts[expert], context_length=2048, reserve_tokens=tokens)
+                prompt = format_prompt(
+                    lease.tokenizer,
+                    [{"role": "user", "content": PROMPT}],
+                    config.experts[expert],
+                    context_length=2048,
+                    reserve_tokens=tokens,
+                )
                 ids = torch.tensor([prompt.input_ids])
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    out = lease.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                                               min_new_tokens=tokens, do_sample=False,
-                                               pad_token_id=lease.tokenizer.eos_token_id)
+                    out = lease.model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=tokens,
+                        min_new_tokens=tokens,
+                        do_sample=False,
+                        pad_token_id=lease.tokenizer.eos_token_id,
+                    )
                 plain_rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
         engine, plain = _median(engine_rates), _median(plain_rates)
-        return {"expert": expert, "tokens": tokens, "engine_tokens_per_s": round(engine, 2),
-                "plain_tokens_per_s": round(plain, 2), "ratio": round(engine / plain, 3)}
+        return {
+            "expert": expert,
+            "tokens": tokens,
+            "engine_tokens_per_s": round(engine, 2),
+            "plain_tokens_per_s": round(plain, 2),
+            "ratio": round(engine / plain, 3),
+        }
     finally:
         coe.close()
 
@@ -320,8 +368,12 @@ def bench_generation(config: CoEConfig, tokens: int, repeats: int = 3) -> dict:
 def _machine() -> dict:
     import platform
 
-    info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

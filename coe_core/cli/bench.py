@@ -14,23 +14,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("what", choices=["swap", "route", "store", "runtime", "serve"])
     p.add_argument("--synthetic-gb", type=float, default=1.0, help="swap: size of the synthetic checkpoint")
     p.add_argument("--repeats", type=int, default=5, help="swap, runtime: repeats per measurement")
-    p.add_argument("--tokens", type=int, default=64,
-                   help="swap, runtime: tokens for the generation comparison; serve: tokens per turn (default 16)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=64,
+        help="swap, runtime: tokens for the generation comparison; serve: tokens per turn (default 16)",
+    )
     p.add_argument("--no-cold", action="store_true", help="swap: skip the cold page-cache runs")
     p.add_argument("--users", type=int, default=8, help="runtime: concurrent turns for the batch figure (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="runtime: llama.cpp threads (engine and raw alike)")
-    p.add_argument("--no-transformers", action="store_true",
-                   help="runtime: skip the transformers runtime (it converts each GGUF to float32 once)")
+    p.add_argument(
+        "--no-transformers",
+        action="store_true",
+        help="runtime: skip the transformers runtime (it converts each GGUF to float32 once)",
+    )
     p.add_argument("-n", type=int, default=200, help="route: prompts to time; store: turns to log")
     p.add_argument("--levels", default="1,4,8,16", help="serve: concurrent users per level")
     p.add_argument("--turns", type=int, default=2, help="serve: turns per user")
     p.add_argument("--think-s", type=float, default=0.2, help="serve: seconds between a user's turns")
-    p.add_argument("--no-tight", action="store_true",
-                   help="serve: keep the configured execution-tier budget (default: room for one expert)")
-    p.add_argument("--runtime", choices=["transformers", "llama_cpp"], default=None,
-                   help="serve: run every local expert on this runtime (default: as spaces.yaml says)")
-    p.add_argument("--expert", default=None,
-                   help="serve: send every turn to this expert (single-expert traffic, compared with the ceiling)")
+    p.add_argument(
+        "--no-tight",
+        action="store_true",
+        help="serve: keep the configured execution-tier budget (default: room for one expert)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=["transformers", "llama_cpp"],
+        default=None,
+        help="serve: run every local expert on this runtime (default: as spaces.yaml says)",
+    )
+    p.add_argument(
+        "--expert",
+        default=None,
+        help="serve: send every turn to this expert (single-expert traffic, compared with the ceiling)",
+    )
 
 
 def cmd_bench(args: argparse.Namespace, config: CoEConfig) -> int:
@@ -38,19 +55,37 @@ def cmd_bench(args: argparse.Namespace, config: CoEConfig) -> int:
     if args.what == "swap":
         from coe_core.bench.swap import bench_swap
 
-        result = bench_swap(config, synthetic_gb=args.synthetic_gb, repeats=args.repeats,
-                            cold=not args.no_cold, generation_tokens=args.tokens)
+        result = bench_swap(
+            config,
+            synthetic_gb=args.synthetic_gb,
+            repeats=args.repeats,
+            cold=not args.no_cold,
+            generation_tokens=args.tokens,
+        )
     elif args.what == "runtime":
         from coe_core.bench.runtime import bench_runtime
 
-        result = bench_runtime(config, tokens=args.tokens, repeats=args.repeats, users=args.users,
-                               transformers=not args.no_transformers, threads=args.threads)
+        result = bench_runtime(
+            config,
+            tokens=args.tokens,
+            repeats=args.repeats,
+            users=args.users,
+            transformers=not args.no_transformers,
+            threads=args.threads,
+        )
     elif args.what == "serve":
         from coe_core.bench.serve import bench_serve
 
-        result = bench_serve(config, levels=tuple(int(n) for n in args.levels.split(",")), turns=args.turns,
-                             tokens=args.tokens if args.tokens != 64 else 16, think_s=args.think_s,
-                             tight=not args.no_tight, runtime=args.runtime, expert=args.expert)
+        result = bench_serve(
+            config,
+            levels=tuple(int(n) for n in args.levels.split(",")),
+            turns=args.turns,
+            tokens=args.tokens if args.tokens != 64 else 16,
+            think_s=args.think_s,
+            tight=not args.no_tight,
+            runtime=args.runtime,
+            expert=args.expert,
+        )
     elif args.what == "store":
         from coe_core.bench.store import bench_store
 

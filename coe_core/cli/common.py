@@ -12,8 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callable[..., int], *,
-                json_output: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    func: Callable[..., int],
+    *,
+    json_output: bool = False,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
     """A subcommand whose handler is ``func(args, config) -> exit code``; ``json_output`` adds ``--json``
     (print the JSON shape other tools read instead of text). ``kwargs`` go to ``add_parser`` (help, ...)."""
     parser = subparsers.add_parser(name, **kwargs)

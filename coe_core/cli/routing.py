@@ -134,10 +134,7 @@ def cmd_retrain(args, config) -> int:
         return 0
     verb = "promoted" if result["promoted"] else "NOT promoted"
     print(f"candidate {result['candidate']} {verb}: {result['why']}")
-    print(
-        f"samples by source: {result['samples']['by_source']}  "
-        f"(held-out prompts compared: {result['heldout_n']})"
-    )
+    print(f"samples by source: {result['samples']['by_source']}  (held-out prompts compared: {result['heldout_n']})")
     print("candidate on the held-out set:")
     print(_metrics_table(result["candidate_metrics"]))
     return 0
@@ -151,8 +148,12 @@ def cmd_eval_router(args, config) -> int:
     router = service.router()
     r = config.router
     data = load_labelled_files(
-        expand_paths(args.files, lambda p: Path(p)), config.categories, source="eval",
-        keep_labels=[config.fallback_category], context_turns=r.context_turns, context_chars=r.context_chars,
+        expand_paths(args.files, lambda p: Path(p)),
+        config.categories,
+        source="eval",
+        keep_labels=[config.fallback_category],
+        context_turns=r.context_turns,
+        context_chars=r.context_chars,
     )
     if not data.examples:
         raise ValueError(
@@ -183,11 +184,15 @@ def cmd_eval_router(args, config) -> int:
     )
     print(_metrics_table(out))
     caught = out["wrong_caught_by_fallback"]
-    print(f"accuracy without fallback {out['accuracy_without_fallback']:.3f}  ECE {out['ece']:.3f}  "
-          f"wrong top choices caught by the fallback {'-' if caught is None else f'{caught:.3f}'}")
+    print(
+        f"accuracy without fallback {out['accuracy_without_fallback']:.3f}  ECE {out['ece']:.3f}  "
+        f"wrong top choices caught by the fallback {'-' if caught is None else f'{caught:.3f}'}"
+    )
     if out.get("in_sample"):
-        print(f"note: the router's temperature and threshold were calibrated on these prompts (in-sample); "
-              f"cross-fitted ECE kept in the version: {out['ece_crossfit']}")
+        print(
+            f"note: the router's temperature and threshold were calibrated on these prompts (in-sample); "
+            f"cross-fitted ECE kept in the version: {out['ece_crossfit']}"
+        )
     print("slices:")
     for name, row in out["slices"].items():
         print(f"  {name:<16} {row['accuracy']:.3f}  (n {row['n']})")
@@ -327,8 +332,13 @@ def cmd_eval_experts(args, config) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the routing subcommands to the ``coe`` parser."""
-    p = add_command(subparsers, "route", cmd_route, json_output=True,
-                    help="route one prompt: category, probabilities, expert and why")
+    p = add_command(
+        subparsers,
+        "route",
+        cmd_route,
+        json_output=True,
+        help="route one prompt: category, probabilities, expert and why",
+    )
     p.add_argument("prompt")
     p.add_argument("--category", help="force this category")
     p.add_argument("--expert", help="force this expert")
@@ -338,20 +348,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip the engine (faster; all experts count as available, sizes from the score table)",
     )
 
-    add_command(subparsers, "train-router", cmd_train_router, json_output=True,
-                help="train a router version on the seed set and activate it")
+    add_command(
+        subparsers,
+        "train-router",
+        cmd_train_router,
+        json_output=True,
+        help="train a router version on the seed set and activate it",
+    )
 
-    p = add_command(subparsers, "retrain", cmd_retrain, json_output=True,
-                    help="retrain on seed + logged feedback; promote only if not worse")
+    p = add_command(
+        subparsers,
+        "retrain",
+        cmd_retrain,
+        json_output=True,
+        help="retrain on seed + logged feedback; promote only if not worse",
+    )
     p.add_argument("--force", action="store_true", help="promote the candidate even if it is worse")
 
-    p = add_command(subparsers, "eval-router", cmd_eval_router, json_output=True,
-                    help="evaluate the active router on labelled JSONL files")
-    p.add_argument("files", nargs="+", metavar="FILE",
-                   help='JSONL files or globs: lines {"prompt" | "messages", "category"[, "lang", "style"]}')
+    p = add_command(
+        subparsers,
+        "eval-router",
+        cmd_eval_router,
+        json_output=True,
+        help="evaluate the active router on labelled JSONL files",
+    )
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help='JSONL files or globs: lines {"prompt" | "messages", "category"[, "lang", "style"]}',
+    )
 
-    p = add_command(subparsers, "calibrate-router", cmd_calibrate_router, json_output=True,
-                    help="pick the fallback threshold from held-out data and store it in the active router")
+    p = add_command(
+        subparsers,
+        "calibrate-router",
+        cmd_calibrate_router,
+        json_output=True,
+        help="pick the fallback threshold from held-out data and store it in the active router",
+    )
     p.add_argument(
         "--target",
         type=float,
@@ -359,17 +393,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="routed precision to keep (default router.target_precision)",
     )
 
-    p = add_command(subparsers, "router-versions", cmd_router_versions, json_output=True,
-                    help="list router versions; --activate ID switches")
+    p = add_command(
+        subparsers,
+        "router-versions",
+        cmd_router_versions,
+        json_output=True,
+        help="list router versions; --activate ID switches",
+    )
     p.add_argument("--activate", metavar="ID")
 
-    p = add_command(subparsers, "mapping", cmd_mapping, json_output=True,
-                    help="category -> expert mapping under a budget, and the Pareto frontier")
+    p = add_command(
+        subparsers,
+        "mapping",
+        cmd_mapping,
+        json_output=True,
+        help="category -> expert mapping under a budget, and the Pareto frontier",
+    )
     p.add_argument("--budget", type=_budget_arg, help="average active parameters, e.g. 300M, 1.5B, auto")
     p.add_argument("--no-engine", action="store_true", help="skip the engine (all experts available)")
 
-    p = add_command(subparsers, "eval-experts", cmd_eval_experts, json_output=True,
-                    help="measure the expert score table on assets/eval/<category>.jsonl")
+    p = add_command(
+        subparsers,
+        "eval-experts",
+        cmd_eval_experts,
+        json_output=True,
+        help="measure the expert score table on assets/eval/<category>.jsonl",
+    )
     p.add_argument("--experts", help="comma-separated subset (default: every expert of the profile)")
     p.add_argument("--eval-dir", default="assets/eval")
     p.add_argument("--limit", type=int, default=None, help="first N pairs per category (quick look)")

@@ -9,8 +9,12 @@ from coe_core.config import CoEConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = add_command(subparsers, "serve", cmd_serve,
-                    help="start the playground and the OpenAI-compatible /v1 API on one port (same as python -m app)")
+    p = add_command(
+        subparsers,
+        "serve",
+        cmd_serve,
+        help="start the playground and the OpenAI-compatible /v1 API on one port (same as python -m app)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also a public gradio.live link (playground only)")

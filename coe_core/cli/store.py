@@ -23,20 +23,33 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
-        subparsers, "export", cmd_export,
+        subparsers,
+        "export",
+        cmd_export,
         help="export the interaction log: one line per turn with its latest feedback",
         description="Export every logged turn (route, expert, swaps, timings, answer, latest feedback).",
     )
     p.add_argument("--format", choices=FORMATS, default="jsonl", help="jsonl (default) or csv")
-    p.add_argument("--since", metavar="DATE",
-                   help="only turns started at or after this UTC date or time (2025-01-31, 2025-01-31T12:00)")
+    p.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only turns started at or after this UTC date or time (2025-01-31, 2025-01-31T12:00)",
+    )
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
 
-    add_command(subparsers, "stats", cmd_stats, json_output=True,
-                help="summary of the interaction log (traffic, fallback, TTFT, swaps)")
+    add_command(
+        subparsers,
+        "stats",
+        cmd_stats,
+        json_output=True,
+        help="summary of the interaction log (traffic, fallback, TTFT, swaps)",
+    )
 
     p = add_command(
-        subparsers, "feedback", cmd_feedback, help="record feedback on a logged turn",
+        subparsers,
+        "feedback",
+        cmd_feedback,
+        help="record feedback on a logged turn",
         description="Record feedback on a turn; the latest feedback of a turn counts, 'retracted' clears it.",
     )
     p.add_argument("id", type=int, help="interaction id (shown after each turn, and in coe export)")
@@ -45,9 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--comment", help="free text")
 
     p = add_command(
-        subparsers, "review", cmd_review, help="list, accept or reject visitors' feedback waiting for review",
+        subparsers,
+        "review",
+        cmd_review,
+        help="list, accept or reject visitors' feedback waiting for review",
         description="Visitors' likes and corrections train the router only once accepted (the app's Router tab "
-                    "does the same with the admin token). Without options: list what waits.",
+        "does the same with the admin token). Without options: list what waits.",
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--accept", metavar="ID", type=int, nargs="+", help="feedback ids to accept as labels")
@@ -104,8 +120,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"(corrected {fb.get('corrected', 0)}); {stats.get('feedback_pending_review', 0)} waiting for review",
     ]
     swaps = stats["swaps"]
-    lines.append("swaps:        " + ("; ".join(
-        f"{pair} {s['count']}x mean {s['mean_s']:.3f} s" for pair, s in swaps.items()) or "-"))
+    lines.append(
+        "swaps:        "
+        + ("; ".join(f"{pair} {s['count']}x mean {s['mean_s']:.3f} s" for pair, s in swaps.items()) or "-")
+    )
     return "\n".join(lines)
 
 
@@ -125,8 +143,9 @@ def cmd_stats(args: argparse.Namespace, config: CoEConfig) -> int:
 def cmd_feedback(args: argparse.Namespace, config: CoEConfig) -> int:
     try:
         with Store.from_config(config) as store:
-            feedback_id = store.add_feedback(args.id, args.kind, args.category, args.comment,
-                                             categories=list(config.all_categories))
+            feedback_id = store.add_feedback(
+                args.id, args.kind, args.category, args.comment, categories=list(config.all_categories)
+            )
     except StoreError as exc:
         return _fail("feedback", str(exc))
     what = f"{args.kind} -> {args.category}" if args.category else args.kind

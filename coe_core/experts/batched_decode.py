@@ -127,7 +127,7 @@ def _align(layer, length: int) -> None:
         keep = length
     have = layer.keys.shape[-2]
     if have > keep:
-        layer.keys, layer.values = layer.keys[..., have - keep:, :], layer.values[..., have - keep:, :]
+        layer.keys, layer.values = layer.keys[..., have - keep :, :], layer.values[..., have - keep :, :]
     elif have < keep:
         pad = (0, 0, keep - have, 0)
         layer.keys = torch.nn.functional.pad(layer.keys, pad)
@@ -138,8 +138,16 @@ class BatchedDecoder:
     """The decode thread of one resident module and the turns it runs. ``stream`` has ``stream_generate``'s
     contract; ``close`` ends the thread (turns still in it end with an error)."""
 
-    def __init__(self, model, tokenizer, device: torch.device, *, kv_budget: KVBudget | None = None,
-                 name: str = "", max_rows: int = MAX_ROWS):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        *,
+        kv_budget: KVBudget | None = None,
+        name: str = "",
+        max_rows: int = MAX_ROWS,
+    ):
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.kv_budget, self.max_rows = kv_budget, max_rows
         self.bytes_per_token = kv_bytes_per_token(model)
@@ -189,10 +197,12 @@ class BatchedDecoder:
             need = row.tokens_reserved * self.bytes_per_token
             capacity = self.kv_budget.capacity()
             if need > capacity:
-                raise ValueError(f"this turn's KV cache ({len(input_ids)} prompt + {params.max_new_tokens} new "
-                                 f"tokens, {need / 1e6:.1f} MB) does not fit beside the expert in its tier "
-                                 f"({max(capacity, 0) / 1e6:.1f} MB free for it): ask for fewer tokens or "
-                                 "raise the tier budget")
+                raise ValueError(
+                    f"this turn's KV cache ({len(input_ids)} prompt + {params.max_new_tokens} new "
+                    f"tokens, {need / 1e6:.1f} MB) does not fit beside the expert in its tier "
+                    f"({max(capacity, 0) / 1e6:.1f} MB free for it): ask for fewer tokens or "
+                    "raise the tier budget"
+                )
         with self._cv:
             if self._closing:
                 raise RuntimeError("the expert was evicted")
@@ -200,13 +210,15 @@ class BatchedDecoder:
             self._cv.notify_all()
         return row
 
-    def stream(self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event,
-               result: GenerationResult) -> Iterator[str]:
+    def stream(
+        self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event, result: GenerationResult
+    ) -> Iterator[str]:
         """Yield answer text as it is generated; ``result`` holds the token count when the stream ends."""
         row = self.submit(input_ids, params, cancel)
         try:  # a stop string or a closed consumer sets ``cancel``: the row leaves the batch at the next step
-            yield from answer_text(([token] for token in iter(row.tokens.get, None)), self.tokenizer, params.stop,
-                                   cancel, result)
+            yield from answer_text(
+                ([token] for token in iter(row.tokens.get, None)), self.tokenizer, params.stop, cancel, result
+            )
         finally:
             row.done.wait()  # out of the batch before the lease (and with it the module) may go
             result.token_ids = list(row.out)
@@ -289,8 +301,8 @@ class BatchedDecoder:
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
             merged = mask.new_zeros(len(self._active) + len(rows), length)
-            merged[:len(self._active), length - self._mask.shape[1]:] = self._mask
-            merged[len(self._active):, length - mask.shape[1]:] = mask
+            merged[: len(self._active), length - self._mask.shape[1] :] = self._mask
+            merged[len(self._active) :, length - mask.shape[1] :] = mask
             self._mask = merged
         for row in rows:
             row.cache = None
@@ -319,8 +331,11 @@ class BatchedDecoder:
     def _prefill_group(self) -> list[_Row]:
         """The rows to prefill in the next step: every short prompt not started yet, in one padded forward (turns
         that arrive together, as ``generate`` prefills a batch), else the next chunk of one long prompt."""
-        short = [r for r in self._prefilling
-                 if not r.prefilled and not r.alone and len(r.ids) <= 2 * generation.PREFILL_CHUNK]
+        short = [
+            r
+            for r in self._prefilling
+            if not r.prefilled and not r.alone and len(r.ids) <= 2 * generation.PREFILL_CHUNK
+        ]
         return short or self._prefilling[:1]
 
     def _prefill_step(self, rows: list[_Row]) -> None:
@@ -332,8 +347,14 @@ class BatchedDecoder:
             ids = torch.tensor([[0] * (width - len(r.ids)) + r.ids for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device)
             cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             for r in rows:
                 r.prefilled = r.n_past = len(r.ids)
         else:
@@ -346,7 +367,7 @@ class BatchedDecoder:
                 end = min(row.prefilled + generation.PREFILL_CHUNK, total - 1)
             else:
                 end = total
-            step = torch.tensor([row.ids[row.prefilled:end]], device=self.device)
+            step = torch.tensor([row.ids[row.prefilled : end]], device=self.device)
             out = self.model(input_ids=step, cache=row.cache, use_cache=True, logits_to_keep=1)
             row.prefilled = row.n_past = end
             if end < total:
@@ -383,7 +404,7 @@ class BatchedDecoder:
             if row.greedy:
                 continue
             try:
-                scores = logits[i:i + 1]
+                scores = logits[i : i + 1]
                 if row.processors:
                     seen = torch.tensor([row.ids + row.out], device=self.device)
                     scores = row.processors(seen, scores)
@@ -410,8 +431,14 @@ class BatchedDecoder:
         ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.n_past] for r in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions, cache=self._cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         for row in rows:
             row.n_past += 1
         if len(rows) > 1:

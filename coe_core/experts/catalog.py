@@ -41,7 +41,8 @@ class ExpertCatalog:
         self.config = config
         self.local = local
         self._remotes: dict[str, RemoteExpert] = {
-            eid: RemoteExpert(eid, cfg) for eid, cfg in config.experts.items() if cfg.is_remote}
+            eid: RemoteExpert(eid, cfg) for eid, cfg in config.experts.items() if cfg.is_remote
+        }
 
     # -- which experts ---------------------------------------------------------------------------------
     def ids(self) -> list[str]:

@@ -76,7 +76,7 @@ class _StopStringFilter:
                     hold = max(hold, k)
                     break
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
+        self.pending = self.pending[len(self.pending) - hold :]
         return out
 
     def flush(self) -> str:
@@ -120,7 +120,7 @@ class _IncrementalDecoder:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        piece = text[self.emitted:]
+        piece = text[self.emitted :]
         if text.endswith("\n"):  # start over after a line: decoding cost stays bounded
             self.tokens, self.emitted = [], 0
         else:
@@ -150,14 +150,25 @@ def _chunked_prefill(model, ids: torch.Tensor, cancel: threading.Event):
         for start in range(0, end, PREFILL_CHUNK):
             if cancel.is_set():
                 return "cancelled"
-            model(input_ids=ids[:, start:min(start + PREFILL_CHUNK, end)], past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
+            model(
+                input_ids=ids[:, start : min(start + PREFILL_CHUNK, end)],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
     return cache
 
 
-def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationParams, *,
-                    device: torch.device, cancel: threading.Event,
-                    result: GenerationResult) -> Iterator[str]:
+def stream_generate(
+    model,
+    tokenizer,
+    input_ids: list[int],
+    params: GenerationParams,
+    *,
+    device: torch.device,
+    cancel: threading.Event,
+    result: GenerationResult,
+) -> Iterator[str]:
     """Yield answer text as it is generated; ``result`` holds the token count when the stream ends."""
     streamer = _TokenQueue()
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
@@ -188,7 +199,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
             with torch.inference_mode():
                 out = model.generate(**kwargs)
             result.new_tokens = int(out.shape[1] - ids.shape[1])
-            result.token_ids = out[0, ids.shape[1]:].tolist()
+            result.token_ids = out[0, ids.shape[1] :].tolist()
         except BaseException as exc:  # reported to the consumer, which logs the turn as an error
             result.error = exc
             streamer.end()
@@ -203,8 +214,9 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
         raise result.error
 
 
-def answer_text(new_ids: Iterable[list[int]], tokenizer, stops: tuple[str, ...], cancel: threading.Event,
-                result: GenerationResult) -> Iterator[str]:
+def answer_text(
+    new_ids: Iterable[list[int]], tokenizer, stops: tuple[str, ...], cancel: threading.Event, result: GenerationResult
+) -> Iterator[str]:
     """The answer's text pieces from its new token ids as they arrive, cut at the first stop string (which sets
     ``cancel``: the compute stops early). When it ends, ``result.cancelled`` says whether it ended early for
     another reason, and ``cancel`` is set either way (a consumer that went away stops the compute too)."""

@@ -13,9 +13,25 @@ from pathlib import Path
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 #: llama.cpp's file types (``general.file_type``), for display
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-               12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
-               32: "BF16"}
+_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 
 
 class _Reader:
@@ -26,7 +42,7 @@ class _Reader:
     def need(self, n: int) -> None:
         if self.pos + n > len(self.buf):
             more = self.fh.read(max(self.chunk, n))
-            self.buf = self.buf[self.pos:] + more
+            self.buf = self.buf[self.pos :] + more
             self.pos = 0
             if len(self.buf) < n:
                 raise ValueError("GGUF header ends early")
@@ -43,7 +59,7 @@ class _Reader:
         if n > 1 << 26:
             raise ValueError("implausible string length in GGUF header")
         self.need(n)
-        text = self.buf[self.pos:self.pos + n].decode("utf-8", "replace")
+        text = self.buf[self.pos : self.pos + n].decode("utf-8", "replace")
         self.pos += n
         return text
 

@@ -94,8 +94,9 @@ def probe(path: Path) -> None:
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise ValueError(last_error() or "it rejected the file (an architecture it does not know, or a broken "
-                         "vocabulary)")
+        raise ValueError(
+            last_error() or "it rejected the file (an architecture it does not know, or a broken vocabulary)"
+        )
     llama_cpp.llama_model_free(model)
 
 
@@ -129,8 +130,9 @@ class LlamaTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.model.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", "replace")
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = True
+    ) -> str:
         if self._template is None:
             from datetime import datetime
 
@@ -141,11 +143,14 @@ class LlamaTokenizer:
                 raise ValueError(message)
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.globals.update(raise_exception=raise_exception,
-                               strftime_now=lambda fmt: datetime.now().strftime(fmt))
+            env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
             self._template = env.from_string(self.chat_template or "")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=self.eos_token)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
 
 
 @dataclass(eq=False)
@@ -251,10 +256,12 @@ class LlamaCppModel:
         self._run_exclusive(run)
 
     # -- the runtime interface (what a Lease offers the engine) -----------------------------------------
-    def format_prompt(self, messages: list[dict], cfg: ExpertConfig, *, context_length: int,
-                      reserve_tokens: int) -> FormattedPrompt:
-        return format_prompt(self.tokenizer, messages, cfg, context_length=min(context_length, self.n_ctx),
-                             reserve_tokens=reserve_tokens)
+    def format_prompt(
+        self, messages: list[dict], cfg: ExpertConfig, *, context_length: int, reserve_tokens: int
+    ) -> FormattedPrompt:
+        return format_prompt(
+            self.tokenizer, messages, cfg, context_length=min(context_length, self.n_ctx), reserve_tokens=reserve_tokens
+        )
 
     def _sampler(self, params: GenerationParams, *, mask_eog: bool):
         """llama.cpp's sampler chain for the turn: greedy, or temperature + top-p like the transformers runtime;
@@ -288,16 +295,18 @@ class LlamaCppModel:
             self._cv.notify_all()
         return turn
 
-    def generate_ids(self, input_ids: list[int], params: GenerationParams, *,
-                     cancel: threading.Event | None = None) -> list[int]:
+    def generate_ids(
+        self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event | None = None
+    ) -> list[int]:
         turn = self.submit(input_ids, params, cancel or threading.Event())
         turn.done.wait()
         if turn.error is not None:
             raise turn.error
         return turn.out
 
-    def stream(self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event,
-               result: GenerationResult) -> Iterator[str]:
+    def stream(
+        self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event, result: GenerationResult
+    ) -> Iterator[str]:
         """Yield answer text as it is generated (stop strings cut the answer and end the turn's decoding)."""
         turn = self.submit(input_ids, params, cancel)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -370,7 +379,7 @@ class LlamaCppModel:
         """Decode ``tokens`` of one sequence from position ``pos`` in ``N_BATCH`` chunks; logits of the last."""
         batch = self._batch.batch
         for start in range(0, len(tokens), N_BATCH):
-            chunk = tokens[start:start + N_BATCH]
+            chunk = tokens[start : start + N_BATCH]
             batch.n_tokens = len(chunk)
             for j, token in enumerate(chunk):
                 batch.token[j], batch.pos[j] = token, pos + start + j

@@ -102,8 +102,9 @@ def read_disk_copy(folder: Path, expert_id: str) -> DiskCopy | None:
     return DiskCopy(expert_id, folder, manifest)
 
 
-def materialize(expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.dtype, *,
-                progress: bool = True, force: bool = False) -> DiskCopy:
+def materialize(
+    expert_id: str, cfg: ExpertConfig, data_dir: Path, dtype: torch.dtype, *, progress: bool = True, force: bool = False
+) -> DiskCopy:
     """Make sure a disk copy of the expert exists and return it (idempotent, atomic).
 
     ``force`` writes a new copy even if one is there (the caller found it corrupt).
@@ -184,8 +185,9 @@ def _copy_hashing(src: Path, dst: Path, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def materialize_gguf(expert_id: str, cfg: ExpertConfig, data_dir: Path, *, progress: bool = True,
-                     force: bool = False) -> DiskCopy:
+def materialize_gguf(
+    expert_id: str, cfg: ExpertConfig, data_dir: Path, *, progress: bool = True, force: bool = False
+) -> DiskCopy:
     """The GGUF file itself as the disk tier of a llama.cpp expert (copied and hashed once, atomic, idempotent)."""
     from coe_core.experts.gguf_info import GGUFInfo
 

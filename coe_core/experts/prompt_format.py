@@ -15,8 +15,11 @@ PLAIN_USER, PLAIN_ASSISTANT = "Question:", "Answer:"
 #: (seen here: without it Gemma 3 270M base sometimes echoed the system text instead of answering).
 PLAIN_EXAMPLE = [
     {"role": "user", "content": "What gas do plants take in for photosynthesis?"},
-    {"role": "assistant", "content": "Plants take in carbon dioxide (CO2) from the air and, using light, turn it "
-                                     "into sugar, releasing oxygen."},
+    {
+        "role": "assistant",
+        "content": "Plants take in carbon dioxide (CO2) from the air and, using light, turn it "
+        "into sugar, releasing oxygen.",
+    },
 ]
 
 
@@ -79,8 +82,9 @@ def _fold_system(messages: list[dict]) -> list[dict]:
     return rest
 
 
-def format_prompt(tokenizer, messages: list[dict], cfg: ExpertConfig, *, context_length: int,
-                  reserve_tokens: int) -> FormattedPrompt:
+def format_prompt(
+    tokenizer, messages: list[dict], cfg: ExpertConfig, *, context_length: int, reserve_tokens: int
+) -> FormattedPrompt:
     """Render within ``context_length - reserve_tokens`` tokens, dropping the oldest turns first."""
     limit = max(context_length - reserve_tokens, 16)
     convo = with_system(messages, cfg)
@@ -89,7 +93,7 @@ def format_prompt(tokenizer, messages: list[dict], cfg: ExpertConfig, *, context
         return FormattedPrompt(ids)
     original = len(ids)
     system = convo[:1] if convo and convo[0]["role"] == "system" else []
-    turns = convo[len(system):]
+    turns = convo[len(system) :]
     # One pass, not one render per dropped turn: binary search over where the kept history starts (always at a
     # user turn). Fewer turns never render longer, so the first start that fits is the longest history that
     # fits: O(log n) renders instead of O(n) (10,000 short messages took minutes the old way).
@@ -97,15 +101,19 @@ def format_prompt(tokenizer, messages: list[dict], cfg: ExpertConfig, *, context
     lo, hi, best = 0, len(starts) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
-        candidate = render(tokenizer, system + turns[starts[mid]:], cfg)
+        candidate = render(tokenizer, system + turns[starts[mid] :], cfg)
         if len(candidate) <= limit:
             best, hi = (starts[mid], candidate), mid - 1
         else:
             lo = mid + 1
     if best is not None:
-        dropped = sum(1 for m in turns[:best[0]] if m["role"] == "user")
-        return FormattedPrompt(best[1], True, f"The conversation ({original} tokens) was longer than the expert's "
-                                              f"context: the {dropped} oldest turn(s) were left out.")
+        dropped = sum(1 for m in turns[: best[0]] if m["role"] == "user")
+        return FormattedPrompt(
+            best[1],
+            True,
+            f"The conversation ({original} tokens) was longer than the expert's "
+            f"context: the {dropped} oldest turn(s) were left out.",
+        )
     turns = turns[-1:]
     ids = render(tokenizer, system + turns, cfg)
     # The latest message alone is too long: keep its end (the question usually comes last).
@@ -115,8 +123,11 @@ def format_prompt(tokenizer, messages: list[dict], cfg: ExpertConfig, *, context
     keep = max(limit - overhead - 8, 8)
     cut = tokenizer.decode(tokens[-keep:], skip_special_tokens=True)
     ids = render(tokenizer, [*system, {"role": "user", "content": cut}], cfg)
-    return FormattedPrompt(ids[-limit:], True, f"The prompt ({original} tokens) was longer than the expert's "
-                                               f"context: only its last {keep} tokens were kept.")
+    return FormattedPrompt(
+        ids[-limit:],
+        True,
+        f"The prompt ({original} tokens) was longer than the expert's context: only its last {keep} tokens were kept.",
+    )
 
 
 def reference_ids(tokenizer, messages: list[dict], reference: str, cfg: ExpertConfig) -> tuple[list[int], list[int]]:

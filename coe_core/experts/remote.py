@@ -56,8 +56,14 @@ class RemoteTimings:
 class RemoteReply:
     """One streaming answer of a remote expert. Iterate for text pieces; always ``close`` it."""
 
-    def __init__(self, expert: RemoteExpert, response: httpx.Response, events: Iterator[dict],
-                 first: dict | None, timings: RemoteTimings):
+    def __init__(
+        self,
+        expert: RemoteExpert,
+        response: httpx.Response,
+        events: Iterator[dict],
+        first: dict | None,
+        timings: RemoteTimings,
+    ):
         self.expert, self.timings = expert, timings
         self.new_tokens = 0
         self.prompt_tokens: int | None = None
@@ -79,8 +85,10 @@ class RemoteReply:
                     yield piece
                 event = next(self._events, None)
         except httpx.TimeoutException:
-            raise RemoteExpertError(f"{self.expert.describe()} stopped answering for {self.expert.cfg.timeout_s:g} s "
-                                    "(timeout_s) in the middle of its answer") from None
+            raise RemoteExpertError(
+                f"{self.expert.describe()} stopped answering for {self.expert.cfg.timeout_s:g} s "
+                "(timeout_s) in the middle of its answer"
+            ) from None
         except httpx.HTTPError as exc:
             raise RemoteExpertError(f"{self.expert.describe()} broke off its answer: {exc}") from None
         finally:
@@ -145,8 +153,9 @@ class RemoteExpert:
         start = time.perf_counter()
         error = None
         try:
-            response = self._client.get(f"{self.base_url}/models", headers=self._headers(),
-                                        timeout=min(self.cfg.timeout_s, HEALTH_TIMEOUT_S))
+            response = self._client.get(
+                f"{self.base_url}/models", headers=self._headers(), timeout=min(self.cfg.timeout_s, HEALTH_TIMEOUT_S)
+            )
             if response.status_code != 200:
                 error = f"GET /models answered HTTP {response.status_code}"
             else:
@@ -177,15 +186,22 @@ class RemoteExpert:
 
     # -- chat --------------------------------------------------------------------------------------
     def request_body(self, messages: list[dict], params: GenerationParams) -> dict:
-        body = {"model": self.cfg.model, "messages": with_system(messages, self.cfg), "stream": True,
-                "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.cfg.model,
+            "messages": with_system(messages, self.cfg),
+            "stream": True,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream_options": {"include_usage": True},
+        }
         if params.stop:
             body["stop"] = list(params.stop)
         return body
 
-    def open(self, messages: list[dict], params: GenerationParams,
-             cancel: threading.Event | None = None) -> RemoteReply:
+    def open(
+        self, messages: list[dict], params: GenerationParams, cancel: threading.Event | None = None
+    ) -> RemoteReply:
         """Send the chat request and read up to the first event. Raises RemoteExpertError (never hangs:
         each connect and read waits at most ``timeout_s``; connection errors and 5xx/429 are retried)."""
         body = self.request_body(messages, params)
@@ -215,15 +231,17 @@ class RemoteExpert:
             if name == "connection.connect_tcp.complete":
                 timings.connect_s = time.perf_counter() - start
 
-        request = self._client.build_request("POST", f"{self.base_url}/chat/completions", json=body,
-                                             headers=self._headers(), extensions={"trace": trace})
+        request = self._client.build_request(
+            "POST", f"{self.base_url}/chat/completions", json=body, headers=self._headers(), extensions={"trace": trace}
+        )
         try:
             response = self._client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException:
-            raise RemoteExpertError(f"{self.describe()} did not answer within {self.cfg.timeout_s:g} s "
-                                    "(timeout_s)") from None
+            raise RemoteExpertError(
+                f"{self.describe()} did not answer within {self.cfg.timeout_s:g} s (timeout_s)"
+            ) from None
         except httpx.HTTPError as exc:
             raise RemoteExpertError(f"{self.describe()}: {type(exc).__name__}: {exc}") from None
         timings.headers_s = time.perf_counter() - start
@@ -244,14 +262,17 @@ class RemoteExpert:
             raise RemoteExpertError(message)
         kind = response.headers.get("content-type", "")
         if not kind.startswith("text/event-stream"):
-            raise RemoteExpertError(f"{self.describe()} answered {kind or 'no content type'}, not a stream of "
-                                    "server-sent events: is the base URL an OpenAI-compatible /v1?")
+            raise RemoteExpertError(
+                f"{self.describe()} answered {kind or 'no content type'}, not a stream of "
+                "server-sent events: is the base URL an OpenAI-compatible /v1?"
+            )
         events = _sse_events(response, self.describe())
         try:
             return next(events, None), events
         except httpx.TimeoutException:
-            raise RemoteExpertError(f"{self.describe()} sent no answer within {self.cfg.timeout_s:g} s "
-                                    "(timeout_s)") from None
+            raise RemoteExpertError(
+                f"{self.describe()} sent no answer within {self.cfg.timeout_s:g} s (timeout_s)"
+            ) from None
         except httpx.HTTPError as exc:
             raise RemoteExpertError(f"{self.describe()} broke off before answering: {exc}") from None
 

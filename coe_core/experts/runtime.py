@@ -24,8 +24,10 @@ from coe_core.experts.prompt_format import FormattedPrompt, format_prompt, refer
 RUNTIMES = ("transformers", "llama_cpp")
 
 #: what running a GGUF expert on transformers instead of llama.cpp costs, measured here (docs/benchmarks.md)
-TRANSFORMERS_COST = ("the GGUF is dequantised to float32 once (20-50 s per expert at first start), then runs 3-9x "
-                     "slower per token on CPU with 4-5x the memory")
+TRANSFORMERS_COST = (
+    "the GGUF is dequantised to float32 once (20-50 s per expert at first start), then runs 3-9x "
+    "slower per token on CPU with 4-5x the memory"
+)
 
 
 class ExpertRuntime(Protocol):
@@ -33,11 +35,13 @@ class ExpertRuntime(Protocol):
 
     name: str
 
-    def format_prompt(self, messages: list[dict], cfg: ExpertConfig, *, context_length: int,
-                      reserve_tokens: int) -> FormattedPrompt: ...
+    def format_prompt(
+        self, messages: list[dict], cfg: ExpertConfig, *, context_length: int, reserve_tokens: int
+    ) -> FormattedPrompt: ...
 
-    def stream(self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event,
-               result: GenerationResult) -> Iterator[str]: ...
+    def stream(
+        self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event, result: GenerationResult
+    ) -> Iterator[str]: ...
 
     def reference_logprob(self, messages: list[dict], reference: str, cfg: ExpertConfig) -> tuple[float, int]: ...
 
@@ -57,14 +61,16 @@ class TransformersRuntime:
     name: str = "transformers"
 
     def format_prompt(self, messages, cfg, *, context_length, reserve_tokens) -> FormattedPrompt:
-        return format_prompt(self.tokenizer, messages, cfg, context_length=context_length,
-                             reserve_tokens=reserve_tokens)
+        return format_prompt(
+            self.tokenizer, messages, cfg, context_length=context_length, reserve_tokens=reserve_tokens
+        )
 
     def stream(self, input_ids, params, *, cancel, result) -> Iterator[str]:
         if self.batcher is not None:
             return self.batcher.stream(input_ids, params, cancel=cancel, result=result)
-        return stream_generate(self.model, self.tokenizer, input_ids, params, device=self.device, cancel=cancel,
-                               result=result)
+        return stream_generate(
+            self.model, self.tokenizer, input_ids, params, device=self.device, cancel=cancel, result=result
+        )
 
     def reference_logprob(self, messages, reference, cfg) -> tuple[float, int]:
         prompt, ref = reference_ids(self.tokenizer, messages, reference, cfg)
@@ -83,7 +89,9 @@ def choose_runtime(cfg: ExpertConfig, *, gpu: bool) -> tuple[str, str | None]:
         return "transformers", None  # a GPU executes: the dequantised model in bf16 on the GPU tier
     problem = llama_cpp_unavailable()
     if problem:
-        return "transformers", (f"llama-cpp-python is not importable ({problem}), so GGUF experts run on "
-                                f"transformers instead: {TRANSFORMERS_COST}. Install it with "
-                                "pip install llama-cpp-python==0.3.36 (a 5-8 minute C++ build).")
+        return "transformers", (
+            f"llama-cpp-python is not importable ({problem}), so GGUF experts run on "
+            f"transformers instead: {TRANSFORMERS_COST}. Install it with "
+            "pip install llama-cpp-python==0.3.36 (a 5-8 minute C++ build)."
+        )
     return "llama_cpp", None

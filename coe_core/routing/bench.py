@@ -109,8 +109,11 @@ def bench_route(config: CoEConfig, n: int = 200) -> dict[str, Any]:
         "router_version": router.version_id,
         "classifier": router.artifact.meta["classifier"]["name"],
         "features": list(model.features.blocks),
-        "prompt_chars": {"mean": round(float(np.mean(lengths)), 1), "max": int(max(lengths)),
-                         "over_1000": int(sum(x > 1000 for x in lengths))},
+        "prompt_chars": {
+            "mean": round(float(np.mean(lengths)), 1),
+            "max": int(max(lengths)),
+            "over_1000": int(sum(x > 1000 for x in lengths)),
+        },
         "threads_setting": configured,
         "threads_used": dict(sorted(Counter(threads_used).items())),
         "cpu_count": os.cpu_count(),

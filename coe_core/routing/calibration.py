@@ -37,9 +37,7 @@ def pick_threshold(conf: np.ndarray, correct: np.ndarray, target_precision: floa
     """
     conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
     if len(conf) == 0:
-        raise ValueError(
-            "no held-out predictions to calibrate on: train the router with more labelled prompts"
-        )
+        raise ValueError("no held-out predictions to calibrate on: train the router with more labelled prompts")
     candidates = np.unique(np.concatenate([[0.0], conf]))
     effects = [threshold_effect(conf, correct, t) for t in candidates]
     for effect in effects:
@@ -49,8 +47,9 @@ def pick_threshold(conf: np.ndarray, correct: np.ndarray, target_precision: floa
     return {**best, "target_precision": target_precision, "achieved": False}
 
 
-def top_choice_scores(proba: np.ndarray, labels: list[str], truth: list[str], confidence_kind: str
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def top_choice_scores(
+    proba: np.ndarray, labels: list[str], truth: list[str], confidence_kind: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, whether the top choice is right) of each row: what thresholds are judged on."""
     from coe_core.routing.classifier import confidence
 
@@ -58,8 +57,9 @@ def top_choice_scores(proba: np.ndarray, labels: list[str], truth: list[str], co
     return confidence(proba, confidence_kind), np.array([p == t for p, t in zip(pred, truth, strict=True)])
 
 
-def calibrate_on_examples(raw: np.ndarray, labels: list[str], examples: list, *, target_precision: float,
-                          fallback: str, confidence_kind: str) -> dict[str, Any]:
+def calibrate_on_examples(
+    raw: np.ndarray, labels: list[str], examples: list, *, target_precision: float, fallback: str, confidence_kind: str
+) -> dict[str, Any]:
     """Calibrate a router version on labelled ``examples`` (the development set) from its uncalibrated
     probabilities ``raw``: the temperature (negative log-likelihood) and the fallback threshold
     (routed precision >= target). Returns the metadata changes, with the examples' report.
@@ -81,12 +81,23 @@ def calibrate_on_examples(raw: np.ndarray, labels: list[str], examples: list, *,
     proba = scale_temperature(raw, temperature)
     conf, correct = top_choice_scores(proba, labels, truth, confidence_kind)
     result = {**pick_threshold(conf, correct, target_precision), "on": "development set"}
-    report = evaluate_proba(proba, labels, examples, threshold=result["threshold"], fallback=fallback,
-                            confidence_kind=confidence_kind)
-    cross = evaluate_proba(crossfit, labels, examples, threshold=result["threshold"], fallback=fallback,
-                           confidence_kind=confidence_kind)
-    report.update(ece_in_sample=report["ece"], ece=cross["ece"], reliability=cross["reliability"],
-                  temperature=round(temperature, 4))
-    return {"threshold": result["threshold"], "calibration": result, "temperature": round(temperature, 4),
-            "temperature_fitted_on": "development set",
-            "threshold_set_by": "calibration on the development set (router.dev_data)", "dev_metrics": report}
+    report = evaluate_proba(
+        proba, labels, examples, threshold=result["threshold"], fallback=fallback, confidence_kind=confidence_kind
+    )
+    cross = evaluate_proba(
+        crossfit, labels, examples, threshold=result["threshold"], fallback=fallback, confidence_kind=confidence_kind
+    )
+    report.update(
+        ece_in_sample=report["ece"],
+        ece=cross["ece"],
+        reliability=cross["reliability"],
+        temperature=round(temperature, 4),
+    )
+    return {
+        "threshold": result["threshold"],
+        "calibration": result,
+        "temperature": round(temperature, 4),
+        "temperature_fitted_on": "development set",
+        "threshold_set_by": "calibration on the development set (router.dev_data)",
+        "dev_metrics": report,
+    }

@@ -48,9 +48,7 @@ class SoftmaxLinearSVC(LinearSVC):
         return exp / exp.sum(axis=1, keepdims=True)
 
 
-def candidate_models(
-    kinds: list[str], n_train: int, min_per_class: int = 10**9
-) -> dict[str, ClassifierMixin]:
+def candidate_models(kinds: list[str], n_train: int, min_per_class: int = 10**9) -> dict[str, ClassifierMixin]:
     """name -> unfitted estimator for each configured kind (svm needs >= 10 examples per category:
     its probability calibration splits each fold's training part again)."""
     models: dict[str, ClassifierMixin] = {}
@@ -72,13 +70,9 @@ def candidate_models(
             # temperature scaling (one parameter for all classes) keeps predict_proba at ~1 ms; older
             # scikit-learn without it falls back to per-class sigmoids
             method = "temperature" if _sklearn_at_least(1, 8) else "sigmoid"
-            models["svm(C=1)"] = CalibratedClassifierCV(
-                SVC(C=1.0, kernel="rbf"), method=method, cv=3, ensemble=False
-            )
+            models["svm(C=1)"] = CalibratedClassifierCV(SVC(C=1.0, kernel="rbf"), method=method, cv=3, ensemble=False)
         else:
-            raise ValueError(
-                f"router.classifiers: unknown classifier {kind!r}; use linear, logreg, knn and/or svm"
-            )
+            raise ValueError(f"router.classifiers: unknown classifier {kind!r}; use linear, logreg, knn and/or svm")
     return models
 
 
@@ -97,9 +91,7 @@ class Selection:
         return {"kind": self.kind, "name": self.name, "why": self.why, "cv_macro_f1": self.cv_macro_f1}
 
 
-def select_and_fit(
-    x: np.ndarray, y: np.ndarray, groups: np.ndarray, kinds: list[str], seed: int = 0
-) -> Selection:
+def select_and_fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, kinds: list[str], seed: int = 0) -> Selection:
     """Compare the candidates by group-fold macro-F1 on (x, y) and refit the best on all of it."""
     _, counts = np.unique(y, return_counts=True)
     models = candidate_models(kinds, len(y), int(counts.min()))

@@ -17,9 +17,14 @@ class Datasets:
 
     def _load(self, patterns: list[str], source: str) -> LabelledFile:
         r = self.config.router
-        return load_labelled_files(expand_paths(patterns, self.config.resolve_path), self.config.categories,
-                                   source=source, keep_labels=[self.config.fallback_category],
-                                   context_turns=r.context_turns, context_chars=r.context_chars)
+        return load_labelled_files(
+            expand_paths(patterns, self.config.resolve_path),
+            self.config.categories,
+            source=source,
+            keep_labels=[self.config.fallback_category],
+            context_turns=r.context_turns,
+            context_chars=r.context_chars,
+        )
 
     def _seed_file(self) -> LabelledFile:
         if self._seed is None:  # read once: the prompts trained on and their digest must describe one read
@@ -33,8 +38,11 @@ class Datasets:
     def seed_file_info(self) -> dict[str, Any]:
         data = self._seed_file()
         # labels of the files that are not categories of spaces.yaml (a taxonomy typo shows up here)
-        return {"path": list(self.config.router.seed_data), "sha256": data.sha256,
-                "outside_taxonomy": data.outside_taxonomy}
+        return {
+            "path": list(self.config.router.seed_data),
+            "sha256": data.sha256,
+            "outside_taxonomy": data.outside_taxonomy,
+        }
 
     def dev(self) -> list[LabelledPrompt]:
         """The development set, or nothing when none is configured."""

@@ -76,8 +76,9 @@ def decision(
     )
 
 
-def default_decision(config: CoEConfig, text: str, forced: dict[str, str] | None, why: str,
-                     start: float) -> RouteDecision:
+def default_decision(
+    config: CoEConfig, text: str, forced: dict[str, str] | None, why: str, start: float
+) -> RouteDecision:
     """Without a router: the forced expert, else the profile's default expert, and why."""
     expert = (forced or {}).get("expert", config.active_profile.default_expert)
     return RouteDecision(

@@ -24,8 +24,11 @@ RELIABILITY_BINS = 10
 
 
 def slices_of(example: Any) -> list[str]:
-    out = [f"lang={example.lang or 'unknown'}", f"style={example.style or 'unknown'}",
-           "length=long" if example.chars >= LONG_CHARS else "length=short"]
+    out = [
+        f"lang={example.lang or 'unknown'}",
+        f"style={example.style or 'unknown'}",
+        "length=long" if example.chars >= LONG_CHARS else "length=short",
+    ]
     if example.turns > 1:
         out.append("turns=multi")
     return out
@@ -77,14 +80,16 @@ def evaluate_proba(
     for ex, ok in zip(examples, right, strict=True):
         for s in slices_of(ex):
             by_slice[s].append(bool(ok))
-    metrics.update({
-        "fallback_rate": round(float(fell_back.mean()), 4),
-        "accuracy_without_fallback": round(float(top_right.mean()), 4),
-        # of the prompts the classifier got wrong, the share the uncertainty fallback caught
-        "wrong_caught_by_fallback": round(float(fell_back[wrong_top].mean()), 4) if wrong_top.any() else None,
-        "ece": ece,
-        "reliability": table,
-        "slices": {s: {"n": len(v), "accuracy": round(float(np.mean(v)), 4)} for s, v in sorted(by_slice.items())},
-        "threshold": round(float(threshold), 4),
-    })
+    metrics.update(
+        {
+            "fallback_rate": round(float(fell_back.mean()), 4),
+            "accuracy_without_fallback": round(float(top_right.mean()), 4),
+            # of the prompts the classifier got wrong, the share the uncertainty fallback caught
+            "wrong_caught_by_fallback": round(float(fell_back[wrong_top].mean()), 4) if wrong_top.any() else None,
+            "ece": ece,
+            "reliability": table,
+            "slices": {s: {"n": len(v), "accuracy": round(float(np.mean(v)), 4)} for s, v in sorted(by_slice.items())},
+            "threshold": round(float(threshold), 4),
+        }
+    )
     return metrics

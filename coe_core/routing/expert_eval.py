@@ -34,9 +34,7 @@ METRIC = (
     "mean per-token log-likelihood of the reference answer under the expert's own prompt format, "
     "averaged over the category's pairs"
 )
-NORMALISATION = (
-    "exp(raw - best raw in the category): per-token likelihood relative to the best expert (1 = best)"
-)
+NORMALISATION = "exp(raw - best raw in the category): per-token likelihood relative to the best expert (1 = best)"
 
 #: (expert_id, messages, reference) -> (sum of log-probs of the reference tokens, token count)
 ReferenceLogprob = Callable[[str, list[dict], str], tuple[float, int]]
@@ -82,9 +80,7 @@ def mean_token_logprob(
 ) -> float:
     per_pair = []
     for item in items:
-        total, count = reference_logprob(
-            expert, [{"role": "user", "content": item["prompt"]}], item["reference"]
-        )
+        total, count = reference_logprob(expert, [{"role": "user", "content": item["prompt"]}], item["reference"])
         if count <= 0:
             raise ValueError(f"expert {expert}: the reference {item['reference'][:40]!r}... has no tokens")
         per_pair.append(total / count)
@@ -93,9 +89,7 @@ def mean_token_logprob(
     return sum(per_pair) / len(per_pair)
 
 
-def normalise(
-    raw: dict[str, dict[str, float]], categories: list[str], fallback: str
-) -> dict[str, dict[str, float]]:
+def normalise(raw: dict[str, dict[str, float]], categories: list[str], fallback: str) -> dict[str, dict[str, float]]:
     """Per category: exp(raw - best raw); the fallback column is the mean over categories."""
     out: dict[str, dict[str, float]] = {e: {} for e in raw}
     for cat in categories:
@@ -153,8 +147,14 @@ def eval_experts(
     return table
 
 
-def _table(raw: dict, experts: list[str], eval_sets: dict[str, EvalSet], fallback: str,
-           params: dict[str, int], todo: list[tuple[str, str]]) -> dict[str, Any]:
+def _table(
+    raw: dict,
+    experts: list[str],
+    eval_sets: dict[str, EvalSet],
+    fallback: str,
+    params: dict[str, int],
+    todo: list[tuple[str, str]],
+) -> dict[str, Any]:
     measured = {e: {c: v for c, v in row.items() if v} for e, row in raw.items()}
     categories = list(eval_sets)
     scores = normalise(
@@ -169,8 +169,7 @@ def _table(raw: dict, experts: list[str], eval_sets: dict[str, EvalSet], fallbac
             "normalisation": NORMALISATION,
             "fallback_column": f"{fallback}: mean of the expert's normalised category scores",
             "eval_sets": {
-                c: {"file": str(es.path), "sha256": es.sha256, "n": len(es.items)}
-                for c, es in eval_sets.items()
+                c: {"file": str(es.path), "sha256": es.sha256, "n": len(es.items)} for c, es in eval_sets.items()
             },
             "experts": experts,
             "date": datetime.now(UTC).isoformat(),

@@ -57,15 +57,17 @@ def shape_features(texts: Sequence[str]) -> np.ndarray:
     for t in texts:
         n = max(len(t), 1)
         letters = sum(ch.isalpha() for ch in t) or 1
-        rows.append([
-            math.log1p(len(t)) / 8.0,
-            math.log1p(t.count("\n")) / 5.0,
-            len(_CODE.findall(t)) / n * 5,
-            len(_DIGIT.findall(t)) / n * 3,
-            1.0 - len(_LATIN.findall(t)) / letters,
-            float("```" in t),
-            float("?" in t[-200:] or "？" in t[-200:]),
-        ])
+        rows.append(
+            [
+                math.log1p(len(t)) / 8.0,
+                math.log1p(t.count("\n")) / 5.0,
+                len(_CODE.findall(t)) / n * 5,
+                len(_DIGIT.findall(t)) / n * 3,
+                1.0 - len(_LATIN.findall(t)) / letters,
+                float("```" in t),
+                float("?" in t[-200:] or "？" in t[-200:]),
+            ]
+        )
     return np.asarray(rows, dtype=np.float32)
 
 
@@ -103,8 +105,14 @@ class FeatureSet:
         if "chars" in self.blocks:
             from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
 
-            hashing = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2**18,
-                                        alternate_sign=False, norm=None, lowercase=True)
+            hashing = HashingVectorizer(
+                analyzer="char_wb",
+                ngram_range=(1, 4),
+                n_features=2**18,
+                alternate_sign=False,
+                norm=None,
+                lowercase=True,
+            )
             tfidf = TfidfTransformer(sublinear_tf=True).fit(hashing.transform(_windows(texts)))
             self._chars = (hashing, tfidf)
         return self
@@ -142,8 +150,14 @@ def _windows(texts: Sequence[str]) -> list[str]:
     return [head_tail(t, WINDOW_CHARS) for t in texts]
 
 
-def feature_resources(blocks: Sequence[str], *, token_source: str, cache_dir: Path,
-                      sentence: Callable[[], Any], progress: Callable[[str], None] | None = None) -> Resources:
+def feature_resources(
+    blocks: Sequence[str],
+    *,
+    token_source: str,
+    cache_dir: Path,
+    sentence: Callable[[], Any],
+    progress: Callable[[str], None] | None = None,
+) -> Resources:
     """Load (or build, once) what ``blocks`` need."""
     res = Resources()
     if "tokens" in blocks:

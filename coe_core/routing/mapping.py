@@ -62,13 +62,9 @@ def load_score_table(path: str | Path) -> ScoreTable:
         try:
             scores[expert] = {str(c): float(v) for c, v in row.items()}
         except (TypeError, ValueError):
-            raise ScoreTableError(
-                f"score table {path}: scores.{expert} holds a value that is not a number"
-            ) from None
+            raise ScoreTableError(f"score table {path}: scores.{expert} holds a value that is not a number") from None
     params = raw.get("params") or {}
-    if not isinstance(params, dict) or not all(
-        isinstance(v, (int, float)) and v > 0 for v in params.values()
-    ):
+    if not isinstance(params, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in params.values()):
         raise ScoreTableError(f'score table {path}: "params" must map expert -> positive parameter count')
     return ScoreTable(scores, {k: int(v) for k, v in params.items()}, raw.get("method") or {}, str(path))
 
@@ -111,9 +107,7 @@ class MappingProblem:
     def __post_init__(self) -> None:
         total = sum(max(0.0, v) for v in self.distribution.values())
         cats = self.all_categories
-        self.p = {
-            c: (max(0.0, self.distribution.get(c, 0.0)) / total if total else 1 / len(cats)) for c in cats
-        }
+        self.p = {c: (max(0.0, self.distribution.get(c, 0.0)) / total if total else 1 / len(cats)) for c in cats}
         self.fixed: dict[str, str] = {}
         for cat, expert in self.overrides.items():
             if expert in self.unavailable:
@@ -192,9 +186,7 @@ def _solve(problem: MappingProblem, budget: float | None) -> dict[str, str] | No
     return {c: e for (c, e), v in zip(pairs, x, strict=True) if v > 0.5}
 
 
-def _fill_unweighted(
-    problem: MappingProblem, assignment: dict[str, str], budget: float | None
-) -> dict[str, str]:
+def _fill_unweighted(problem: MappingProblem, assignment: dict[str, str], budget: float | None) -> dict[str, str]:
     """Categories without traffic weight (often the fallback category) get the best-scoring eligible
     expert whose size fits the budget (per prompt), else the smallest one."""
     out = dict(assignment)

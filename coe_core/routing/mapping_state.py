@@ -46,8 +46,7 @@ class MappingState:
         self._traffic_distribution = traffic_distribution
         self._progress = progress
         #: average active parameters per prompt the mapping may cost (None: no limit); spaces.yaml's mapping.budget
-        self._active_params_budget: int | None = (None if config.mapping.budget == "auto"
-                                                  else int(config.mapping.budget))
+        self._active_params_budget: int | None = None if config.mapping.budget == "auto" else int(config.mapping.budget)
         if "mapping.budget" not in config.from_env and self._applied_budget_path().exists():
             # a budget applied in the app outlives a restart; COE_MAPPING_BUDGET (the operator's) still wins
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -183,8 +182,10 @@ class MappingState:
         else:
             self._active_params_budget = parse_params(budget, "mapping budget")
         if persist:
-            write_json_atomic(self._applied_budget_path(),
-                              {"budget": self._active_params_budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            write_json_atomic(
+                self._applied_budget_path(),
+                {"budget": self._active_params_budget, "applied_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            )
         return self.current()
 
     def _applied_budget_path(self) -> Path:

@@ -9,9 +9,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 
-def classification_metrics(
-    y_true: Sequence[str], y_pred: Sequence[str], order: Sequence[str]
-) -> dict[str, Any]:
+def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], order: Sequence[str]) -> dict[str, Any]:
     """Metrics of predicted vs true labels.
 
     ``order`` fixes the row/column order of the confusion matrix (labels not seen in either list are
@@ -45,9 +43,7 @@ def classification_metrics(
     return {
         "n": n,
         "accuracy": round(float(np.mean([t == p for t, p in zip(y_true, y_pred, strict=True)])), 4),
-        "macro_f1": round(
-            float(f1_score(y_true, y_pred, labels=true_labels, average="macro", zero_division=0)), 4
-        ),
+        "macro_f1": round(float(f1_score(y_true, y_pred, labels=true_labels, average="macro", zero_division=0)), 4),
         "per_category": per_category,
         # rows: true label, columns: predicted label
         "confusion": {"labels": labels, "matrix": matrix.tolist()},

@@ -68,12 +68,17 @@ class RoutingService:
         self.config = config
         self._progress = progress or print_progress
         self.datasets = Datasets(config)
-        self.versions = RouterVersions(config, datasets=self.datasets, resources=self.resources,
-                                       progress=self._progress, store=store)
+        self.versions = RouterVersions(
+            config, datasets=self.datasets, resources=self.resources, progress=self._progress, store=store
+        )
         self.mapping = MappingState(
-            config, training_categories=lambda: [ex.category for ex in self.datasets.seed()],
-            available_experts=available_experts, expert_params=expert_params,
-            traffic_distribution=traffic_distribution, progress=self._progress)
+            config,
+            training_categories=lambda: [ex.category for ex in self.datasets.seed()],
+            available_experts=available_experts,
+            expert_params=expert_params,
+            traffic_distribution=traffic_distribution,
+            progress=self._progress,
+        )
 
     # -- loading -----------------------------------------------------------------------------------
     @property
@@ -91,7 +96,10 @@ class RoutingService:
         the token table). Raises ``TokenTableError`` / ``EmbedderError`` when a configured block cannot be built."""
         r = self.config.router
         return feature_resources(
-            r.features, token_source=r.token_table, cache_dir=self.feature_cache, progress=self._progress,
+            r.features,
+            token_source=r.token_table,
+            cache_dir=self.feature_cache,
+            progress=self._progress,
             sentence=lambda: get_embedder(r.embedder, r.max_seq_tokens, r.threads),
         )
 
@@ -163,8 +171,10 @@ class RoutingService:
             return []
         router = self.router()
         mapping = self.current_mapping()
-        out = [decisions.decision(cfg, router, cls, text, None, mapping, None)
-               for cls, text in zip(router.classify(clean), clean, strict=True)]
+        out = [
+            decisions.decision(cfg, router, cls, text, None, mapping, None)
+            for cls, text in zip(router.classify(clean), clean, strict=True)
+        ]
         per = (time.perf_counter() - start) * 1000 / len(out)
         for d in out:
             d.latency_ms = round(per, 3)
@@ -274,6 +284,9 @@ class RoutingService:
         if result is None:
             conf, correct = self.versions.scores(router)
             result = pick_threshold(conf, correct, target)
-            self.set_threshold(result["threshold"], source="coe calibrate-router (held-out split)",
-                               calibration={**result, "on": "held-out split"})
+            self.set_threshold(
+                result["threshold"],
+                source="coe calibrate-router (held-out split)",
+                calibration={**result, "on": "held-out split"},
+            )
         return {**result, "router_version": router.version_id}

@@ -66,8 +66,9 @@ def build_table(gguf_file: Path, folder: Path) -> None:
     try:
         tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         np.save(tmp / "embeddings.npy", table.astype(np.float16))
-        (tmp / "meta.json").write_text(json.dumps({"gguf": str(gguf_file), "rows": int(table.shape[0]),
-                                                    "dim": int(table.shape[1])}))
+        (tmp / "meta.json").write_text(
+            json.dumps({"gguf": str(gguf_file), "rows": int(table.shape[0]), "dim": int(table.shape[1])})
+        )
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -92,8 +93,9 @@ class TokenTable:
         self.table = np.load(folder / "embeddings.npy", mmap_mode="r")
         self.dim = int(self.table.shape[1])
         self._touch()
-        special = self.tokenizer.get_added_tokens_decoder() if hasattr(self.tokenizer, "get_added_tokens_decoder") \
-            else {}
+        special = (
+            self.tokenizer.get_added_tokens_decoder() if hasattr(self.tokenizer, "get_added_tokens_decoder") else {}
+        )
         self._special = np.array(sorted(special), dtype=np.int64)
 
     def _touch(self, rows: int = 16384) -> None:

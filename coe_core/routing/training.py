@@ -109,10 +109,18 @@ def load_labelled_jsonl(
             outside[row["category"]] += 1
             continue
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        examples.append(LabelledPrompt(
-            text, row["category"], source, str(row.get("group", "")), lang=str(row.get("lang", "")),
-            style=str(row.get("style", "")), turns=len(users), chars=len(text_of(users[-1].get("content"))),
-        ))
+        examples.append(
+            LabelledPrompt(
+                text,
+                row["category"],
+                source,
+                str(row.get("group", "")),
+                lang=str(row.get("lang", "")),
+                style=str(row.get("style", "")),
+                turns=len(users),
+                chars=len(text_of(users[-1].get("content"))),
+            )
+        )
     return LabelledFile(examples, dict(outside), hashlib.sha256(raw).hexdigest())
 
 
@@ -132,9 +140,7 @@ def expand_paths(patterns: Iterable[str], resolve: Callable[[str], Path]) -> lis
     return out
 
 
-def load_labelled_files(
-    paths: Iterable[Path], categories: list[str], **kwargs: Any
-) -> LabelledFile:
+def load_labelled_files(paths: Iterable[Path], categories: list[str], **kwargs: Any) -> LabelledFile:
     """:func:`load_labelled_jsonl` over several files, concatenated (one sha256 over all of them)."""
     examples: list[LabelledPrompt] = []
     outside: Counter[str] = Counter()
@@ -226,9 +232,7 @@ def data_hash(examples: Iterable[LabelledPrompt]) -> str:
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
 
 
-def prepare(
-    config: CoEConfig, examples: Iterable[LabelledPrompt]
-) -> tuple[list[LabelledPrompt], dict[str, int]]:
+def prepare(config: CoEConfig, examples: Iterable[LabelledPrompt]) -> tuple[list[LabelledPrompt], dict[str, int]]:
     """Keep examples of the taxonomy's categories and of the fallback category (others counted by
     label), deduplicated, text capped like routed text; raise when a category has too few examples."""
     kept, skipped = [], Counter()
@@ -251,14 +255,29 @@ def prepare(
 
 
 def heldout_row(ex: LabelledPrompt) -> dict[str, Any]:
-    return {"prompt": ex.prompt, "category": ex.category, "source": ex.source, "group": group_of(ex),
-            "lang": ex.lang, "style": ex.style, "turns": ex.turns, "chars": ex.chars}
+    return {
+        "prompt": ex.prompt,
+        "category": ex.category,
+        "source": ex.source,
+        "group": group_of(ex),
+        "lang": ex.lang,
+        "style": ex.style,
+        "turns": ex.turns,
+        "chars": ex.chars,
+    }
 
 
 def from_heldout_row(row: dict[str, Any]) -> LabelledPrompt:
-    return LabelledPrompt(row["prompt"], row["category"], row.get("source", ""), row.get("group", ""),
-                          row.get("lang", ""), row.get("style", ""), int(row.get("turns", 1)),
-                          int(row.get("chars", len(row["prompt"]))))
+    return LabelledPrompt(
+        row["prompt"],
+        row["category"],
+        row.get("source", ""),
+        row.get("group", ""),
+        row.get("lang", ""),
+        row.get("style", ""),
+        int(row.get("turns", 1)),
+        int(row.get("chars", len(row["prompt"]))),
+    )
 
 
 def columns(proba: np.ndarray, classes: list[str], labels: list[str]) -> np.ndarray:
@@ -358,8 +377,14 @@ def evaluate(router: Any, examples: list[LabelledPrompt], *, with_fallback: bool
     if not examples:
         raise ValueError("no labelled examples to evaluate on")
     proba = router.predict_proba([ex.prompt for ex in examples], use_cache=False)
-    return evaluate_proba(proba, router.categories, examples, threshold=router.threshold if with_fallback else 0.0,
-                          fallback=router.fallback_category, confidence_kind=router.confidence_kind)
+    return evaluate_proba(
+        proba,
+        router.categories,
+        examples,
+        threshold=router.threshold if with_fallback else 0.0,
+        fallback=router.fallback_category,
+        confidence_kind=router.confidence_kind,
+    )
 
 
 def should_promote(

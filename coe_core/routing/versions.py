@@ -41,8 +41,15 @@ class RouterUnavailableError(ConfigError):
 
 
 class RouterVersions:
-    def __init__(self, config: CoEConfig, *, datasets: Datasets, resources: Callable[[], Resources],
-                 progress: Callable[[str], None], store: Any | None = None) -> None:
+    def __init__(
+        self,
+        config: CoEConfig,
+        *,
+        datasets: Datasets,
+        resources: Callable[[], Resources],
+        progress: Callable[[str], None],
+        store: Any | None = None,
+    ) -> None:
         self.config = config
         self.datasets = datasets
         self._resources = resources
@@ -119,8 +126,13 @@ class RouterVersions:
         except (FileNotFoundError, ValueError) as exc:
             raise RouterUnavailableError(f"no router and none can be trained: {exc}") from None
         try:
-            artifact = train_router(cfg, examples, resources=self._resources(), progress=self._progress,
-                                    seed_file=self.datasets.seed_file_info())
+            artifact = train_router(
+                cfg,
+                examples,
+                resources=self._resources(),
+                progress=self._progress,
+                seed_file=self.datasets.seed_file_info(),
+            )
             self.calibrate_on_dev(artifact)
         except ValueError as exc:
             raise RouterUnavailableError(f"no router and none can be trained: {exc}") from None
@@ -158,8 +170,13 @@ class RouterVersions:
         try:
             if meta["id"] not in {v["id"] for v in self.store.list_router_versions()}:
                 self.store.record_router_version(
-                    meta["id"], str(artifacts.router_dir(self.data_dir) / meta["id"]), metrics=meta["metrics"],
-                    sample_counts=meta["samples"]["by_source"], parent_id=meta.get("parent"), active=active)
+                    meta["id"],
+                    str(artifacts.router_dir(self.data_dir) / meta["id"]),
+                    metrics=meta["metrics"],
+                    sample_counts=meta["samples"]["by_source"],
+                    parent_id=meta.get("parent"),
+                    active=active,
+                )
             if active:
                 self.store.set_active_router_version(meta["id"])
         except Exception as exc:  # noqa: BLE001 - see above
@@ -265,9 +282,13 @@ class RouterVersions:
         self._progress(f"router: calibrating on the development set ({len(dev)} prompts)")
         raw = artifact.raw_proba([ex.prompt for ex in dev], self._resources())
         changes = calibrate_on_examples(
-            raw, artifact.categories, dev,
+            raw,
+            artifact.categories,
+            dev,
             target_precision=self.config.router.target_precision if target is None else target,
-            fallback=self.config.fallback_category, confidence_kind=self.config.router.confidence)
+            fallback=self.config.fallback_category,
+            confidence_kind=self.config.router.confidence,
+        )
         artifacts.update_meta(self.data_dir, artifact.version_id, **changes)
         artifact.meta.update(changes)
         return changes["calibration"]

@@ -41,8 +41,15 @@ def is_due(turn: Waiting, now: float, max_bypass: int, max_wait_s: float) -> boo
     return turn.bypassed >= max_bypass or now - turn.arrived >= max_wait_s
 
 
-def priority(turn: Waiting, *, now: float, running: Mapping[str, int], swap_cost_s: Callable[[str], float],
-             max_bypass: int, max_wait_s: float) -> tuple:
+def priority(
+    turn: Waiting,
+    *,
+    now: float,
+    running: Mapping[str, int],
+    swap_cost_s: Callable[[str], float],
+    max_bypass: int,
+    max_wait_s: float,
+) -> tuple:
     """Sort key of a waiting turn (smaller goes first): due turns by age, then by swap cost, then by age."""
     if is_due(turn, now, max_bypass, max_wait_s):
         return (0, 0.0, turn.arrived, turn.id)
@@ -50,9 +57,17 @@ def priority(turn: Waiting, *, now: float, running: Mapping[str, int], swap_cost
     return (1, cost, turn.arrived, turn.id)
 
 
-def next_turn(waiting: Sequence[Waiting], running: Mapping[str, int], *, now: float,
-              swap_cost_s: Callable[[str], float], max_running: int, max_bypass: int,
-              max_wait_s: float, swapping: str | None = None) -> Waiting | None:
+def next_turn(
+    waiting: Sequence[Waiting],
+    running: Mapping[str, int],
+    *,
+    now: float,
+    swap_cost_s: Callable[[str], float],
+    max_running: int,
+    max_bypass: int,
+    max_wait_s: float,
+    swapping: str | None = None,
+) -> Waiting | None:
     """The waiting turn to start now, or None (wait for a running turn to end).
 
     ``running``: expert -> turns running on it. ``swap_cost_s(expert)``: 0 when it is resident on the execution
@@ -63,13 +78,16 @@ def next_turn(waiting: Sequence[Waiting], running: Mapping[str, int], *, now: fl
         return None
     if swapping is not None:
         waiting = [t for t in waiting if t.expert == swapping]
-    key = {t.id: priority(t, now=now, running=running, swap_cost_s=swap_cost_s, max_bypass=max_bypass,
-                          max_wait_s=max_wait_s) for t in waiting}
+    key = {
+        t.id: priority(
+            t, now=now, running=running, swap_cost_s=swap_cost_s, max_bypass=max_bypass, max_wait_s=max_wait_s
+        )
+        for t in waiting
+    }
     ordered = sorted(waiting, key=lambda t: key[t.id])
     for turn in ordered:
         due = key[turn.id][0] == 0
-        startable = (bool(running.get(turn.expert)) or swap_cost_s(turn.expert) == 0.0
-                     or not any(running.values()))
+        startable = bool(running.get(turn.expert)) or swap_cost_s(turn.expert) == 0.0 or not any(running.values())
         if startable:
             return turn
         if due:  # the oldest due turn blocks everything behind it until it can start
@@ -77,9 +95,17 @@ def next_turn(waiting: Sequence[Waiting], running: Mapping[str, int], *, now: fl
     return None
 
 
-def fifo(waiting: Sequence[Waiting], running: Mapping[str, int], *, now: float,
-         swap_cost_s: Callable[[str], float], max_running: int, max_bypass: int,
-         max_wait_s: float, swapping: str | None = None) -> Waiting | None:
+def fifo(
+    waiting: Sequence[Waiting],
+    running: Mapping[str, int],
+    *,
+    now: float,
+    swap_cost_s: Callable[[str], float],
+    max_running: int,
+    max_bypass: int,
+    max_wait_s: float,
+    swapping: str | None = None,
+) -> Waiting | None:
     """Arrival order, nothing else (the baseline ``coe bench serve`` compares against)."""
     if not waiting or sum(running.values()) >= max_running:
         return None

@@ -32,13 +32,21 @@ class Ticket(Waiting):
 
     @property
     def waited_s(self) -> float:
-        return ((self.started or self.ended or time.monotonic()) - self.arrived)
+        return (self.started or self.ended or time.monotonic()) - self.arrived
 
 
 class Scheduler:
-    def __init__(self, *, max_running: int = 8, max_queue: int = 64, max_wait_s: float = 60.0,
-                 max_bypass: int = 8, swap_cost_s: Callable[[str], float] | None = None,
-                 policy: Callable[..., Waiting | None] = next_turn, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        *,
+        max_running: int = 8,
+        max_queue: int = 64,
+        max_wait_s: float = 60.0,
+        max_bypass: int = 8,
+        swap_cost_s: Callable[[str], float] | None = None,
+        policy: Callable[..., Waiting | None] = next_turn,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.max_running, self.max_queue = max_running, max_queue
         self.max_wait_s, self.max_bypass = max_wait_s, max_bypass
         self.swap_cost_s = swap_cost_s or (lambda expert: 0.0)
@@ -67,12 +75,14 @@ class Scheduler:
                 ticket.state = "refused"
                 self.refused += 1
                 retry = self._retry_after_locked()
-                raise QueueFull(f"busy: {len(self._waiting)} turns are waiting already (serve.max_queue "
-                                f"{self.max_queue}); try again in about {retry} s", retry)
+                raise QueueFull(
+                    f"busy: {len(self._waiting)} turns are waiting already (serve.max_queue "
+                    f"{self.max_queue}); try again in about {retry} s",
+                    retry,
+                )
             return ticket
 
-    def wait(self, ticket: Ticket, cancel: threading.Event | None = None, poll_s: float = 0.1
-             ) -> Iterator[Queued]:
+    def wait(self, ticket: Ticket, cancel: threading.Event | None = None, poll_s: float = 0.1) -> Iterator[Queued]:
         """Yield a ``Queued`` event whenever the turn's place changes, until it may run. Returns early when
         ``cancel`` is set (the ticket then left the queue: ``ticket.state == "cancelled"``)."""
         last = None
@@ -120,9 +130,17 @@ class Scheduler:
         expert, or nothing waits)."""
         with self._cond:
             now = self.clock()
-            ordered = sorted(self._waiting, key=lambda t: priority(
-                t, now=now, running=self._running, swap_cost_s=self.swap_cost_s, max_bypass=self.max_bypass,
-                max_wait_s=self.max_wait_s))
+            ordered = sorted(
+                self._waiting,
+                key=lambda t: priority(
+                    t,
+                    now=now,
+                    running=self._running,
+                    swap_cost_s=self.swap_cost_s,
+                    max_bypass=self.max_bypass,
+                    max_wait_s=self.max_wait_s,
+                ),
+            )
             return next((t.expert for t in ordered if not self._running.get(t.expert)), None)
 
     def retry_after_s(self) -> int:
@@ -131,9 +149,14 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         with self._cond:
-            return {"running": dict(self._running), "waiting": len(self._waiting),
-                    "waiting_by_expert": _count(t.expert for t in self._waiting), "refused": self.refused,
-                    "max_running": self.max_running, "max_queue": self.max_queue}
+            return {
+                "running": dict(self._running),
+                "waiting": len(self._waiting),
+                "waiting_by_expert": _count(t.expert for t in self._waiting),
+                "refused": self.refused,
+                "max_running": self.max_running,
+                "max_queue": self.max_queue,
+            }
 
     # -- inside ----------------------------------------------------------------------------------------
     def _retry_after_locked(self) -> int:
@@ -150,10 +173,16 @@ class Scheduler:
 
     def _dispatch_locked(self) -> None:
         while True:
-            turn = self.policy(self._waiting, self._running, now=self.clock(), swap_cost_s=self.swap_cost_s,
-                               max_running=self.max_running, max_bypass=self.max_bypass,
-                               max_wait_s=self.max_wait_s,
-                               swapping=self._swapping[1] if self._swapping else None)
+            turn = self.policy(
+                self._waiting,
+                self._running,
+                now=self.clock(),
+                swap_cost_s=self.swap_cost_s,
+                max_running=self.max_running,
+                max_bypass=self.max_bypass,
+                max_wait_s=self.max_wait_s,
+                swapping=self._swapping[1] if self._swapping else None,
+            )
             if turn is None:
                 break
             self._waiting.remove(turn)
@@ -169,8 +198,17 @@ class Scheduler:
 
     def _queued_locked(self, ticket: Ticket) -> Queued:
         now = self.clock()
-        key = {t.id: priority(t, now=now, running=self._running, swap_cost_s=self.swap_cost_s,
-                              max_bypass=self.max_bypass, max_wait_s=self.max_wait_s) for t in self._waiting}
+        key = {
+            t.id: priority(
+                t,
+                now=now,
+                running=self._running,
+                swap_cost_s=self.swap_cost_s,
+                max_bypass=self.max_bypass,
+                max_wait_s=self.max_wait_s,
+            )
+            for t in self._waiting
+        }
         ahead = [t for t in self._waiting if key[t.id] < key[ticket.id]]
         by_expert = dict(self._running)
         for t in ahead:

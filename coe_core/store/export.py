@@ -15,12 +15,41 @@ from coe_core.store.selects import interaction_dict, turns_with_feedback
 
 FORMATS = ("jsonl", "csv")
 COLUMNS = [
-    "id", "uid", "conversation_id", "turn_index", "client", "session_id", "started_at", "finished_at",
-    "prompt", "routing_context", "response", "router_version", "category", "probabilities", "confidence",
-    "fallback", "override", "expert", "reason", "swaps", "ttft_s", "total_s", "prompt_tokens", "new_tokens",
-    "tokens_per_s", "status", "error", "route_latency_ms", "route_threshold", "queue_s",
+    "id",
+    "uid",
+    "conversation_id",
+    "turn_index",
+    "client",
+    "session_id",
+    "started_at",
+    "finished_at",
+    "prompt",
+    "routing_context",
+    "response",
+    "router_version",
+    "category",
+    "probabilities",
+    "confidence",
+    "fallback",
+    "override",
+    "expert",
+    "reason",
+    "swaps",
+    "ttft_s",
+    "total_s",
+    "prompt_tokens",
+    "new_tokens",
+    "tokens_per_s",
+    "status",
+    "error",
+    "route_latency_ms",
+    "route_threshold",
+    "queue_s",
     "remote_connection",
-    "feedback_kind", "feedback_category", "feedback_comment", "feedback_at",
+    "feedback_kind",
+    "feedback_category",
+    "feedback_comment",
+    "feedback_at",
 ]
 _JSON_COLUMNS = {"probabilities", "override", "swaps", "remote_connection"}
 
@@ -33,8 +62,12 @@ def export_rows(session: Session, since: datetime | None = None) -> Any:
     for row, conv, fb in session.execute(stmt.execution_options(yield_per=500)):
         data = interaction_dict(row, conv, fb)
         feedback = data.pop("feedback") or {}
-        data.update(feedback_kind=feedback.get("kind"), feedback_category=feedback.get("corrected_category"),
-                    feedback_comment=feedback.get("comment"), feedback_at=feedback.get("created_at"))
+        data.update(
+            feedback_kind=feedback.get("kind"),
+            feedback_category=feedback.get("corrected_category"),
+            feedback_comment=feedback.get("comment"),
+            feedback_at=feedback.get("created_at"),
+        )
         yield data
 
 

@@ -89,16 +89,34 @@ class LogExport:
             # read first: feedback arriving while we export is picked up by the next run (at worst twice; the
             # latest row of a turn wins), never lost
             newest_feedback = session.execute(select(Feedback.id).order_by(Feedback.id.desc()).limit(1)).scalar()
-            turns = [interaction_dict(row, conv, fb) for row, conv, fb in
-                     session.execute(turns_with_feedback().where(Interaction.id > self.last_turn))]
+            turns = [
+                interaction_dict(row, conv, fb)
+                for row, conv, fb in session.execute(turns_with_feedback().where(Interaction.id > self.last_turn))
+            ]
             # feedback on turns exported earlier (feedback on a turn exported now is already in its row)
-            late = session.execute(
-                select(Feedback).where(Feedback.id > self.last_feedback, Feedback.id <= (newest_feedback or 0),
-                                       Feedback.interaction_id <= self.last_turn)
-                .order_by(Feedback.id)).scalars().all()
-            feedback = [{**(feedback_dict(fb) or {"id": fb.id, "interaction_id": fb.interaction_id,
-                                                  "created_at": iso(fb.created_at)}), "kind": fb.kind}
-                        for fb in late]
+            late = (
+                session.execute(
+                    select(Feedback)
+                    .where(
+                        Feedback.id > self.last_feedback,
+                        Feedback.id <= (newest_feedback or 0),
+                        Feedback.interaction_id <= self.last_turn,
+                    )
+                    .order_by(Feedback.id)
+                )
+                .scalars()
+                .all()
+            )
+            feedback = [
+                {
+                    **(
+                        feedback_dict(fb)
+                        or {"id": fb.id, "interaction_id": fb.interaction_id, "created_at": iso(fb.created_at)}
+                    ),
+                    "kind": fb.kind,
+                }
+                for fb in late
+            ]
         files = []
         self.runs += 1
         for name, rows in (("turns", turns), ("feedback", feedback)):
@@ -118,8 +136,16 @@ class LogExport:
         return ExportRun(len(turns), len(feedback), files)
 
 
-def hub_scheduler(store: Any, folder: str | Path, repo_id: str, *, every: float = 10, private: bool = True,
-                  token: str | None = None, hf_api: Any = None) -> Any:
+def hub_scheduler(
+    store: Any,
+    folder: str | Path,
+    repo_id: str,
+    *,
+    every: float = 10,
+    private: bool = True,
+    token: str | None = None,
+    hf_api: Any = None,
+) -> Any:
     """A started ``CommitScheduler`` that exports the log before each commit (creates the dataset repo)."""
     from huggingface_hub import CommitScheduler
 
@@ -132,9 +158,16 @@ def hub_scheduler(store: Any, folder: str | Path, repo_id: str, *, every: float 
             return super().push_to_hub()
 
     HubLogScheduler.export = LogExport(store, folder)
-    return HubLogScheduler(repo_id=repo_id, repo_type="dataset", folder_path=folder, every=every, private=private,
-                           token=token, hf_api=hf_api, allow_patterns=["README.md", "turns/*.jsonl",
-                                                                       "feedback/*.jsonl"])
+    return HubLogScheduler(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=folder,
+        every=every,
+        private=private,
+        token=token,
+        hf_api=hf_api,
+        allow_patterns=["README.md", "turns/*.jsonl", "feedback/*.jsonl"],
+    )
 
 
 def start_from_env(store: Any, data_dir: Path, say=print) -> Any | None:
@@ -144,11 +177,14 @@ def start_from_env(store: Any, data_dir: Path, say=print) -> Any | None:
         return None
     every = float(os.environ.get("COE_HUB_EXPORT_EVERY", "10"))
     try:
-        scheduler = hub_scheduler(store, data_dir / "hub-export", repo_id, every=every,
-                                  token=os.environ.get("HF_TOKEN") or None)
+        scheduler = hub_scheduler(
+            store, data_dir / "hub-export", repo_id, every=every, token=os.environ.get("HF_TOKEN") or None
+        )
     except Exception as exc:  # no network, no token, no write access: say so, serve anyway
-        say(f"WARNING: the log cannot be exported to the Hub dataset {repo_id}: {exc}. The app serves; "
-            "the log stays in the data dir only (set HF_TOKEN to a token with write access).")
+        say(
+            f"WARNING: the log cannot be exported to the Hub dataset {repo_id}: {exc}. The app serves; "
+            "the log stays in the data dir only (set HF_TOKEN to a token with write access)."
+        )
         return None
     say(f"the log is exported to the Hub dataset {repo_id} every {every:g} min (turns/ and feedback/ JSONL)")
     return scheduler

@@ -52,13 +52,13 @@ def replace_status_check(conn: Connection, old: str, new: str) -> None:
         conn.exec_driver_sql("ALTER TABLE interactions DROP CONSTRAINT ck_interactions_status")
         conn.exec_driver_sql(f"ALTER TABLE interactions ADD CONSTRAINT ck_interactions_status CHECK ({new})")
         return
-    sql = conn.exec_driver_sql(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'interactions'").scalar()
+    sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'interactions'").scalar()
     if sql and old in sql:
         version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
         conn.exec_driver_sql("PRAGMA writable_schema = ON")
-        conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'interactions'",
-                             (sql.replace(old, new),))
+        conn.exec_driver_sql(
+            "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'interactions'", (sql.replace(old, new),)
+        )
         conn.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
         conn.exec_driver_sql("PRAGMA writable_schema = OFF")
 
@@ -84,27 +84,40 @@ def _v5_remote_connection(conn: Connection) -> None:
     # older releases logged a remote expert's connection as a swap from tier "remote" (with cumulative
     # phase times): move it to its own column, so that swap counts and swap times are loads only
     rows = table("interactions", column("id"), column("swaps", JSON), column("remote_connection", JSON))
-    for turn_id, swaps in conn.execute(select(rows.c.id, rows.c.swaps)
-                                       .where(cast(rows.c.swaps, String).like('%"remote"%'))).all():
+    for turn_id, swaps in conn.execute(
+        select(rows.c.id, rows.c.swaps).where(cast(rows.c.swaps, String).like('%"remote"%'))
+    ).all():
         remote = [s for s in swaps or [] if isinstance(s, dict) and s.get("src") == "remote"]
         if not remote:
             continue
         phases = remote[-1].get("phases") or {}
-        connection = RemoteConnect(str(remote[-1].get("expert", "")), float(phases.get("connect", 0.0)),
-                                   float(phases.get("headers", 0.0)),
-                                   float(phases.get("first_byte", remote[-1].get("seconds", 0.0))),
-                                   started_at=remote[-1].get("started_at"))
-        conn.execute(update(rows).where(rows.c.id == turn_id).values(
-            swaps=[s for s in swaps if s not in remote], remote_connection=connection.to_dict()))
+        connection = RemoteConnect(
+            str(remote[-1].get("expert", "")),
+            float(phases.get("connect", 0.0)),
+            float(phases.get("headers", 0.0)),
+            float(phases.get("first_byte", remote[-1].get("seconds", 0.0))),
+            started_at=remote[-1].get("started_at"),
+        )
+        conn.execute(
+            update(rows)
+            .where(rows.c.id == turn_id)
+            .values(swaps=[s for s in swaps if s not in remote], remote_connection=connection.to_dict())
+        )
 
 
 MIGRATIONS: list[Migration] = [
     Migration(2, "interactions: route_latency_ms and route_threshold", _v2_route_timing),
-    Migration(3, "interactions: running and interrupted turns; feedback: review state and author",
-              _v3_running_turns_and_review),
+    Migration(
+        3,
+        "interactions: running and interrupted turns; feedback: review state and author",
+        _v3_running_turns_and_review,
+    ),
     Migration(4, "interactions: queue_s (seconds waited in the serving queue)", _v4_queue_wait),
-    Migration(5, "interactions: remote_connection (a remote expert's connection, no longer logged as a swap)",
-              _v5_remote_connection),
+    Migration(
+        5,
+        "interactions: remote_connection (a remote expert's connection, no longer logged as a swap)",
+        _v5_remote_connection,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASE_VERSION

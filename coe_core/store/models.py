@@ -62,7 +62,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {
-        datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON(),
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
     }
 
 
@@ -145,15 +147,11 @@ class Feedback(Base):
 
     __tablename__ = "feedback"
     __table_args__ = (
-        CheckConstraint(
-            "kind IN ('like', 'dislike', 'wrong_category', 'retracted')", name="ck_feedback_kind"
-        ),
+        CheckConstraint("kind IN ('like', 'dislike', 'wrong_category', 'retracted')", name="ck_feedback_kind"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    interaction_id: Mapped[int] = mapped_column(
-        ForeignKey("interactions.id", ondelete="CASCADE"), index=True
-    )
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     corrected_category: Mapped[str | None] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)

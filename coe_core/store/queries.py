@@ -39,6 +39,5 @@ def labelled_prompts(store: Store, categories: list[str], fallback: str | None =
                 label, source = row.category, SOURCE_LIKE
             else:
                 continue
-            out.append(LabelledPrompt(prompt=text, category=label, source=source,
-                                      group=f"conv-{row.conversation_id}"))
+            out.append(LabelledPrompt(prompt=text, category=label, source=source, group=f"conv-{row.conversation_id}"))
     return out

@@ -32,28 +32,38 @@ def compute_stats(session: Session) -> dict[str, Any]:
     fallbacks = session.scalar(select(func.count()).where(Interaction.fallback.is_(True))) or 0
 
     latest = select(func.max(Feedback.id)).group_by(Feedback.interaction_id).scalar_subquery()
-    kinds = dict(session.execute(
-        select(Feedback.kind, func.count()).where(Feedback.id.in_(latest)).group_by(Feedback.kind)
-    ).all())
+    kinds = dict(
+        session.execute(
+            select(Feedback.kind, func.count()).where(Feedback.id.in_(latest)).group_by(Feedback.kind)
+        ).all()
+    )
     feedback = {kind: int(kinds.get(kind, 0)) for kind in _COUNTED_FEEDBACK}
-    feedback["corrected"] = session.scalar(
-        select(func.count()).where(Feedback.id.in_(latest), Feedback.corrected_category.is_not(None))
-    ) or 0
+    feedback["corrected"] = (
+        session.scalar(select(func.count()).where(Feedback.id.in_(latest), Feedback.corrected_category.is_not(None)))
+        or 0
+    )
 
     # newest first, so the capped lists keep the most recent values
-    ttft = [v for (v,) in session.execute(
-        select(Interaction.ttft_s).where(Interaction.ttft_s.is_not(None)).order_by(Interaction.id.desc())
-    )]
+    ttft = [
+        v
+        for (v,) in session.execute(
+            select(Interaction.ttft_s).where(Interaction.ttft_s.is_not(None)).order_by(Interaction.id.desc())
+        )
+    ]
 
-    route_ms = [v for (v,) in session.execute(
-        select(Interaction.route_latency_ms).where(Interaction.route_latency_ms.is_not(None))
-    )]
+    route_ms = [
+        v
+        for (v,) in session.execute(
+            select(Interaction.route_latency_ms).where(Interaction.route_latency_ms.is_not(None))
+        )
+    ]
 
     swap_seconds: dict[str, list[float]] = defaultdict(list)
     #: a remote expert's seconds to its first byte, by expert (its connection is no swap)
     connect_seconds: dict[str, list[float]] = defaultdict(list)
-    for swaps, connection in session.execute(select(Interaction.swaps, Interaction.remote_connection)
-                                             .order_by(Interaction.id.desc())):
+    for swaps, connection in session.execute(
+        select(Interaction.swaps, Interaction.remote_connection).order_by(Interaction.id.desc())
+    ):
         for swap in swaps or []:
             try:
                 swap_seconds[f"{swap['src']}->{swap['dst']}"].append(float(swap["seconds"]))
@@ -72,22 +82,35 @@ def compute_stats(session: Session) -> dict[str, Any]:
     # serving by hour: swaps per 100 turns (loads between tiers; a remote connection is logged apart) and queue wait
     hours: dict[str, dict[str, Any]] = {}
     for started_at, swaps, queue_s in session.execute(
-            select(Interaction.started_at, Interaction.swaps, Interaction.queue_s)
-            .where(Interaction.status.in_(("ok", "cancelled", "error")))):
+        select(Interaction.started_at, Interaction.swaps, Interaction.queue_s).where(
+            Interaction.status.in_(("ok", "cancelled", "error"))
+        )
+    ):
         hour = hours.setdefault(started_at.strftime("%Y-%m-%dT%H:00"), {"turns": 0, "swaps": 0, "waits": []})
         hour["turns"] += 1
         hour["swaps"] += len(swaps or [])
         if queue_s is not None:
             hour["waits"].append(float(queue_s))
     serving_by_hour = [
-        {"hour": h, "turns": v["turns"], "swaps_per_100_turns": 100.0 * v["swaps"] / v["turns"],
-         "queue_wait_p50_s": _percentile(v["waits"], 50), "queue_wait_p95_s": _percentile(v["waits"], 95)}
+        {
+            "hour": h,
+            "turns": v["turns"],
+            "swaps_per_100_turns": 100.0 * v["swaps"] / v["turns"],
+            "queue_wait_p50_s": _percentile(v["waits"], 50),
+            "queue_wait_p95_s": _percentile(v["waits"], 95),
+        }
         for h, v in sorted(hours.items())
     ][-MAX_HOURS:]
 
     by_status = counts(Interaction.status)
-    pending = session.scalar(select(func.count()).where(
-        Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category")))) or 0
+    pending = (
+        session.scalar(
+            select(func.count()).where(
+                Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category"))
+            )
+        )
+        or 0
+    )
     return {
         "turns": turns,
         #: turns a crash or kill ended (logged at their start, never completed), and turns running now
@@ -102,8 +125,7 @@ def compute_stats(session: Session) -> dict[str, Any]:
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p95_s": _percentile(ttft, 95),
         "swaps": {
-            pair: {"count": len(secs), "mean_s": sum(secs) / len(secs)}
-            for pair, secs in sorted(swap_seconds.items())
+            pair: {"count": len(secs), "mean_s": sum(secs) / len(secs)} for pair, secs in sorted(swap_seconds.items())
         },
         "by_status": by_status,
         "turns_by_day_category": [

@@ -99,8 +99,9 @@ class Store:
         if session_id is not None and len(session_id) > 128:
             raise StoreError("session_id must be at most 128 characters")
         with self._session(write=True) as s:
-            conv = Conversation(client=client, session_id=session_id,
-                                title=title[:200] if title and self.log_prompts else None)
+            conv = Conversation(
+                client=client, session_id=session_id, title=title[:200] if title and self.log_prompts else None
+            )
             s.add(conv)
             s.flush()
             return conv.id
@@ -140,8 +141,11 @@ class Store:
                 return existing.id
             conversation_id = rec.conversation_id
             if conversation_id is None:
-                conv = Conversation(client=rec.client, session_id=rec.session_id,
-                                    title=rec.prompt[:_TITLE_CHARS] if rec.prompt else None)
+                conv = Conversation(
+                    client=rec.client,
+                    session_id=rec.session_id,
+                    title=rec.prompt[:_TITLE_CHARS] if rec.prompt else None,
+                )
                 s.add(conv)
                 s.flush()
                 conversation_id = conv.id
@@ -154,21 +158,39 @@ class Store:
                 )
             turn_index = rec.turn_index
             if turn_index is None:
-                last = s.scalar(select(func.max(Interaction.turn_index))
-                                .where(Interaction.conversation_id == conversation_id))
+                last = s.scalar(
+                    select(func.max(Interaction.turn_index)).where(Interaction.conversation_id == conversation_id)
+                )
                 turn_index = 0 if last is None else last + 1
             row = Interaction(
-                uid=rec.uid, conversation_id=conversation_id, turn_index=turn_index, prompt=rec.prompt,
-                routing_context=rec.routing_context, response=rec.response, router_version=rec.router_version,
+                uid=rec.uid,
+                conversation_id=conversation_id,
+                turn_index=turn_index,
+                prompt=rec.prompt,
+                routing_context=rec.routing_context,
+                response=rec.response,
+                router_version=rec.router_version,
                 category=rec.category,
                 probabilities={k: float(v) for k, v in (rec.probabilities or {}).items()},
-                confidence=rec.confidence, fallback=bool(rec.fallback), override=rec.override,
-                expert=rec.expert, reason=rec.reason, swaps=rec.normalised_swaps(), ttft_s=rec.ttft_s,
-                total_s=rec.total_s, prompt_tokens=rec.prompt_tokens, new_tokens=rec.new_tokens,
-                tokens_per_s=rec.tokens_per_s, status=rec.status, error=rec.error,
-                started_at=rec.started_at, finished_at=rec.finished_at,
-                route_latency_ms=rec.route_latency_ms, route_threshold=rec.route_threshold,
-                queue_s=rec.queue_s, remote_connection=rec.remote_connection,
+                confidence=rec.confidence,
+                fallback=bool(rec.fallback),
+                override=rec.override,
+                expert=rec.expert,
+                reason=rec.reason,
+                swaps=rec.normalised_swaps(),
+                ttft_s=rec.ttft_s,
+                total_s=rec.total_s,
+                prompt_tokens=rec.prompt_tokens,
+                new_tokens=rec.new_tokens,
+                tokens_per_s=rec.tokens_per_s,
+                status=rec.status,
+                error=rec.error,
+                started_at=rec.started_at,
+                finished_at=rec.finished_at,
+                route_latency_ms=rec.route_latency_ms,
+                route_threshold=rec.route_threshold,
+                queue_s=rec.queue_s,
+                remote_connection=rec.remote_connection,
             )
             s.add(row)
             s.flush()
@@ -191,8 +213,10 @@ class Store:
         if started_before is not None:
             stmt = stmt.where(Interaction.started_at < started_before)
         with self._session(write=True) as s:
-            return s.execute(stmt.values(status="interrupted", error="the process ended before the turn did"
-                                         )).rowcount or 0
+            return (
+                s.execute(stmt.values(status="interrupted", error="the process ended before the turn did")).rowcount
+                or 0
+            )
 
     def get_interaction(self, interaction_id: int) -> dict[str, Any]:
         with self._session(write=False) as s:
@@ -212,9 +236,18 @@ class Store:
             return [interaction_dict(*found) for found in s.execute(stmt)]
 
     # -- feedback -------------------------------------------------------------------------------------
-    def add_feedback(self, interaction_id: int, kind: str, corrected_category: str | None = None,
-                     comment: str | None = None, *, categories: list[str], owner: str | None = None,
-                     review: str = "accepted", author: str | None = None) -> int:
+    def add_feedback(
+        self,
+        interaction_id: int,
+        kind: str,
+        corrected_category: str | None = None,
+        comment: str | None = None,
+        *,
+        categories: list[str],
+        owner: str | None = None,
+        review: str = "accepted",
+        author: str | None = None,
+    ) -> int:
         """Feedback on a turn. ``owner``: the session (or key) giving it, which must be the one that made the
         turn (None: not checked, a trusted caller such as the CLI). ``review``: ``pending`` keeps it out of
         training until an admin accepts it."""
@@ -238,8 +271,14 @@ class Store:
             row = s.get(Interaction, interaction_id)
             if row is None or (owner is not None and row.conversation.session_id != owner):
                 raise InteractionNotFound(_no_interaction(interaction_id))  # someone else's turn: as if there were none
-            fb = Feedback(interaction_id=interaction_id, kind=kind, corrected_category=corrected_category,
-                          comment=comment or None, review=review, author=author[:128] if author else None)
+            fb = Feedback(
+                interaction_id=interaction_id,
+                kind=kind,
+                corrected_category=corrected_category,
+                comment=comment or None,
+                review=review,
+                author=author[:128] if author else None,
+            )
             s.add(fb)
             s.flush()
             return fb.id
@@ -256,18 +295,38 @@ class Store:
     def pending_feedback(self, limit: int = 100) -> list[dict[str, Any]]:
         """Feedback waiting for an admin (latest per turn only: older ones no longer count), oldest first."""
         latest = select(func.max(Feedback.id)).group_by(Feedback.interaction_id).scalar_subquery()
-        stmt = (select(Feedback, Interaction).join(Interaction, Interaction.id == Feedback.interaction_id)
-                .where(Feedback.id.in_(latest), Feedback.review == "pending",
-                       Feedback.kind.in_(("like", "wrong_category"))).order_by(Feedback.id).limit(limit))
+        stmt = (
+            select(Feedback, Interaction)
+            .join(Interaction, Interaction.id == Feedback.interaction_id)
+            .where(Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category")))
+            .order_by(Feedback.id)
+            .limit(limit)
+        )
         with self._session(write=False) as s:
-            return [{**feedback_dict(fb), "review": fb.review, "author": fb.author, "prompt": row.prompt,
-                     "category": row.category} for fb, row in s.execute(stmt)]
+            return [
+                {
+                    **feedback_dict(fb),
+                    "review": fb.review,
+                    "author": fb.author,
+                    "prompt": row.prompt,
+                    "category": row.category,
+                }
+                for fb, row in s.execute(stmt)
+            ]
 
     def pending_count(self) -> int:
         latest = select(func.max(Feedback.id)).group_by(Feedback.interaction_id).scalar_subquery()
         with self._session(write=False) as s:
-            return s.scalar(select(func.count()).where(Feedback.id.in_(latest), Feedback.review == "pending",
-                                                       Feedback.kind.in_(("like", "wrong_category")))) or 0
+            return (
+                s.scalar(
+                    select(func.count()).where(
+                        Feedback.id.in_(latest),
+                        Feedback.review == "pending",
+                        Feedback.kind.in_(("like", "wrong_category")),
+                    )
+                )
+                or 0
+            )
 
     def review_feedback(self, feedback_ids: list[int], accept: bool) -> int:
         """Accept (they count as training labels from then on) or reject pending feedback; returns how many."""
@@ -275,8 +334,11 @@ class Store:
         if not ids:
             return 0
         with self._session(write=True) as s:
-            result = s.execute(update(Feedback).where(Feedback.id.in_(ids), Feedback.review == "pending")
-                               .values(review="accepted" if accept else "rejected"))
+            result = s.execute(
+                update(Feedback)
+                .where(Feedback.id.in_(ids), Feedback.review == "pending")
+                .values(review="accepted" if accept else "rejected")
+            )
             return result.rowcount or 0
 
     # -- aggregates and export ---------------------------------------------------------------------------
@@ -286,8 +348,11 @@ class Store:
 
     def category_counts(self) -> dict[str, int]:
         """Turns per routed category (the traffic distribution the mapping optimiser weighs categories by)."""
-        stmt = (select(Interaction.category, func.count()).where(Interaction.category.is_not(None))
-                .group_by(Interaction.category))
+        stmt = (
+            select(Interaction.category, func.count())
+            .where(Interaction.category.is_not(None))
+            .group_by(Interaction.category)
+        )
         with self._session(write=False) as s:
             return {category: int(n) for category, n in s.execute(stmt)}
 
@@ -297,9 +362,15 @@ class Store:
             return write_export(s, fmt, out, since)
 
     # -- router versions -------------------------------------------------------------------------------
-    def record_router_version(self, id: str, artifact_path: str, metrics: dict[str, Any] | None = None,
-                              sample_counts: dict[str, int] | None = None, parent_id: str | None = None,
-                              active: bool = False) -> None:
+    def record_router_version(
+        self,
+        id: str,
+        artifact_path: str,
+        metrics: dict[str, Any] | None = None,
+        sample_counts: dict[str, int] | None = None,
+        parent_id: str | None = None,
+        active: bool = False,
+    ) -> None:
         if not isinstance(id, str) or not id or len(id) > 64:
             raise StoreError(f"a router version id must be text of 1 to 64 characters, not {id!r:.80}")
         with self._session(write=True) as s:
@@ -307,8 +378,16 @@ class Store:
                 raise StoreError(f"router version {id!r} is already recorded: give the new artifact a new id")
             if active:
                 s.execute(update(RouterVersion).values(active=False))
-            s.add(RouterVersion(id=id, artifact_path=str(artifact_path), metrics=metrics or {},
-                                sample_counts=sample_counts or {}, parent_id=parent_id, active=active))
+            s.add(
+                RouterVersion(
+                    id=id,
+                    artifact_path=str(artifact_path),
+                    metrics=metrics or {},
+                    sample_counts=sample_counts or {},
+                    parent_id=parent_id,
+                    active=active,
+                )
+            )
 
     def set_active_router_version(self, id: str) -> None:
         with self._session(write=True) as s:
@@ -321,16 +400,23 @@ class Store:
     def list_router_versions(self) -> list[dict[str, Any]]:
         """Newest first."""
         with self._session(write=False) as s:
-            rows = s.scalars(select(RouterVersion)
-                             .order_by(RouterVersion.created_at.desc(), RouterVersion.id))
+            rows = s.scalars(select(RouterVersion).order_by(RouterVersion.created_at.desc(), RouterVersion.id))
             return [
-                {"id": r.id, "created_at": iso(r.created_at), "artifact_path": r.artifact_path,
-                 "metrics": r.metrics or {}, "sample_counts": r.sample_counts or {}, "active": bool(r.active),
-                 "parent_id": r.parent_id}
+                {
+                    "id": r.id,
+                    "created_at": iso(r.created_at),
+                    "artifact_path": r.artifact_path,
+                    "metrics": r.metrics or {},
+                    "sample_counts": r.sample_counts or {},
+                    "active": bool(r.active),
+                    "parent_id": r.parent_id,
+                }
                 for r in rows
             ]
 
 
 def _no_interaction(interaction_id: int) -> str:
-    return (f"no interaction {interaction_id} in the log: check the id (coe export or the app's history "
-            "show the ids of logged turns)")
+    return (
+        f"no interaction {interaction_id} in the log: check the id (coe export or the app's history "
+        "show the ids of logged turns)"
+    )

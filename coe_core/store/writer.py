@@ -39,8 +39,15 @@ class TurnLogger:
     The future fails with TurnNotLoggedError when the turn went to the spool file instead of the database.
     """
 
-    def __init__(self, store: Store, spool_path: str | Path, *, attempts: int = 5, backoff_s: float = 0.1,
-                 replay_on_start: bool = True) -> None:
+    def __init__(
+        self,
+        store: Store,
+        spool_path: str | Path,
+        *,
+        attempts: int = 5,
+        backoff_s: float = 0.1,
+        replay_on_start: bool = True,
+    ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.store = store
@@ -96,8 +103,13 @@ class TurnLogger:
                     record = TurnRecord.from_json_dict(json.loads(line))
                     record.validate()
                 except (ValueError, StoreError) as exc:
-                    log.warning("spool %s line %d is not a turn record (%s); moved to %s.rejected",
-                                self.spool_path, n + 1, exc, self.spool_path.name)
+                    log.warning(
+                        "spool %s line %d is not a turn record (%s); moved to %s.rejected",
+                        self.spool_path,
+                        n + 1,
+                        exc,
+                        self.spool_path.name,
+                    )
                     rejected.append(line)
                     continue
                 if record.status == "running":  # a start spooled by a process that is gone: it never ended here
@@ -106,8 +118,9 @@ class TurnLogger:
                     self.store.log_turn(record)
                     replayed += 1
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the rest for the next start
-                    log.warning("replaying %s stopped: %s; %d turn(s) stay spooled",
-                                self.spool_path, exc, len(lines) - n)
+                    log.warning(
+                        "replaying %s stopped: %s; %d turn(s) stay spooled", self.spool_path, exc, len(lines) - n
+                    )
                     keep = lines[n:]
                     break
             if rejected:
@@ -149,8 +162,7 @@ class TurnLogger:
             try:
                 return self.store.log_turn(record)
             except Exception as exc:  # noqa: BLE001 - any failure is retried, then spooled
-                log.warning("logging turn %s failed (attempt %d of %d): %s", record.uid, attempt,
-                            self.attempts, exc)
+                log.warning("logging turn %s failed (attempt %d of %d): %s", record.uid, attempt, self.attempts, exc)
                 if attempt == self.attempts:
                     break
                 time.sleep(delay)
@@ -172,9 +184,9 @@ class TurnLogger:
             # last resort: the record itself goes to the log, so it can still be recovered by hand
             log.error("could not spool turn to %s (%s); the turn was: %s", self.spool_path, exc, line)
             raise TurnNotLoggedError(f"turn {record.uid} could not be logged or spooled: {exc}") from exc
-        log.warning("turn %s could not be logged; saved to %s, replayed on next start", record.uid,
-                    self.spool_path)
+        log.warning("turn %s could not be logged; saved to %s, replayed on next start", record.uid, self.spool_path)
         raise TurnNotLoggedError(
             f"turn {record.uid} could not be logged after {self.attempts} attempts; saved to "
-            f"{self.spool_path} and replayed on next start", spool_path=str(self.spool_path),
+            f"{self.spool_path} and replayed on next start",
+            spool_path=str(self.spool_path),
         )

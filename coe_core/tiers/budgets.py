@@ -38,18 +38,27 @@ def detect_tiers(cfg: TiersConfig, data_dir: Path, *, gpu: bool | None = None) -
     tiers: dict[str, Tier] = {}
     if gpu:
         free, _total = torch.cuda.mem_get_info()
-        budget, source = ((cfg.gpu.budget, "spaces.yaml") if cfg.gpu.budget != "auto"
-                          else _auto(cfg.gpu.auto_fraction, free, "free GPU memory"))
+        budget, source = (
+            (cfg.gpu.budget, "spaces.yaml")
+            if cfg.gpu.budget != "auto"
+            else _auto(cfg.gpu.auto_fraction, free, "free GPU memory")
+        )
         tiers["gpu"] = Tier("gpu", True, budget, source)
     else:
         tiers["gpu"] = Tier("gpu", False, 0, "absent: no CUDA device")
     free_ram = psutil.virtual_memory().available
-    budget, source = ((cfg.cpu.budget, "spaces.yaml") if cfg.cpu.budget != "auto"
-                      else _auto(cfg.cpu.auto_fraction, free_ram, "available RAM"))
+    budget, source = (
+        (cfg.cpu.budget, "spaces.yaml")
+        if cfg.cpu.budget != "auto"
+        else _auto(cfg.cpu.auto_fraction, free_ram, "available RAM")
+    )
     tiers["cpu"] = Tier("cpu", True, budget, source)
     data_dir.mkdir(parents=True, exist_ok=True)
     free_disk = shutil.disk_usage(data_dir).free
-    budget, source = ((cfg.disk.budget, "spaces.yaml") if cfg.disk.budget != "auto"
-                      else _auto(cfg.disk.auto_fraction, free_disk, "free disk"))
+    budget, source = (
+        (cfg.disk.budget, "spaces.yaml")
+        if cfg.disk.budget != "auto"
+        else _auto(cfg.disk.auto_fraction, free_disk, "free disk")
+    )
     tiers["disk"] = Tier("disk", True, budget, source)
     return tiers

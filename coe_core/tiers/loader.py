@@ -20,8 +20,15 @@ from torch import nn
 from coe_core.experts.weights import MODULE_BUILD_LOCK, WEIGHTS_FILE, safetensors_header
 
 _ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -97,6 +104,7 @@ def parallel_read(path: Path, offset: int, buffer: torch.Tensor, *, threads: int
     total = len(view)
     fd = os.open(path, os.O_RDONLY)
     try:
+
         def read_range(start: int) -> None:
             end = min(start + chunk, total)
             pos = start
@@ -116,7 +124,7 @@ def tensor_views(buffer: torch.Tensor, layout: WeightsLayout) -> dict[str, torch
     """Typed views of the buffer, one per tensor in the checkpoint (no copies where aligned)."""
     views = {}
     for slot in layout.slots:
-        raw = buffer[slot.start:slot.end]
+        raw = buffer[slot.start : slot.end]
         itemsize = torch.empty(0, dtype=slot.dtype).element_size()
         if raw.storage_offset() % itemsize:  # misaligned in the file: copy this one tensor
             raw = raw.clone()
@@ -181,4 +189,3 @@ def warm_up(model: nn.Module) -> None:
     device = next(model.parameters()).device
     with torch.inference_mode():
         model(torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
-

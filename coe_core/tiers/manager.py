@@ -116,8 +116,9 @@ class ExpertSlot:
             return self.split.bytes_by_tier.get(tier, 0)
         live = self.kv_live if self.placement == tier else 0
         if tier == "cpu":
-            return live + (self.resident_bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu")
-                           else 0)
+            return live + (
+                self.resident_bytes if self.placement in ("cpu", "gpu") or self.loading in ("cpu", "gpu") else 0
+            )
         if tier == "gpu":
             return live + (self.resident_bytes if self.placement == "gpu" or self.loading == "gpu" else 0)
         return 0
@@ -145,8 +146,14 @@ class TierManager:
     ``ExpertUnavailable`` for a remote expert (it has no weights here; the expert catalog has it).
     """
 
-    def __init__(self, config: CoEConfig, *, gpu: bool | None = None, progress: bool = True,
-                 on_swap: Callable[[SwapEvent], None] | None = None):
+    def __init__(
+        self,
+        config: CoEConfig,
+        *,
+        gpu: bool | None = None,
+        progress: bool = True,
+        on_swap: Callable[[SwapEvent], None] | None = None,
+    ):
         """Detect the tiers and their budgets and read the existing disk copies (no weights are loaded).
 
         ``gpu``: force the gpu tier on or off (None: CUDA decides); ``progress``: progress bars while
@@ -192,15 +199,19 @@ class TierManager:
         except KeyError:
             cfg = self.config.experts.get(expert_id)
             if cfg is not None and cfg.is_remote:
-                raise ExpertUnavailable(f"{expert_id} is a remote expert ({cfg.base_url}): it has no weights "
-                                        "here") from None
+                raise ExpertUnavailable(
+                    f"{expert_id} is a remote expert ({cfg.base_url}): it has no weights here"
+                ) from None
             raise InvalidRequest(f"unknown expert {expert_id!r}; experts: {', '.join(self.slots)}") from None
 
     def _read_disk(self, slot: ExpertSlot) -> None:
         """The expert's existing disk copy for its runtime (None when there is none or its source changed)."""
         cfg = self.config.experts[slot.id]
-        folder = (gguf_folder(self.data_dir, slot.id) if slot.runtime == "llama_cpp"
-                  else expert_folder(self.data_dir, slot.id, slot.dtype))
+        folder = (
+            gguf_folder(self.data_dir, slot.id)
+            if slot.runtime == "llama_cpp"
+            else expert_folder(self.data_dir, slot.id, slot.dtype)
+        )
         slot.disk = read_disk_copy(folder, slot.id)
         if slot.disk and slot.disk.manifest.get("source") != cfg.source:
             slot.disk = None  # spaces.yaml points elsewhere now: materialise again
@@ -235,23 +246,35 @@ class TierManager:
         """Residency of every local expert and each tier's budget and use. Cheap: no I/O, just bookkeeping."""
         with self._lock:
             pooled = sum(b.numel() for b in self._pool)
-            tiers = {name: TierUsage(name, tier.exists, tier.budget_bytes, self._used(name) if tier.exists else 0,
-                                     tier.budget_source, pooled if name == "cpu" else 0)
-                     for name, tier in self.tiers.items()}
-            experts = {eid: ExpertResidency(
-                state=self.state(eid),
-                bytes_by_tier={t: slot.bytes_in(t) for t in TIER_ORDER},
-                bytes=slot.bytes,
-                params=slot.params,
-                dtype=(slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
-                if slot.runtime == "llama_cpp" else str(slot.dtype).removeprefix("torch."),
-                runtime=slot.runtime,
-                runtime_note=slot.runtime_note,
-                kv_bytes=slot.kv_bytes,
-                unavailable=slot.unavailable,
-                pinned=slot.pins,
-                last_used=slot.last_used,
-            ) for eid, slot in self.slots.items()}
+            tiers = {
+                name: TierUsage(
+                    name,
+                    tier.exists,
+                    tier.budget_bytes,
+                    self._used(name) if tier.exists else 0,
+                    tier.budget_source,
+                    pooled if name == "cpu" else 0,
+                )
+                for name, tier in self.tiers.items()
+            }
+            experts = {
+                eid: ExpertResidency(
+                    state=self.state(eid),
+                    bytes_by_tier={t: slot.bytes_in(t) for t in TIER_ORDER},
+                    bytes=slot.bytes,
+                    params=slot.params,
+                    dtype=(slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
+                    if slot.runtime == "llama_cpp"
+                    else str(slot.dtype).removeprefix("torch."),
+                    runtime=slot.runtime,
+                    runtime_note=slot.runtime_note,
+                    kv_bytes=slot.kv_bytes,
+                    unavailable=slot.unavailable,
+                    pinned=slot.pins,
+                    last_used=slot.last_used,
+                )
+                for eid, slot in self.slots.items()
+            }
             return TierSnapshot(self.exec_tier, tiers, experts, list(self.history)[-20:])
 
     # -- disk tier ---------------------------------------------------------------------------------
@@ -285,10 +308,14 @@ class TierManager:
         except Exception as exc:  # anything else while materialising: this expert only is out
             slot.unavailable = f"materialising failed: {type(exc).__name__}: {exc}"
             raise ExpertUnavailable(slot.unavailable) from exc
-        if self._used("disk") - (slot.disk.manifest["file_bytes"] if slot.disk else 0) + \
-                disk.manifest["file_bytes"] > self.tiers["disk"].budget_bytes:
-            slot.unavailable = (f"{slot.id} needs {disk.manifest['file_bytes'] / 1e9:.2f} GB, more than the disk "
-                                "tier budget has free: raise COE_DISK_BUDGET")
+        if (
+            self._used("disk") - (slot.disk.manifest["file_bytes"] if slot.disk else 0) + disk.manifest["file_bytes"]
+            > self.tiers["disk"].budget_bytes
+        ):
+            slot.unavailable = (
+                f"{slot.id} needs {disk.manifest['file_bytes'] / 1e9:.2f} GB, more than the disk "
+                "tier budget has free: raise COE_DISK_BUDGET"
+            )
             raise ExpertUnavailable(slot.unavailable)
         slot.disk, slot.unavailable, slot.verified = disk, None, True  # just written and hashed
         slot.layout = None
@@ -322,8 +349,9 @@ class TierManager:
         problem = slot.disk.problem(full=True) if slot.disk else "not materialised"
         if problem:
             if slot.disk:  # one line that says what was wrong with which file and what is done about it
-                log.warning("expert %s: %s; re-materialising it from %s", slot.id, problem,
-                            self.config.experts[slot.id].source)
+                log.warning(
+                    "expert %s: %s; re-materialising it from %s", slot.id, problem, self.config.experts[slot.id].source
+                )
             try:
                 self._ensure_disk_locked(slot, force=True)
             except ExpertUnavailable as exc:
@@ -351,14 +379,28 @@ class TierManager:
             if slot.runtime == "llama_cpp":
                 llama = slot.llama
                 # the context the engine formats prompts for is the one llama.cpp allocated
-                yield Lease(expert_id, llama, llama.tokenizer, torch.device("cpu"), events,
-                            {**slot.disk.manifest, "context_length": slot.n_ctx}, runtime=llama)
+                yield Lease(
+                    expert_id,
+                    llama,
+                    llama.tokenizer,
+                    torch.device("cpu"),
+                    events,
+                    {**slot.disk.manifest, "context_length": slot.n_ctx},
+                    runtime=llama,
+                )
                 return
             device = self.device if slot.placement != "split" else torch.device("cpu")
             model = slot.split.model if slot.placement == "split" else slot.model
             batcher = self._batcher(slot) if slot.placement != "split" else None
-            yield Lease(expert_id, model, slot.tokenizer, device, events, slot.disk.manifest,
-                        runtime=TransformersRuntime(model, slot.tokenizer, device, batcher=batcher))
+            yield Lease(
+                expert_id,
+                model,
+                slot.tokenizer,
+                device,
+                events,
+                slot.disk.manifest,
+                runtime=TransformersRuntime(model, slot.tokenizer, device, batcher=batcher),
+            )
         finally:
             with self._lock:
                 slot.pins -= 1
@@ -373,8 +415,12 @@ class TierManager:
         ``evict=False``: only into free room (nothing resident is evicted for it), checked when it is asked for:
         the serving queue prefetches a waiting turn's expert that way while another expert's batch decodes."""
         slot = self._slot(expert_id)
-        if (slot.unavailable or slot.placement != "disk" or slot.loading
-                or slot.resident_bytes > self.tiers["cpu"].budget_bytes):
+        if (
+            slot.unavailable
+            or slot.placement != "disk"
+            or slot.loading
+            or slot.resident_bytes > self.tiers["cpu"].budget_bytes
+        ):
             return None  # nothing to do, or too big to stage (it will run split when asked for)
         if not evict:
             with self._lock:
@@ -436,8 +482,9 @@ class TierManager:
         try:
             probe(slot.disk.weights_path)
         except Exception as exc:
-            self._fall_back_locked(slot, LlamaLoadError(f"llama.cpp could not load {slot.disk.weights_path.name} "
-                                                        f"of {slot.id} ({exc})"))
+            self._fall_back_locked(
+                slot, LlamaLoadError(f"llama.cpp could not load {slot.disk.weights_path.name} of {slot.id} ({exc})")
+            )
             self._ensure_disk_locked(slot)
             self._verify_locked(slot)
 
@@ -462,14 +509,16 @@ class TierManager:
         evicted = self._reserve(slot, "cpu", timeout)  # weights + KV cache
         t0 = time.perf_counter()
         try:
-            model = LlamaCppModel(slot.disk.weights_path, n_ctx=slot.n_ctx,
-                                  threads=self.config.experts[slot.id].threads)
+            model = LlamaCppModel(
+                slot.disk.weights_path, n_ctx=slot.n_ctx, threads=self.config.experts[slot.id].threads
+            )
         except Exception as exc:
             with self._lock:
                 slot.loading = None
                 self._changed.notify_all()
-            raise LlamaLoadError(f"llama.cpp could not load {slot.disk.weights_path.name} of {slot.id} "
-                                 f"({type(exc).__name__}: {exc})") from exc
+            raise LlamaLoadError(
+                f"llama.cpp could not load {slot.disk.weights_path.name} of {slot.id} ({type(exc).__name__}: {exc})"
+            ) from exc
         t1 = time.perf_counter()
         with self._lock:
             slot.llama, slot.placement, slot.loading = model, "cpu", None
@@ -478,8 +527,19 @@ class TierManager:
         if warm:
             model.warm_up()
             phases["warmup"] = time.perf_counter() - t1
-        return self._emit(SwapEvent(slot.id, "disk", "cpu", slot.bytes, t1 - t0, trigger, evicted,
-                                    {k: round(v, 4) for k, v in phases.items()}, started_at=started))
+        return self._emit(
+            SwapEvent(
+                slot.id,
+                "disk",
+                "cpu",
+                slot.bytes,
+                t1 - t0,
+                trigger,
+                evicted,
+                {k: round(v, 4) for k, v in phases.items()},
+                started_at=started,
+            )
+        )
 
     def _prepare_module(self, slot: ExpertSlot) -> dict[str, float]:
         """Build the module skeleton and tokenizer once per process (not part of later swaps)."""
@@ -504,12 +564,16 @@ class TierManager:
         evicted = self._reserve(slot, "cpu", timeout)
         try:
             t0 = time.perf_counter()
-            buffer = slot.cpu_buffer if slot.cpu_buffer is not None else loader.allocate_buffer(
-                slot.layout.nbytes, pin=self.exec_tier == "gpu")
+            buffer = (
+                slot.cpu_buffer
+                if slot.cpu_buffer is not None
+                else loader.allocate_buffer(slot.layout.nbytes, pin=self.exec_tier == "gpu")
+            )
             slot.cpu_buffer = buffer
             t1 = time.perf_counter()
-            loader.parallel_read(slot.layout.path, slot.layout.data_offset, buffer,
-                                 threads=self.config.tiers.read_threads)
+            loader.parallel_read(
+                slot.layout.path, slot.layout.data_offset, buffer, threads=self.config.tiers.read_threads
+            )
             t2 = time.perf_counter()
             views = loader.tensor_views(buffer, slot.layout)
             loader.bind(slot.model, views)
@@ -533,16 +597,28 @@ class TierManager:
             loader.warm_up(slot.model)
             phases["warmup"] = time.perf_counter() - t4
         # seconds = the move itself (alloc + read + bind); one-off and warm-up phases are reported apart
-        return self._emit(SwapEvent(slot.id, "disk", "cpu", slot.layout.nbytes, t3 - t0, trigger, evicted,
-                                    {k: round(v, 4) for k, v in phases.items()}, started_at=started))
+        return self._emit(
+            SwapEvent(
+                slot.id,
+                "disk",
+                "cpu",
+                slot.layout.nbytes,
+                t3 - t0,
+                trigger,
+                evicted,
+                {k: round(v, 4) for k, v in phases.items()},
+                started_at=started,
+            )
+        )
 
     def _load_gpu(self, slot: ExpertSlot, trigger: str, timeout: float) -> SwapEvent:
         started = time.perf_counter()
         evicted = self._reserve(slot, "gpu", timeout)
         t0 = time.perf_counter()
         try:
-            gpu_buffer = loader.copy_to_device(slot.cpu_buffer, self.device,
-                                               chunk_bytes=self.config.tiers.copy_chunk_mb << 20)
+            gpu_buffer = loader.copy_to_device(
+                slot.cpu_buffer, self.device, chunk_bytes=self.config.tiers.copy_chunk_mb << 20
+            )
             t1 = time.perf_counter()
             loader.bind(slot.model, loader.tensor_views(gpu_buffer, slot.layout))
             loader.move_buffers(slot.model, self.device)
@@ -559,8 +635,9 @@ class TierManager:
         loader.warm_up(slot.model)
         t3 = time.perf_counter()
         phases = {"copy": round(t1 - t0, 4), "bind": round(t2 - t1, 4), "warmup": round(t3 - t2, 4)}
-        return self._emit(SwapEvent(slot.id, "cpu", "gpu", slot.layout.nbytes, t2 - t0, trigger, evicted,
-                                    phases, started_at=started))
+        return self._emit(
+            SwapEvent(slot.id, "cpu", "gpu", slot.layout.nbytes, t2 - t0, trigger, evicted, phases, started_at=started)
+        )
 
     def _load_split(self, slot: ExpertSlot, trigger: str) -> SwapEvent:
         """The expert does not fit the execution tier: accelerate places it across gpu/cpu/disk."""
@@ -573,8 +650,9 @@ class TierManager:
             if slot.placement == "cpu":  # a staged copy (prefetch) is not used by the split placement
                 self._evict_locked(slot, "cpu")
             self._pool.clear()  # the split placement needs the room, not pooled buffers
-            free = {t: max(self.tiers[t].budget_bytes - self._used(t), 0)
-                    for t in ("gpu", "cpu") if self.tiers[t].exists}
+            free = {
+                t: max(self.tiers[t].budget_bytes - self._used(t), 0) for t in ("gpu", "cpu") if self.tiers[t].exists
+            }
             slot.loading = "split"
         try:
             placement = place_split(slot.disk.folder, slot.dtype, free, self.data_dir / "offload" / slot.id)
@@ -591,8 +669,19 @@ class TierManager:
                 slot.tokenizer = AutoTokenizer.from_pretrained(slot.disk.folder)
         seconds = time.perf_counter() - start
         dst = "+".join(t for t, b in placement.bytes_by_tier.items() if b)
-        return self._emit(SwapEvent(slot.id, "disk", f"split({dst})", slot.bytes, seconds, trigger, evicted,
-                                    {"dispatch": round(seconds, 4)}, started_at=start))
+        return self._emit(
+            SwapEvent(
+                slot.id,
+                "disk",
+                f"split({dst})",
+                slot.bytes,
+                seconds,
+                trigger,
+                evicted,
+                {"dispatch": round(seconds, 4)},
+                started_at=start,
+            )
+        )
 
     # -- batched decoding (transformers) -----------------------------------------------------------
     def _batcher(self, slot: ExpertSlot) -> BatchedDecoder | None:
@@ -604,10 +693,16 @@ class TierManager:
             if slot.batcher is None and batchable(slot.model):
                 tier = slot.placement
                 slot.batcher = BatchedDecoder(
-                    slot.model, slot.tokenizer, self.device, name=slot.id,
-                    kv_budget=KVBudget(reserve=lambda n: self._reserve_kv(slot, n),
-                                       release=lambda n: self._release_kv(slot, n),
-                                       capacity=lambda: self.tiers[tier].budget_bytes - slot.bytes))
+                    slot.model,
+                    slot.tokenizer,
+                    self.device,
+                    name=slot.id,
+                    kv_budget=KVBudget(
+                        reserve=lambda n: self._reserve_kv(slot, n),
+                        release=lambda n: self._release_kv(slot, n),
+                        capacity=lambda: self.tiers[tier].budget_bytes - slot.bytes,
+                    ),
+                )
             return slot.batcher
 
     def _reserve_kv(self, slot: ExpertSlot, nbytes: int) -> bool:
@@ -634,8 +729,11 @@ class TierManager:
 
     # -- budgets and eviction ------------------------------------------------------------------
     def _lru_candidates(self, tier: str, exclude: ExpertSlot) -> list[ExpertSlot]:
-        holders = [s for s in self.slots.values()
-                   if s is not exclude and s.pins == 0 and not s.loading and s.bytes_in(tier) > 0]
+        holders = [
+            s
+            for s in self.slots.values()
+            if s is not exclude and s.pins == 0 and not s.loading and s.bytes_in(tier) > 0
+        ]
         return sorted(holders, key=lambda s: s.last_used)
 
     def _reserve(self, slot: ExpertSlot, tier: str, timeout: float) -> list[str]:
@@ -645,8 +743,10 @@ class TierManager:
         evicted: list[str] = []
         with self._lock:
             if need > self.tiers[tier].budget_bytes:
-                raise TierBusy(f"{slot.id} needs {need / 1e9:.2f} GB, more than the whole {tier} tier budget "
-                               f"({self.tiers[tier].budget_bytes / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET")
+                raise TierBusy(
+                    f"{slot.id} needs {need / 1e9:.2f} GB, more than the whole {tier} tier budget "
+                    f"({self.tiers[tier].budget_bytes / 1e9:.2f} GB): raise COE_{tier.upper()}_BUDGET"
+                )
             while True:
                 if tier == "cpu" and slot.cpu_buffer is None and slot.layout is not None:
                     slot.cpu_buffer = self._pop_pooled(slot.layout.nbytes)  # reuse a freed buffer of this size

@@ -46,8 +46,7 @@ def place_split(folder: Path, dtype: torch.dtype, free: dict[str, int], offload_
         max_memory[0] = free["gpu"]
     max_memory["cpu"] = free.get("cpu", 0)
     no_split = getattr(model, "_no_split_modules", None) or []
-    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                       dtype=dtype)
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     if not any(v != "disk" for v in device_map.values()):
         raise ValueError(
             f"the free execution memory ({', '.join(f'{k}: {v / 1e6:.1f} MB' for k, v in free.items())}) cannot hold "
@@ -55,8 +54,9 @@ def place_split(folder: Path, dtype: torch.dtype, free: dict[str, int], offload_
         )
     offload_dir.mkdir(parents=True, exist_ok=True)
     with MODULE_BUILD_LOCK:
-        model = load_checkpoint_and_dispatch(model, str(folder / WEIGHTS_FILE), device_map=device_map,
-                                             offload_folder=str(offload_dir), dtype=dtype)
+        model = load_checkpoint_and_dispatch(
+            model, str(folder / WEIGHTS_FILE), device_map=device_map, offload_folder=str(offload_dir), dtype=dtype
+        )
     model.eval()
     sizes = compute_module_sizes(model, dtype=dtype)
     by_tier = {"gpu": 0, "cpu": 0, "disk": 0}
