@@ -96,17 +96,10 @@ def next_turn(
 
 
 def fifo(
-    waiting: Sequence[Waiting],
-    running: Mapping[str, int],
-    *,
-    now: float,
-    swap_cost_s: Callable[[str], float],
-    max_running: int,
-    max_bypass: int,
-    max_wait_s: float,
-    swapping: str | None = None,
+    waiting: Sequence[Waiting], running: Mapping[str, int], *, max_running: int, **_: object
 ) -> Waiting | None:
-    """Arrival order, nothing else (the baseline ``coe bench serve`` compares against)."""
+    """Arrival order, nothing else (the baseline ``coe bench serve`` compares against). It takes ``next_turn``'s
+    keywords (the scheduler passes them all) and ignores all but ``max_running``."""
     if not waiting or sum(running.values()) >= max_running:
         return None
     return min(waiting, key=lambda t: (t.arrived, t.id))
