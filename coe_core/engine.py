@@ -10,6 +10,7 @@ before anything is logged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -425,10 +426,16 @@ class CoE:
         ticket = self.scheduler.admit(self._queue_key(decision))
         try:
             stats = TurnStats(expert=decision.expert, response="", timeline=[("route", 0.0, route_end)])
-            uid = self._log_start(decision, stats, messages, started_at, client, session_id, conversation_id)
+            # the turn's log row at its start and at its end: the same request, only the swaps and stats grow
+            make_record = functools.partial(
+                self._record, decision, messages, started_at, client, session_id, conversation_id
+            )
+            uid = self._log_start(make_record, stats)
             swaps: list[SwapEvent] = []
             pieces: list[str] = []
             failure: Exception | None = None
+            # the turn is logged on whichever way out it takes; only whether to wait for the write differs
+            finish = functools.partial(self._finish, make_record, stats, pieces, start, swaps, uid=uid)
             try:
                 yield decision
                 t_queue = time.perf_counter() - start
@@ -457,40 +464,14 @@ class CoE:
                 cancel.set()
                 stats.status = "cancelled"
                 self.scheduler.leave(ticket)
-                self._finish(
-                    stats,
-                    pieces,
-                    start,
-                    decision,
-                    swaps,
-                    messages,
-                    started_at,
-                    client,
-                    session_id,
-                    conversation_id,
-                    wait=False,
-                    uid=uid,
-                )
+                finish(wait=False)
                 raise
             except Exception as exc:  # bad requests were refused above: whatever fails now is logged as an error
                 log.warning("turn on %s failed: %s", stats.expert, exc)
                 stats.status, stats.error, stats.error_type = "error", str(exc), type(exc).__name__
                 failure = exc
             self.scheduler.leave(ticket)  # the next turn may start while this one is logged
-            self._finish(
-                stats,
-                pieces,
-                start,
-                decision,
-                swaps,
-                messages,
-                started_at,
-                client,
-                session_id,
-                conversation_id,
-                wait=True,
-                uid=uid,
-            )
+            finish(wait=True)
         finally:
             self.scheduler.leave(ticket)
         yield TurnDone(stats, error=failure)
@@ -668,57 +649,11 @@ class CoE:
         if other and other != serving and other in self.available_experts():
             self.tiers.prefetch(other)
 
-    def _log_start(self, decision, stats, messages, started_at, client, session_id, conversation_id) -> str | None:
-        """Log the turn as running before any compute: a crash from here on leaves an interrupted row, not
-        nothing. The end of the turn completes the same row (same uid). Returns the uid."""
-        if self.turn_logger is None:
-            return None
+    def _record(self, decision, messages, started_at, client, session_id, conversation_id, swaps, stats):
+        """The turn's log row as it stands (``chat`` binds the request, the start and the end add the rest)."""
         from coe_core.store.records import TurnRecord
 
-        record = TurnRecord.from_turn(
-            decision,
-            [],
-            stats,
-            prompt=messages[-1]["content"],
-            started_at=started_at,
-            client=client,
-            session_id=session_id,
-            conversation_id=conversation_id,
-        )
-        record.status, record.finished_at, record.response = "running", None, None
-        try:
-            self.turn_logger.submit(record)
-        except Exception as exc:  # the end of the turn is still logged
-            log.warning("could not log the start of the turn: %s", exc)
-            return None
-        return record.uid
-
-    def _finish(
-        self,
-        stats: TurnStats,
-        pieces,
-        start,
-        decision,
-        swaps,
-        messages,
-        started_at,
-        client,
-        session_id,
-        conversation_id,
-        *,
-        wait: bool,
-        uid: str | None = None,
-    ) -> None:
-        stats.response = "".join(pieces)
-        stats.total_s = time.perf_counter() - start
-        gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
-        stats.tokens_per_s = (stats.new_tokens - 1) / gen_s if stats.new_tokens > 1 and gen_s > 0 else 0.0
-        stats.tiers = self.catalog.states()
-        if self.turn_logger is None:
-            return
-        from coe_core.store.records import TurnRecord
-
-        record = TurnRecord.from_turn(
+        return TurnRecord.from_turn(
             decision,
             swaps,
             stats,
@@ -728,6 +663,32 @@ class CoE:
             session_id=session_id,
             conversation_id=conversation_id,
         )
+
+    def _log_start(self, make_record, stats) -> str | None:
+        """Log the turn as running before any compute: a crash from here on leaves an interrupted row, not
+        nothing. The end of the turn completes the same row (same uid). Returns the uid."""
+        if self.turn_logger is None:
+            return None
+        record = make_record([], stats)
+        record.status, record.finished_at, record.response = "running", None, None
+        try:
+            self.turn_logger.submit(record)
+        except Exception as exc:  # the end of the turn is still logged
+            log.warning("could not log the start of the turn: %s", exc)
+            return None
+        return record.uid
+
+    def _finish(
+        self, make_record, stats: TurnStats, pieces, start, swaps, *, wait: bool, uid: str | None = None
+    ) -> None:
+        stats.response = "".join(pieces)
+        stats.total_s = time.perf_counter() - start
+        gen_s = stats.total_s - (stats.ttft_s or stats.total_s)
+        stats.tokens_per_s = (stats.new_tokens - 1) / gen_s if stats.new_tokens > 1 and gen_s > 0 else 0.0
+        stats.tiers = self.catalog.states()
+        if self.turn_logger is None:
+            return
+        record = make_record(swaps, stats)
         if uid is not None:
             record.uid = uid
         future = self.turn_logger.submit(record)
