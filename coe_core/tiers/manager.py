@@ -527,19 +527,7 @@ class TierManager:
         if warm:
             model.warm_up()
             phases["warmup"] = time.perf_counter() - t1
-        return self._emit(
-            SwapEvent(
-                slot.id,
-                "disk",
-                "cpu",
-                slot.bytes,
-                t1 - t0,
-                trigger,
-                evicted,
-                {k: round(v, 4) for k, v in phases.items()},
-                started_at=started,
-            )
-        )
+        return self._emit_load(slot, slot.bytes, t1 - t0, trigger, evicted, phases, started)
 
     def _prepare_module(self, slot: ExpertSlot) -> dict[str, float]:
         """Build the module skeleton and tokenizer once per process (not part of later swaps)."""
@@ -597,19 +585,7 @@ class TierManager:
             loader.warm_up(slot.model)
             phases["warmup"] = time.perf_counter() - t4
         # seconds = the move itself (alloc + read + bind); one-off and warm-up phases are reported apart
-        return self._emit(
-            SwapEvent(
-                slot.id,
-                "disk",
-                "cpu",
-                slot.layout.nbytes,
-                t3 - t0,
-                trigger,
-                evicted,
-                {k: round(v, 4) for k, v in phases.items()},
-                started_at=started,
-            )
-        )
+        return self._emit_load(slot, slot.layout.nbytes, t3 - t0, trigger, evicted, phases, started)
 
     def _load_gpu(self, slot: ExpertSlot, trigger: str, timeout: float) -> SwapEvent:
         started = time.perf_counter()
@@ -831,6 +807,13 @@ class TierManager:
         """Free pooled buffers until the cpu tier has ``allowed`` bytes for a new expert (or the pool is empty)."""
         while self._pool and self._used("cpu") > max(allowed, 0):
             self._pool.pop(0)
+
+    def _emit_load(self, slot, nbytes, seconds, trigger, evicted, phases, started) -> SwapEvent:
+        """The disk -> cpu swap of either weights format (GGUF into llama.cpp, safetensors into the skeleton)."""
+        rounded = {k: round(v, 4) for k, v in phases.items()}
+        return self._emit(
+            SwapEvent(slot.id, "disk", "cpu", nbytes, seconds, trigger, evicted, rounded, started_at=started)
+        )
 
     def _emit(self, event: SwapEvent) -> SwapEvent:
         self.history.append(event)
