@@ -163,15 +163,8 @@ class CoE:
                 store=self.store,
             )
         self.routing: Routing | None = routing
-        serve = self.config.serve
         #: the one queue every door's turns go through (serve.*): swap-aware order, refuses beyond max_queue
-        self.scheduler = Scheduler(
-            max_running=serve.max_running,
-            max_queue=serve.max_queue,
-            max_wait_s=serve.max_wait_s,
-            max_bypass=serve.max_bypass,
-            swap_cost_s=self.swap_cost_s,
-        )
+        self.scheduler = Scheduler.from_config(self.config.serve, self.swap_cost_s)
         self._feedback_rate = RateWindow(
             self.config.limits.feedback_per_minute, 60.0, "feedback", "limits.feedback_per_minute"
         )

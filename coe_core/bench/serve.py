@@ -248,22 +248,9 @@ def bench_serve(
                 for name in runs:
                     coe.tiers.batching = name != "per_turn"
                     if name in ("scheduler", "per_turn"):
-                        coe.scheduler = Scheduler(
-                            max_running=serve.max_running,
-                            max_queue=serve.max_queue,
-                            max_wait_s=serve.max_wait_s,
-                            max_bypass=serve.max_bypass,
-                            swap_cost_s=coe.swap_cost_s,
-                        )
+                        coe.scheduler = Scheduler.from_config(serve, coe.swap_cost_s)
                     else:
-                        coe.scheduler = Scheduler(
-                            max_running=1,
-                            max_queue=serve.max_queue,
-                            max_wait_s=serve.max_wait_s,
-                            max_bypass=serve.max_bypass,
-                            swap_cost_s=coe.swap_cost_s,
-                            policy=fifo,
-                        )
+                        coe.scheduler = Scheduler.from_config(serve, coe.swap_cost_s, max_running=1, policy=fifo)
                     row[name] = _run(
                         coe, experts, users=users, turns=turns, tokens=tokens, think_s=think_s, tag=f"{name}-{users}"
                     )

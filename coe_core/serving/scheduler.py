@@ -15,10 +15,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from coe_core.errors import QueueFull
 from coe_core.events import Queued
 from coe_core.serving.policy import Waiting, next_turn, priority
+
+if TYPE_CHECKING:
+    from coe_core.config import ServeConfig
 
 
 @dataclass
@@ -62,6 +66,17 @@ class Scheduler:
         self.refused = 0
         #: (monotonic time it started, seconds it waited) of recent turns
         self.recent_waits: deque[tuple[float, float]] = deque(maxlen=1000)
+
+    @classmethod
+    def from_config(cls, serve: ServeConfig, swap_cost_s: Callable[[str], float], **overrides) -> Scheduler:
+        """The queue ``serve.*`` describes; ``overrides`` (max_running, policy, ...) replace what they name."""
+        limits = dict(
+            max_running=serve.max_running,
+            max_queue=serve.max_queue,
+            max_wait_s=serve.max_wait_s,
+            max_bypass=serve.max_bypass,
+        )
+        return cls(**{**limits, **overrides}, swap_cost_s=swap_cost_s)
 
     # -- the doors ---------------------------------------------------------------------------------
     def admit(self, expert: str) -> Ticket:
