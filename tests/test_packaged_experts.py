@@ -25,24 +25,19 @@ def coe_cli(config, *args, timeout=600):
     )
 
 
+def chat_json(config, prompt, *options, max_new_tokens):
+    """``coe chat --json`` at temperature 0, as a user scripts it: the parsed answer (the exit code must be 0)."""
+    done = coe_cli(
+        config, "chat", "--json", *options, "--max-new-tokens", str(max_new_tokens), "--temperature", "0", prompt
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("expert", ["smollm2-135m", "gemma3-270m"])
 def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert):
-    done = coe_cli(
-        real_config,
-        "chat",
-        "--json",
-        "--no-router",
-        "--expert",
-        expert,
-        "--max-new-tokens",
-        "12",
-        "--temperature",
-        "0",
-        "Name the capital of France.",
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = chat_json(real_config, "Name the capital of France.", "--no-router", "--expert", expert, max_new_tokens=12)
     assert out["expert"] == expert and out["status"] == "ok"
     assert out["response"].strip() and 0 < out["new_tokens"] <= 12
     assert out["ttft_s"] > 0 and out["tokens_per_s"] > 0 and out["interaction_id"] >= 1
@@ -55,18 +50,7 @@ def test_chat_json_answers_offline_with_each_packaged_expert(real_config, expert
 
 @pytest.mark.slow
 def test_routed_chat_and_experts_listing(routed_config):
-    done = coe_cli(
-        routed_config,
-        "chat",
-        "--json",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "Write a Python function that reverses a string.",
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = chat_json(routed_config, "Write a Python function that reverses a string.", max_new_tokens=8)
     assert out["route"]["category"] == "coding" and out["route"]["reason"] in {"mapped", "mapping-override"}
     assert out["expert"] in {"smollm2-135m", "gemma3-270m"}
     listing = json.loads(coe_cli(routed_config, "experts", "--json").stdout)
