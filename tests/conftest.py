@@ -7,6 +7,7 @@ shared by every test through a symlink in each test's own data dir (router artif
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -179,4 +180,10 @@ def routed_config(tmp_path, seed_router_dir):
 
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object a line, as the labelled data files are written."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

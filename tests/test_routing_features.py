@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -12,6 +10,7 @@ from coe_core.routing.evaluation import evaluate_proba, reliability, slices_of
 from coe_core.routing.features import FeatureSet, Resources, shape_features
 from coe_core.routing.model import fit_temperature, scale_temperature
 from coe_core.routing.training import load_labelled_jsonl
+from tests.conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +134,13 @@ def test_labelled_files_take_conversations_and_slice_fields(tmp_path):
         },
         {"messages": [{"role": "assistant", "content": "hi"}], "category": "coding"},
     ]
-    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    write_jsonl(path, rows[:2])
     data = load_labelled_jsonl(path, ["coding"], keep_labels=["general"])
     chat = data.examples[1]
     assert chat.prompt == "write a sort in python\nnow in rust pls" and chat.turns == 2
     assert (chat.lang, chat.style, chat.chars) == ("en", "casual", len("now in rust pls"))
     assert data.examples[0].category == "general"
-    path.write_text(json.dumps(rows[2]) + "\n")
+    write_jsonl(path, rows[2:])
     with pytest.raises(ValueError, match=r"data.jsonl:1: empty prompt"):
         load_labelled_jsonl(path, ["coding"])
 

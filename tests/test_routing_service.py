@@ -21,6 +21,7 @@ from coe_core.routing.artifact import RouterArtifactError, check_compatible, rea
 from coe_core.routing.embedder import get_embedder
 from coe_core.routing.service import RouterUnavailableError, RoutingService
 from coe_core.routing.training import is_heldout
+from tests.conftest import write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,7 +80,7 @@ SEED = {
 def _config(tmp_path: Path, **router):
     raw = yaml.safe_load((PACKAGE_ROOT / "spaces.yaml").read_text())
     seed = tmp_path / "seed.jsonl"
-    seed.write_text("\n".join(json.dumps({"prompt": p, "category": c}) for c, ps in SEED.items() for p in ps))
+    write_jsonl(seed, [{"prompt": p, "category": c} for c, ps in SEED.items() for p in ps])
     scores = tmp_path / "scores.json"
     scores.write_text(
         json.dumps(
@@ -323,17 +324,14 @@ def test_cli_route_and_eval_router_json(trained, tmp_path, capsys):
     assert set(out) >= shape
     assert out["category"] == "cooking"
 
-    eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text(
-        "\n".join(
-            json.dumps(r)
-            for r in [
-                {"prompt": "How do I bake bread?", "category": "cooking"},
-                {"prompt": "Write a Go HTTP server", "category": "code"},
-                {"prompt": "Who won the 1998 World Cup?", "category": "sports"},
-                {"prompt": "hmm", "category": "general"},
-            ]
-        )
+    eval_file = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [
+            {"prompt": "How do I bake bread?", "category": "cooking"},
+            {"prompt": "Write a Go HTTP server", "category": "code"},
+            {"prompt": "Who won the 1998 World Cup?", "category": "sports"},
+            {"prompt": "hmm", "category": "general"},
+        ],
     )
     assert main(["--config", str(config_path), "eval-router", "--json", str(eval_file)]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -23,20 +23,17 @@ from coe_core.routing.training import (
     should_promote,
     split,
 )
+from tests.conftest import write_jsonl
 
 
 def test_labelled_file_counts_labels_outside_taxonomy_and_names_bad_lines(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text(
-        "\n".join(
-            json.dumps(r)
-            for r in [
-                {"prompt": "sort a list", "category": "coding"},
-                {"prompt": "tell me a joke", "category": "humour"},
-                {"prompt": "another joke", "category": "humour"},
-            ]
-        )
-        + "\n"
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"prompt": "sort a list", "category": "coding"},
+            {"prompt": "tell me a joke", "category": "humour"},
+            {"prompt": "another joke", "category": "humour"},
+        ],
     )
     data = load_labelled_jsonl(path, ["coding", "math"])
     assert [ex.category for ex in data.examples] == ["coding"]
@@ -150,9 +147,8 @@ def test_metrics_count_fallback_as_its_own_label():
 
 def _eval_dir(tmp_path, categories):
     for cat in categories:
-        (tmp_path / f"{cat}.jsonl").write_text(
-            "\n".join(json.dumps({"prompt": f"{cat} question {i}", "reference": f"{cat} answer {i}"}) for i in range(3))
-        )
+        rows = [{"prompt": f"{cat} question {i}", "reference": f"{cat} answer {i}"} for i in range(3)]
+        write_jsonl(tmp_path / f"{cat}.jsonl", rows)
     return tmp_path
 
 
