@@ -187,3 +187,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """One JSON object a line, as the labelled data files are written."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def long_conversation(exchanges: int) -> list[dict]:
+    """``exchanges`` user/assistant turns, then a final question: a history that outgrows a small context."""
+    history = []
+    for i in range(exchanges):
+        history += [
+            {"role": "user", "content": f"question {i} about the quick brown fox"},
+            {"role": "assistant", "content": "the lazy dog answer"},
+        ]
+    return history + [{"role": "user", "content": "the final question"}]

@@ -11,7 +11,7 @@ from coe_core.engine import CoE
 from coe_core.errors import InvalidRequest
 from coe_core.events import Notice, RouteDecision, SwapEvent, TextChunk, TurnDone
 from coe_core.experts.generation import _StopStringFilter
-from tests.conftest import tiny_config_dict
+from tests.conftest import long_conversation, tiny_config_dict
 
 
 @pytest.fixture
@@ -122,14 +122,7 @@ def test_long_conversation_is_truncated_from_the_oldest_turns(tiny_sources, tmp_
     raw = tiny_config_dict(tiny_sources, tmp_path / "data")
     raw["profiles"]["offline"]["experts"]["small"]["context_length"] = 96
     engine = CoE(config_from_dict(raw, env=False), routing=None, store=None, gpu=False, progress=False)
-    history = []
-    for i in range(12):
-        history += [
-            {"role": "user", "content": f"question {i} about the quick brown fox"},
-            {"role": "assistant", "content": "the lazy dog answer"},
-        ]
-    history.append({"role": "user", "content": "the final question"})
-    events = list(engine.chat(history, temperature=0, max_new_tokens=8))
+    events = list(engine.chat(long_conversation(12), temperature=0, max_new_tokens=8))
     notices = [e.message for e in events if isinstance(e, Notice)]
     stats = events[-1].stats
     assert stats.truncated and any("oldest turn" in n for n in notices)

@@ -13,7 +13,7 @@ from coe_core.config import config_from_dict
 from coe_core.engine import CoE
 from coe_core.errors import PromptTooLong
 from coe_core.experts.prompt_format import format_prompt
-from tests.conftest import make_tokenizer, tiny_config_dict
+from tests.conftest import long_conversation, make_tokenizer, tiny_config_dict
 
 
 def tiny_engine(tiny_sources, tmp_path, *, store=None, **limits) -> CoE:
@@ -58,14 +58,7 @@ def test_too_many_messages_is_refused_before_any_model_work(tiny_sources, tmp_pa
 
 def test_prompt_tokens_are_capped_whatever_the_experts_context(tiny_sources, tmp_path):
     coe = tiny_engine(tiny_sources, tmp_path, max_prompt_tokens=40)
-    history = []
-    for i in range(20):
-        history += [
-            {"role": "user", "content": f"question {i} about the quick brown fox"},
-            {"role": "assistant", "content": "the lazy dog answer"},
-        ]
-    history.append({"role": "user", "content": "the final question"})
-    stats = list(coe.chat(history, temperature=0, max_new_tokens=4))[-1].stats
+    stats = list(coe.chat(long_conversation(20), temperature=0, max_new_tokens=4))[-1].stats
     assert stats.status == "ok" and stats.truncated and stats.prompt_tokens <= 40
     coe.close()
 
