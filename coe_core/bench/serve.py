@@ -154,16 +154,10 @@ def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] 
             ).input_ids
             for p in PROMPTS
         ]
+        # greedy, with the sampling defaults a model's generation config may set cleared (no warnings)
+        greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         with torch.inference_mode():  # the first generate of a process pays one-time costs: not counted
-            lease.model.generate(
-                input_ids=torch.tensor([prompts[0]], device=lease.device),
-                max_new_tokens=2,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-            )
+            lease.model.generate(input_ids=torch.tensor([prompts[0]], device=lease.device), max_new_tokens=2, **greedy)
         for n in batches:
             rows = [prompts[i % len(prompts)] for i in range(n)]
             width = max(map(len, rows))
@@ -172,15 +166,7 @@ def generate_ceiling(coe, expert: str, *, tokens: int, batches: tuple[int, ...] 
             start = time.perf_counter()
             with torch.inference_mode():
                 generated = lease.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=tokens,
-                    min_new_tokens=tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=pad,
+                    input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, **greedy
                 )
             if lease.device.type == "cuda":
                 torch.cuda.synchronize()
