@@ -95,9 +95,7 @@ def next_turn(
     return None
 
 
-def fifo(
-    waiting: Sequence[Waiting], running: Mapping[str, int], *, max_running: int, **_: object
-) -> Waiting | None:
+def fifo(waiting: Sequence[Waiting], running: Mapping[str, int], *, max_running: int, **_: object) -> Waiting | None:
     """Arrival order, nothing else (the baseline ``coe bench serve`` compares against). It takes ``next_turn``'s
     keywords (the scheduler passes them all) and ignores all but ``max_running``."""
     if not waiting or sum(running.values()) >= max_running:
