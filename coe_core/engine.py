@@ -606,7 +606,9 @@ class CoE:
         candidates = [
             e
             for e in self.available_experts()
-            if e != expert and not (local_only and self.catalog.remote(e) is not None)
+            if e != expert
+            and not (local_only and self.catalog.remote(e) is not None)
+            and self.catalog.problem(e) is None  # not a remote endpoint known to be down: it would fail too
         ]
         if not candidates:
             where = "local expert" if local_only else "other expert"

@@ -214,6 +214,17 @@ def test_only_remote_and_down_is_a_clear_503(tiny_sources, tmp_path, monkeypatch
         coe.close()
 
 
+def test_a_remote_expert_known_to_be_down_never_stands_in(tiny_sources, tmp_path):
+    coe = remote_coe(tiny_sources, tmp_path, closed_port_url(), timeout_s=1)
+    try:
+        assert coe._stand_in("small", "general", "small failed") == "edge"  # the default expert ranks first
+        with pytest.raises(RemoteExpertError):  # its endpoint fails: the catalog remembers it is down
+            coe.catalog.remote("edge").open(HELLO, GenerationParams(max_new_tokens=4))
+        assert coe._stand_in("small", "general", "small failed") != "edge"
+    finally:
+        coe.close()
+
+
 # -- scale-out: a CoE as an expert of another CoE ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def downstream_coe(tmp_path_factory, seed_router_dir):
