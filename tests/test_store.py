@@ -379,6 +379,8 @@ def _make_v1_database(url: str) -> None:
     """The layout of schema version 1 (before route_latency_ms / route_threshold, queue_s, remote_connection)
     with one logged local turn and one remote turn logged the old way."""
     with Store(url) as store:
+        odd = {**_LEGACY_REMOTE_SWAP, "expert": "odd", "seconds": None, "phases": {"connect": None, "headers": None}}
+        store.log_turn(turn("a remote answer with null phases", expert="odd", swaps=[odd]))
         store.log_turn(turn("from the old release"))
         store.log_turn(turn("a remote answer", expert="edge", swaps=[_LEGACY_REMOTE_SWAP]))
     engine = create_engine(url)
@@ -406,7 +408,9 @@ def test_an_older_database_is_upgraded_and_keeps_its_turns(db_url: str):
         assert remote["remote_connection"]["phases"] == pytest.approx(
             {"connect": 0.05, "headers": 0.15, "first_byte": 0.1}
         )
-        assert store.stats()["swaps"] == {} and store.stats()["remote_first_byte_seconds"] == {"edge": [0.3]}
+        odd = store.recent_interactions(3)[2]  # null phases read as 0 s: the upgrade does not stop on them
+        assert odd["swaps"] == [] and odd["remote_connection"]["first_byte_s"] == 0.0
+        assert store.stats()["swaps"] == {} and store.stats()["remote_first_byte_seconds"]["edge"] == [0.3]
         new = store.log_turn(turn("after the upgrade", route_latency_ms=2.0))
         assert store.get_interaction(new)["route_latency_ms"] == 2.0
         running = store.log_turn(turn("still running", status="running"))  # v3 widened the status check

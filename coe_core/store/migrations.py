@@ -93,9 +93,10 @@ def _v5_remote_connection(conn: Connection) -> None:
         phases = remote[-1].get("phases") or {}
         connection = RemoteConnect(
             str(remote[-1].get("expert", "")),
-            float(phases.get("connect", 0.0)),
-            float(phases.get("headers", 0.0)),
-            float(phases.get("first_byte", remote[-1].get("seconds", 0.0))),
+            # a phase logged as null reads as 0 s (one odd row must not stop the store from opening)
+            float(phases.get("connect") or 0.0),
+            float(phases.get("headers") or 0.0),
+            float(phases.get("first_byte") or remote[-1].get("seconds") or 0.0),
             started_at=remote[-1].get("started_at"),
         )
         conn.execute(
