@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from coe_core.errors import ExpertUnavailable, InvalidRequest
+from coe_core.errors import ExpertUnavailable, InvalidRequest, TierBusy
 from coe_core.experts.generation import GenerationParams, GenerationResult, stream_generate
 from coe_core.tiers.manager import TierManager
 
@@ -38,6 +38,21 @@ def smol(tmp_path_factory):
 
 def greedy(n: int, **kw) -> GenerationParams:
     return GenerationParams(max_new_tokens=n, temperature=0.0, min_new_tokens=kw.pop("min_new_tokens", n), **kw)
+
+
+@pytest.fixture
+def tiny_tiers(tiny_config):
+    """A tier manager over the tiny experts (cpu tier), closed afterwards."""
+    config = tiny_config()
+    tiers = TierManager(config, gpu=False, progress=False)
+    yield config, tiers
+    tiers.close()
+
+
+def tiny_prompt(lease, config, expert: str, new_tokens: int, text: str = "once upon a time") -> list[int]:
+    return lease.runtime.format_prompt(
+        [{"role": "user", "content": text}], config.experts[expert], context_length=256, reserve_tokens=new_tokens
+    ).input_ids
 
 
 def alone(lease, ids, params) -> tuple[str, list[int]]:
@@ -162,62 +177,49 @@ def test_a_turn_that_breaks_ends_alone_and_the_others_keep_decoding(smol):
     assert rows[1].error is not None and rows[1].out == []
 
 
-def test_the_batch_kv_cache_is_counted_in_the_tier_and_a_turn_waits_for_room(tiny_config):
-    config = tiny_config()
-    tiers = TierManager(config, gpu=False, progress=False)
-    try:
-        with tiers.acquire("small") as lease:
-            batcher = lease.runtime.batcher
-            weights = tiers.snapshot().tiers["cpu"].used_bytes
-            ids = lease.runtime.format_prompt(
-                [{"role": "user", "content": "once upon a time"}],
-                config.experts["small"],
-                context_length=256,
-                reserve_tokens=40,
-            ).input_ids
-            one_row = (len(ids) + 40) * batcher.bytes_per_token
-            tiers.tiers["cpu"].budget_bytes = weights + one_row + one_row // 2  # room for one turn's KV cache, not two
-            first = Turn(lease, ids, greedy(40))
-            first.wait_pieces(1)
-            assert tiers.snapshot().tiers["cpu"].used_bytes == weights + one_row
-            second = Turn(lease, ids, greedy(40))
-            first.join()
-            second.join()
-            assert first.error is None and second.error is None
-            assert len(second.result.token_ids) == 40
-            assert batcher.widest == 1  # the second waited for the first's room instead of joining it
-            assert tiers.snapshot().tiers["cpu"].used_bytes == weights  # both gave their bytes back
-            too_long = Turn(lease, ids, greedy(200))  # its cache alone would not fit beside the weights
-            too_long.join()
-            assert "does not fit" in str(too_long.error) and isinstance(too_long.error, InvalidRequest)
-        tiers.evict("small", "cpu")
-        assert tiers.slots["small"].batcher is None  # the decode thread went with the expert
-        batcher._thread.join(timeout=10)
-        assert not batcher._thread.is_alive()
-        with pytest.raises(ExpertUnavailable):  # a turn that still holds the old runtime gets a clear error
-            batcher.submit(ids, greedy(4), threading.Event())
-    finally:
-        tiers.close()
+def test_the_batch_kv_cache_is_counted_in_the_tier_and_a_turn_waits_for_room(tiny_tiers):
+    config, tiers = tiny_tiers
+    with tiers.acquire("small") as lease:
+        batcher = lease.runtime.batcher
+        weights = tiers.snapshot().tiers["cpu"].used_bytes
+        ids = tiny_prompt(lease, config, "small", 40)
+        one_row = (len(ids) + 40) * batcher.bytes_per_token
+        tiers.tiers["cpu"].budget_bytes = weights + one_row + one_row // 2  # room for one turn's KV cache, not two
+        first = Turn(lease, ids, greedy(40))
+        first.wait_pieces(1)
+        assert tiers.snapshot().tiers["cpu"].used_bytes == weights + one_row
+        second = Turn(lease, ids, greedy(40))
+        first.join()
+        second.join()
+        assert first.error is None and second.error is None
+        assert len(second.result.token_ids) == 40
+        assert batcher.widest == 1  # the second waited for the first's room instead of joining it
+        assert tiers.snapshot().tiers["cpu"].used_bytes == weights  # both gave their bytes back
+        too_long = Turn(lease, ids, greedy(200))  # its cache alone would not fit beside the weights
+        too_long.join()
+        assert "does not fit" in str(too_long.error) and isinstance(too_long.error, InvalidRequest)
+    tiers.evict("small", "cpu")
+    assert tiers.slots["small"].batcher is None  # the decode thread went with the expert
+    batcher._thread.join(timeout=10)
+    assert not batcher._thread.is_alive()
+    with pytest.raises(ExpertUnavailable):  # a turn that still holds the old runtime gets a clear error
+        batcher.submit(ids, greedy(4), threading.Event())
 
 
-def test_kv_room_evicts_idle_experts_only_when_that_makes_the_room(tiny_config):
-    config = tiny_config()
-    tiers = TierManager(config, gpu=False, progress=False)
-    try:
-        with tiers.acquire("plain"):
-            pass  # resident and idle: evictable
-        with tiers.acquire("small") as lease:
-            slot, kv = tiers.slots["small"], lease.runtime.batcher.kv_budget
-            used = tiers.snapshot().tiers["cpu"].used_bytes
-            tiers.tiers["cpu"].budget_bytes = used
-            too_much = tiers.slots["plain"].bytes_in("cpu") + 1  # more than evicting "plain" frees
-            assert not tiers._reserve_kv(slot, kv, too_much)
-            assert tiers.state("plain") == "cpu" and slot.kv_live == 0  # evicted for nothing before
-            assert tiers._reserve_kv(slot, kv, too_much - 1)  # exactly what evicting it frees
-            assert tiers.state("plain") == "disk" and slot.kv_live == too_much - 1
-            tiers._release_kv(slot, kv, too_much - 1)
-    finally:
-        tiers.close()
+def test_kv_room_evicts_idle_experts_only_when_that_makes_the_room(tiny_tiers):
+    config, tiers = tiny_tiers
+    with tiers.acquire("plain"):
+        pass  # resident and idle: evictable
+    with tiers.acquire("small") as lease:
+        slot, kv = tiers.slots["small"], lease.runtime.batcher.kv_budget
+        used = tiers.snapshot().tiers["cpu"].used_bytes
+        tiers.tiers["cpu"].budget_bytes = used
+        too_much = tiers.slots["plain"].bytes_in("cpu") + 1  # more than evicting "plain" frees
+        assert not tiers._reserve_kv(slot, kv, too_much)
+        assert tiers.state("plain") == "cpu" and slot.kv_live == 0  # evicted for nothing before
+        assert tiers._reserve_kv(slot, kv, too_much - 1)  # exactly what evicting it frees
+        assert tiers.state("plain") == "disk" and slot.kv_live == too_much - 1
+        tiers._release_kv(slot, kv, too_much - 1)
 
 
 # -- failure paths (a tiny random Llama: what matters is who ends, with what, and that nothing hangs) -------------
@@ -281,8 +283,6 @@ def drain(row) -> list[int]:
 
 
 def test_a_turn_whose_room_only_other_experts_hold_ends_tier_busy_instead_of_waiting(tiny_model):
-    from coe_core.errors import TierBusy
-
     budget = Budget(room=0)  # its own batch is empty: nothing of its own will ever free room
     dec = decoder(tiny_model, budget)
     row = dec.submit([5, 6, 7], greedy(4), threading.Event())
@@ -301,39 +301,25 @@ def test_a_turn_whose_room_only_other_experts_hold_ends_tier_busy_instead_of_wai
     assert budget.held == 0
 
 
-def test_two_experts_whose_turns_need_each_others_room_do_not_wait_forever(tiny_config):
-    from coe_core.errors import TierBusy
-
-    config = tiny_config()
-    tiers = TierManager(config, gpu=False, progress=False)
-    try:
-        with tiers.acquire("small") as a, tiers.acquire("plain") as b:
-            weights = tiers.snapshot().tiers["cpu"].used_bytes
-            row = 80 * a.runtime.batcher.bytes_per_token
-            tiers.tiers["cpu"].budget_bytes = weights + row // 2  # neither turn's cache fits while both are pinned
-            turns = []
-            for lease, name in ((a, "small"), (b, "plain")):
-                ids = lease.runtime.format_prompt(
-                    [{"role": "user", "content": "once upon a time"}],
-                    config.experts[name],
-                    context_length=256,
-                    reserve_tokens=40,
-                ).input_ids
-                turns.append(Turn(lease, ids, greedy(40)))
-            for turn in turns:
-                turn.join(timeout=60)  # (hang guard)
-                assert not turn.is_alive()
-            small, plain = turns
-            assert isinstance(small.error, TierBusy) and "plain" in str(small.error)
-            assert isinstance(plain.error, TierBusy) and "small" in str(plain.error)
-        assert tiers.snapshot().tiers["cpu"].used_bytes == weights  # nothing was left counted
-    finally:
-        tiers.close()
+def test_two_experts_whose_turns_need_each_others_room_do_not_wait_forever(tiny_tiers):
+    config, tiers = tiny_tiers
+    with tiers.acquire("small") as a, tiers.acquire("plain") as b:
+        weights = tiers.snapshot().tiers["cpu"].used_bytes
+        row = 80 * a.runtime.batcher.bytes_per_token
+        tiers.tiers["cpu"].budget_bytes = weights + row // 2  # neither turn's cache fits while both are pinned
+        turns = []
+        for lease, name in ((a, "small"), (b, "plain")):
+            turns.append(Turn(lease, tiny_prompt(lease, config, name, 40), greedy(40)))
+        for turn in turns:
+            turn.join(timeout=60)  # (hang guard)
+            assert not turn.is_alive()
+        small, plain = turns
+        assert isinstance(small.error, TierBusy) and "plain" in str(small.error)
+        assert isinstance(plain.error, TierBusy) and "small" in str(plain.error)
+    assert tiers.snapshot().tiers["cpu"].used_bytes == weights  # nothing was left counted
 
 
 def test_a_decode_thread_that_breaks_ends_every_turn_and_gives_its_kv_bytes_back(tiny_model):
-    from coe_core.errors import ExpertUnavailable
-
     budget = Budget(fail_at=2)  # the first turn gets its room; asking room for the second breaks the thread
     dec = decoder(tiny_model, budget)
     running = dec.submit([5, 6, 7], greedy(200), threading.Event())
@@ -349,28 +335,21 @@ def test_a_decode_thread_that_breaks_ends_every_turn_and_gives_its_kv_bytes_back
         dec.submit([5], greedy(1), threading.Event())
 
 
-def test_the_tier_manager_replaces_a_stopped_decoder_and_ignores_its_late_release(tiny_config):
-    config = tiny_config()
-    tiers = TierManager(config, gpu=False, progress=False)
-    try:
-        with tiers.acquire("small") as lease:
-            dead = lease.runtime.batcher
-            dead.close(wait=True)
-            slot = tiers.slots["small"]
-            slot.kv_live = 123  # bytes a broken thread could not give back
-        with tiers.acquire("small") as lease:
-            assert lease.runtime.batcher is not dead and not lease.runtime.batcher.closed
-            assert slot.kv_live == 0
-            dead.kv_budget.release(50)  # a stopped decoder's late release takes nothing off its successor
-            assert slot.kv_live == 0
-            ids = lease.runtime.format_prompt(
-                [{"role": "user", "content": "hi"}], config.experts["small"], context_length=256, reserve_tokens=4
-            ).input_ids
-            turn = Turn(lease, ids, greedy(4))
-            turn.join(timeout=60)
-            assert turn.error is None and len(turn.result.token_ids) == 4
-    finally:
-        tiers.close()
+def test_the_tier_manager_replaces_a_stopped_decoder_and_ignores_its_late_release(tiny_tiers):
+    config, tiers = tiny_tiers
+    with tiers.acquire("small") as lease:
+        dead = lease.runtime.batcher
+        dead.close(wait=True)
+        slot = tiers.slots["small"]
+        slot.kv_live = 123  # bytes a broken thread could not give back
+    with tiers.acquire("small") as lease:
+        assert lease.runtime.batcher is not dead and not lease.runtime.batcher.closed
+        assert slot.kv_live == 0
+        dead.kv_budget.release(50)  # a stopped decoder's late release takes nothing off its successor
+        assert slot.kv_live == 0
+        turn = Turn(lease, tiny_prompt(lease, config, "small", 4, "hi"), greedy(4))
+        turn.join(timeout=60)
+        assert turn.error is None and len(turn.result.token_ids) == 4
 
 
 def test_a_group_whose_merge_fails_is_prefilled_again_alone_and_streams_each_token_once(tiny_model):
