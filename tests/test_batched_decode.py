@@ -5,6 +5,7 @@ is counted in the tier budget and a turn waits for room."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -248,6 +249,8 @@ class Budget:
 
     def __init__(self, room: int = 10**12, fail_at: int | None = None):
         self.room, self.fail_at, self.calls, self.held = room, fail_at, 0, 0
+        #: whether another expert's turns decode in the tier (and will free room)
+        self.others_decoding = False
 
     def reserve(self, n: int) -> bool:
         self.calls += 1
@@ -264,7 +267,13 @@ class Budget:
     def kv(self):
         from coe_core.experts.batched_decode import KVBudget
 
-        return KVBudget(self.reserve, self.release, lambda: 10**12, holders=lambda: ["other-expert"])
+        return KVBudget(
+            self.reserve,
+            self.release,
+            lambda: 10**12,
+            holders=lambda: ["other-expert"],
+            others_decoding=lambda: self.others_decoding,
+        )
 
 
 def decoder(model, budget: Budget | None = None):
@@ -299,6 +308,18 @@ def test_a_turn_whose_room_only_other_experts_hold_ends_tier_busy_instead_of_wai
     assert len(drain(running)) == 49 and running.error is None
     dec.close(wait=True)
     assert budget.held == 0
+
+
+def test_a_turn_waits_for_room_another_experts_decoding_turns_will_free(tiny_model):
+    budget = Budget(room=0)
+    budget.others_decoding = True  # its own batch is empty, but another expert's rows will leave
+    dec = decoder(tiny_model, budget)
+    row = dec.submit([5, 6, 7], greedy(4), threading.Event())
+    time.sleep(0.3)
+    assert not row.done.is_set() and row.error is None  # it waits instead of ending busy
+    budget.others_decoding, budget.room = False, 10**12  # the other expert's turns left: room
+    assert len(drain(row)) == 4 and row.error is None
+    dec.close(wait=True)
 
 
 def test_two_experts_whose_turns_need_each_others_room_do_not_wait_forever(tiny_tiers):

@@ -21,9 +21,9 @@ the same logits, so its greedy tokens are the same.
 
 The batch's KV cache is counted in the budget of the tier the model runs on (``KVBudget``): a turn joins only
 when (rows x the longest row's prompt + max_new_tokens) x bytes per token fit; otherwise it waits for room while
-rows of its own batch will free some, at most ``room_wait_s``. A turn that would wait on room only other experts'
-turns hold (its own batch is empty: two experts' turns could wait on each other forever) or past that deadline
-ends with ``TierBusy`` naming what holds the tier.
+rows of its own batch or other experts' decoding turns will free some, at most ``room_wait_s``. A turn that would
+wait on room that nothing decoding will free (the tier held by experts whose turns wait too: two experts' turns
+could wait on each other forever) or past that deadline ends with ``TierBusy`` naming what holds the tier.
 
 Failures stay contained: a turn whose prompt or sampling breaks ends alone; a group of new turns whose joint
 prefill or merge fails is prefilled again, each alone, from the start (first tokens are streamed only once a row
@@ -106,6 +106,8 @@ class KVBudget:
     capacity: Callable[[], int]
     #: who else holds that tier now (named when a turn cannot get room)
     holders: Callable[[], list[str]] = list
+    #: whether other experts' turns in that tier are decoding now (their rows will leave and free room)
+    others_decoding: Callable[[], bool] = bool
 
 
 @dataclass(eq=False)
@@ -383,11 +385,13 @@ class BatchedDecoder:
             self._prefilling.append(row)
 
     def _no_room(self, row: _Row) -> TierBusy | None:
-        """Why ``row`` stops waiting for KV room, or None while it may wait: rows of its own batch will free room
-        before its deadline. With its own batch empty the room is held by other experts' turns, which may be
-        waiting on this one's (each expert's turn pins it): it ends now instead of waiting forever."""
+        """Why ``row`` stops waiting for KV room, or None while it may wait: rows of its own batch, or other
+        experts' turns that are decoding, will free room before its deadline. When neither is so, the room is
+        held by other experts whose turns wait too (each expert's turn pins it; they could wait on each other
+        forever): it ends now."""
         own = self._rows()
-        if own and time.monotonic() - row.queued_at < self.room_wait_s:
+        others = self.kv_budget is not None and self.kv_budget.others_decoding()
+        if (own or others) and time.monotonic() - row.queued_at < self.room_wait_s:
             return None
         holders = ", ".join(self.kv_budget.holders()) if self.kv_budget is not None else ""
         held = f"experts in use ({holders})" if holders else "experts in use"

@@ -678,6 +678,7 @@ class TierManager:
                     release=lambda n: self._release_kv(slot, kv, n),
                     capacity=lambda: self.tiers[tier].budget_bytes - slot.bytes,
                     holders=lambda: self._holders(tier, slot),
+                    others_decoding=lambda: self._others_decoding(tier, slot),
                 )
                 slot.batcher = BatchedDecoder(slot.model, slot.tokenizer, self.device, name=slot.id, kv_budget=kv)
             return slot.batcher
@@ -718,6 +719,11 @@ class TierManager:
         """The other experts holding bytes in ``tier`` (named when a turn gets no room there)."""
         with self._lock:
             return [s.id for s in self.slots.values() if s is not slot and s.bytes_in(tier) > 0]
+
+    def _others_decoding(self, tier: str, slot: ExpertSlot) -> bool:
+        """Whether other experts in ``tier`` hold KV cache now: their turns decode, and leave room when done."""
+        with self._lock:
+            return any(s is not slot and s.kv_live > 0 and s.placement == tier for s in self.slots.values())
 
     # -- budgets and eviction ------------------------------------------------------------------
     def _lru_candidates(self, tier: str, exclude: ExpertSlot) -> list[ExpertSlot]:
