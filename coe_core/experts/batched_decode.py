@@ -20,7 +20,16 @@ A lone turn decodes as ``stream_generate`` does: same prefill steps, one token p
 the same logits, so its greedy tokens are the same.
 
 The batch's KV cache is counted in the budget of the tier the model runs on (``KVBudget``): a turn joins only
-when (rows x the longest row's prompt + max_new_tokens) x bytes per token fit; otherwise it waits for room.
+when (rows x the longest row's prompt + max_new_tokens) x bytes per token fit; otherwise it waits for room while
+rows of its own batch or other experts' decoding turns will free some, at most ``room_wait_s``. A turn that would
+wait on room that nothing decoding will free (the tier held by experts whose turns wait too: two experts' turns
+could wait on each other forever) or past that deadline ends with ``TierBusy`` naming what holds the tier.
+
+Failures stay contained: a turn whose prompt or sampling breaks ends alone; a group of new turns whose joint
+prefill or merge fails is prefilled again, each alone, from the start (first tokens are streamed only once a row
+is in the batch; a merge builds every new layer before it changes any). Anything else that breaks the decode
+thread ends every turn in it and waiting for it with that error, gives its KV bytes back and marks the decoder
+``closed`` (the tier manager then makes a new one at the next turn).
 
 Not used for ZeroGPU (each turn is its own ``spaces.GPU`` call in a forked worker: there is no long-lived
 process with the GPU to hold a batch) nor for experts split across tiers by accelerate; both keep the per-turn
@@ -29,7 +38,9 @@ process with the GPU to hold a batch) nor for experts split across tiers by acce
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,8 +57,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from coe_core.errors import ExpertUnavailable, InvalidRequest, TierBusy
 from coe_core.experts import generation  # (its PREFILL_CHUNK read at each step: one setting for both paths)
 from coe_core.experts.generation import GenerationParams, GenerationResult, answer_text
+
+log = logging.getLogger(__name__)
 
 #: rows one batch decodes at once (the serving queue's ``max_running`` bounds it in practice)
 MAX_ROWS = 16
@@ -55,6 +69,11 @@ MAX_ROWS = 16
 _LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 #: seconds a turn waiting for KV room sleeps before it asks again (rows leaving wake it earlier)
 _ROOM_POLL_S = 0.05
+#: seconds a turn may wait for KV room that rows of its own batch hold before it ends with ``TierBusy``
+ROOM_WAIT_S = 60.0
+#: a long prompt pending prefill gets a chunk at least once in this many prefill steps (short new prompts go
+#: first otherwise, and a steady flow of them would starve it)
+LONG_PREFILL_EVERY = 3
 
 
 def batchable(model) -> bool:
@@ -85,6 +104,10 @@ class KVBudget:
     release: Callable[[int], None]
     #: the most bytes the cache could ever get there (the tier's budget less the weights)
     capacity: Callable[[], int]
+    #: who else holds that tier now (named when a turn cannot get room)
+    holders: Callable[[], list[str]] = list
+    #: whether other experts' turns in that tier are decoding now (their rows will leave and free room)
+    others_decoding: Callable[[], bool] = bool
 
 
 @dataclass(eq=False)
@@ -107,6 +130,12 @@ class _Row:
     #: tokens of it in the cache, and the token it feeds next
     n_past: int = 0
     next_token: int = -1
+    #: when it was queued (it waits for KV room at most ``room_wait_s`` from then)
+    queued_at: float = field(default_factory=time.monotonic)
+
+    def restart(self) -> None:
+        """Forget prefill progress: it is prefilled again, alone, from its first token."""
+        self.alone, self.cache, self.prefilled, self.n_past = True, None, 0, 0
 
     @property
     def tokens_reserved(self) -> int:
@@ -117,21 +146,31 @@ class _Row:
         return self.params.temperature <= 0 and not self.processors
 
 
-def _align(layer, length: int) -> None:
-    """Right-align a cache layer's keys and values to a timeline of ``length`` tokens: zeros on the left (masked
-    out) or the oldest columns cut. A sliding-window layer keeps at most ``sliding_window - 1`` of them."""
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        keep = min(length, layer.sliding_window - 1)
-        layer.cumulative_length = length
-    else:
-        keep = length
-    have = layer.keys.shape[-2]
+def _aligned(layer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values right-aligned to a timeline of ``length`` tokens (the layer unchanged):
+    zeros on the left (masked out) or the oldest columns cut. A sliding-window layer keeps at most
+    ``sliding_window - 1`` of them."""
+    keep = min(length, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else length
+    keys, values = layer.keys, layer.values
+    have = keys.shape[-2]
     if have > keep:
-        layer.keys, layer.values = layer.keys[..., have - keep :, :], layer.values[..., have - keep :, :]
-    elif have < keep:
+        return keys[..., have - keep :, :], values[..., have - keep :, :]
+    if have < keep:
         pad = (0, 0, keep - have, 0)
-        layer.keys = torch.nn.functional.pad(layer.keys, pad)
-        layer.values = torch.nn.functional.pad(layer.values, pad)
+        return torch.nn.functional.pad(keys, pad), torch.nn.functional.pad(values, pad)
+    return keys, values
+
+
+def _assign(layer, length: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a cache layer its new tensors on a timeline of ``length`` tokens."""
+    layer.keys, layer.values = keys, values
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = length
+
+
+def _align(layer, length: int) -> None:
+    """Right-align a cache layer in place (``_aligned``)."""
+    _assign(layer, length, *_aligned(layer, length))
 
 
 class BatchedDecoder:
@@ -169,6 +208,10 @@ class BatchedDecoder:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._reserved = 0
+        #: seconds a turn waits for KV room its own batch holds (``ROOM_WAIT_S``), prefill steps since the oldest
+        #: long prompt had a chunk
+        self.room_wait_s = ROOM_WAIT_S
+        self._long_skipped = 0
         #: decode steps that carried more than one row (batching at work), and the most rows in one step
         self.steps = 0
         self.widest = 0
@@ -197,7 +240,7 @@ class BatchedDecoder:
             need = row.tokens_reserved * self.bytes_per_token
             capacity = self.kv_budget.capacity()
             if need > capacity:
-                raise ValueError(
+                raise InvalidRequest(
                     f"this turn's KV cache ({len(input_ids)} prompt + {params.max_new_tokens} new "
                     f"tokens, {need / 1e6:.1f} MB) does not fit beside the expert in its tier "
                     f"({max(capacity, 0) / 1e6:.1f} MB free for it): ask for fewer tokens or "
@@ -205,7 +248,7 @@ class BatchedDecoder:
                 )
         with self._cv:
             if self._closing:
-                raise RuntimeError("the expert was evicted")
+                raise ExpertUnavailable("the expert was evicted (or its decoder stopped): send the turn again")
             self._waiting.append(row)
             self._cv.notify_all()
         return row
@@ -226,6 +269,11 @@ class BatchedDecoder:
         if row.error is not None:
             result.error = row.error
             raise row.error
+
+    @property
+    def closed(self) -> bool:
+        """Its thread has stopped or is stopping: it takes no more turns."""
+        return self._closing or not self._thread.is_alive()
 
     def close(self, *, wait: bool = False) -> None:
         """Stop the decode thread (it ends turns still in the batch with an error). Not waiting by default: the
@@ -290,19 +338,21 @@ class BatchedDecoder:
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Put prefilled rows (their cache and mask) into the batch: both on the longer timeline, concatenated
-        along the batch."""
+        along the batch. All or nothing: every new tensor is built before the batch's are replaced, so a failure
+        (out of memory) leaves the batch as it was."""
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
             length = max(self._mask.shape[1], mask.shape[1])
+            layers = []
             for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                _align(mine, length)
-                _align(theirs, length)
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
+                (my_keys, my_values), (their_keys, their_values) = _aligned(mine, length), _aligned(theirs, length)
+                layers.append((torch.cat([my_keys, their_keys]), torch.cat([my_values, their_values])))
             merged = mask.new_zeros(len(self._active) + len(rows), length)
             merged[: len(self._active), length - self._mask.shape[1] :] = self._mask
             merged[len(self._active) :, length - mask.shape[1] :] = mask
+            for layer, (keys, values) in zip(self._cache.layers, layers, strict=True):
+                _assign(layer, length, keys, values)
             self._mask = merged
         for row in rows:
             row.cache = None
@@ -323,20 +373,50 @@ class BatchedDecoder:
             if row is None:
                 return
             if not self._rebudget([*self._rows(), row]):
-                return  # waits for a running turn to leave (or an idle expert to be evicted)
+                busy = self._no_room(row)
+                if busy is None:
+                    return  # waits for a running turn of its own batch to leave
+                with self._cv:
+                    self._waiting.remove(row)
+                self._end([row], busy)
+                continue
             with self._cv:
                 self._waiting.popleft()
             self._prefilling.append(row)
 
+    def _no_room(self, row: _Row) -> TierBusy | None:
+        """Why ``row`` stops waiting for KV room, or None while it may wait: rows of its own batch, or other
+        experts' turns that are decoding, will free room before its deadline. When neither is so, the room is
+        held by other experts whose turns wait too (each expert's turn pins it; they could wait on each other
+        forever): it ends now."""
+        own = self._rows()
+        others = self.kv_budget is not None and self.kv_budget.others_decoding()
+        if (own or others) and time.monotonic() - row.queued_at < self.room_wait_s:
+            return None
+        holders = ", ".join(self.kv_budget.holders()) if self.kv_budget is not None else ""
+        held = f"experts in use ({holders})" if holders else "experts in use"
+        if own:
+            held += f" and {len(own)} turn(s) of this expert that did not leave within {self.room_wait_s:g} s"
+        return TierBusy(
+            f"no room for this turn's KV cache in the tier: it is held by {held}; try again shortly",
+            retry_after_s=max(1, int(self.room_wait_s // 10)),
+        )
+
     def _prefill_group(self) -> list[_Row]:
         """The rows to prefill in the next step: every short prompt not started yet, in one padded forward (turns
-        that arrive together, as ``generate`` prefills a batch), else the next chunk of one long prompt."""
+        that arrive together, as ``generate`` prefills a batch), else the next chunk of one long prompt; the
+        oldest long prompt gets its chunk at least every ``LONG_PREFILL_EVERY`` steps, new short ones or not."""
         short = [
             r
             for r in self._prefilling
             if not r.prefilled and not r.alone and len(r.ids) <= 2 * generation.PREFILL_CHUNK
         ]
-        return short or self._prefilling[:1]
+        rest = [r for r in self._prefilling if r not in short]
+        if short and (not rest or self._long_skipped < LONG_PREFILL_EVERY - 1):
+            self._long_skipped += bool(rest)
+            return short
+        self._long_skipped = 0
+        return rest[:1]
 
     def _prefill_step(self, rows: list[_Row]) -> None:
         """One prefill step of ``rows``: a lone row takes the steps ``stream_generate`` takes (so its tokens are the
@@ -373,20 +453,28 @@ class BatchedDecoder:
             if end < total:
                 return
             cache, mask = row.cache, torch.ones(1, end, dtype=torch.long, device=self.device)
-        keep, ended, failed = [], [], []
+        # first tokens are streamed only once their rows are in the batch: a merge that fails sends nothing, and
+        # the rows are prefilled again (alone) from the start
+        keep, first, ended, failed = [], [], [], []
         for i, (r, token) in enumerate(zip(rows, self._sample(rows, out.logits[:, -1, :]), strict=True)):
             if isinstance(token, Exception):
                 failed.append((r, token))
-            elif self._emit(r, token):
-                keep.append(i)
-            else:
+            elif self._ends_at(r, token):
                 ended.append(r)
+            else:
+                first.append((r, token))
+                if len(r.out) + 1 < r.params.max_new_tokens:
+                    keep.append(i)
+                else:
+                    ended.append(r)  # its one token is all it asked for
         if keep and len(keep) < len(rows):
             index = torch.tensor(keep, device=self.device)
             cache.batch_select_indices(index)
             mask = mask[index]
         if keep:
             self._merge([rows[i] for i in keep], cache, mask)
+        for r, token in first:
+            self._emit(r, token)
         if ended:
             self._end(ended)
         for r, exc in failed:
@@ -416,9 +504,13 @@ class BatchedDecoder:
                 tokens[i] = exc
         return tokens
 
+    def _ends_at(self, row: _Row, token: int) -> bool:
+        """Whether the turn ends before ``token`` (cancelled, or EOS once it may stop)."""
+        return row.cancel.is_set() or (token in self.eos_ids and len(row.out) >= row.params.min_new_tokens)
+
     def _emit(self, row: _Row, token: int) -> bool:
         """Hand a token to its turn; False when the turn has ended (EOS, its length, or cancelled)."""
-        if row.cancel.is_set() or (token in self.eos_ids and len(row.out) >= row.params.min_new_tokens):
+        if self._ends_at(row, token):
             return False
         row.out.append(token)
         row.tokens.put(token)
@@ -456,8 +548,35 @@ class BatchedDecoder:
             self._end([row], exc)
 
     def _loop(self) -> None:
-        with torch.inference_mode():  # every tensor of the batch lives and changes in here
-            self._run()
+        error: BaseException = ExpertUnavailable("the expert was evicted while generating: send the turn again")
+        try:
+            with torch.inference_mode():  # every tensor of the batch lives and changes in here
+                self._run()
+        except BaseException as exc:  # a step outside the guarded ones broke: nothing may wait on a dead thread
+            log.error("the decode thread %s stopped: %s", self._thread.name, exc, exc_info=exc)
+            error = exc
+        finally:
+            self._stop(error)
+
+    def _stop(self, error: BaseException) -> None:
+        """The thread's way out, whatever happened: its KV bytes go back to the tier, it takes no more turns, and
+        every turn in it or waiting for it ends with ``error``. Touches no tensor (they may be what broke)."""
+        try:
+            if self.kv_budget is not None and self._reserved:
+                self.kv_budget.release(self._reserved)
+        finally:
+            self._reserved = 0
+            with self._cv:
+                self._closing = True
+                stranded = list(self._waiting)
+                self._waiting.clear()
+            rows, self._active, self._prefilling = self._rows() + stranded, [], []
+            self._cache = self._mask = None
+            for row in rows:
+                row.cache = None
+                row.error = error
+                row.tokens.put(None)
+                row.done.set()
 
     def _run(self) -> None:
         while True:
@@ -479,10 +598,12 @@ class BatchedDecoder:
                 try:
                     self._prefill_step(rows)
                 except Exception as exc:
+                    if any(row not in self._prefilling for row in rows):
+                        raise  # it broke after rows joined the batch: the batch's state is unknown
                     if len(rows) == 1:  # this turn's prompt broke: it alone ends
                         self._end(rows, exc)
-                    for row in rows:  # one of them broke the group: each is prefilled alone from now on
-                        row.alone = True
+                    for row in rows:  # one of them broke the group: each is prefilled alone, from the start
+                        row.restart()
             cancelled = [r for r in self._active if r.cancel.is_set()]
             if cancelled:
                 self._end(cancelled)
@@ -492,7 +613,3 @@ class BatchedDecoder:
                 self._decode_step()
             except Exception as exc:  # the batch itself broke: every row in it gets the error
                 self._end(list(self._active), exc)
-        with self._cv:
-            stranded = list(self._waiting)
-            self._waiting.clear()
-        self._end(self._rows() + stranded, RuntimeError("the expert was evicted while generating"))

@@ -662,31 +662,42 @@ class TierManager:
     # -- batched decoding (transformers) -----------------------------------------------------------
     def _batcher(self, slot: ExpertSlot) -> BatchedDecoder | None:
         """The decode thread of a transformers expert resident on the execution tier: made at its first turn
-        there, closed when it leaves that tier (``_evict_locked``). None for a model it cannot batch."""
+        there, closed when it leaves that tier (``_evict_locked``), made again when the last one stopped (its
+        thread broke). None for a model it cannot batch."""
         with self._lock:
             if not self.batching:
                 return None
+            if slot.batcher is not None and slot.batcher.closed:
+                slot.batcher, slot.kv_live = None, 0  # (it gave its bytes back on its way out, or they are lost)
             if slot.batcher is None and batchable(slot.model):
                 tier = slot.placement
-                slot.batcher = BatchedDecoder(
-                    slot.model,
-                    slot.tokenizer,
-                    self.device,
-                    name=slot.id,
-                    kv_budget=KVBudget(
-                        reserve=lambda n: self._reserve_kv(slot, n),
-                        release=lambda n: self._release_kv(slot, n),
-                        capacity=lambda: self.tiers[tier].budget_bytes - slot.bytes,
-                    ),
+                # the callbacks check that they come from the slot's current decoder: a stopped one's late
+                # release must not take bytes off its successor's count
+                kv = KVBudget(
+                    reserve=lambda n: self._reserve_kv(slot, kv, n),
+                    release=lambda n: self._release_kv(slot, kv, n),
+                    capacity=lambda: self.tiers[tier].budget_bytes - slot.bytes,
+                    holders=lambda: self._holders(tier, slot),
+                    others_decoding=lambda: self._others_decoding(tier, slot),
                 )
+                slot.batcher = BatchedDecoder(slot.model, slot.tokenizer, self.device, name=slot.id, kv_budget=kv)
             return slot.batcher
 
-    def _reserve_kv(self, slot: ExpertSlot, nbytes: int) -> bool:
+    def _reserve_kv(self, slot: ExpertSlot, kv: KVBudget, nbytes: int) -> bool:
         """Count ``nbytes`` more of the expert's KV cache in its tier, evicting idle experts (LRU) for room;
-        False when the room is held by experts in use (the turn waits)."""
+        False when the room is held by experts in use (the turn waits). Evicts nothing unless evicting every
+        idle expert there would make the room."""
         with self._lock:
+            if slot.batcher is None or slot.batcher.kv_budget is not kv:
+                return False  # a decoder the expert no longer has
             tier = slot.placement
             budget = self.tiers[tier].budget_bytes
+            candidates = self._lru_candidates(tier, exclude=slot)
+            reclaimable = sum(c.bytes_in(tier) for c in candidates)
+            if tier == "cpu":
+                reclaimable += sum(b.numel() for b in self._pool)
+            if self._used(tier) - reclaimable + nbytes > budget:
+                return False
             while self._used(tier) + nbytes > budget:
                 if tier == "cpu" and self._pool:
                     self._trim_pool(budget - nbytes)
@@ -698,10 +709,21 @@ class TierManager:
             slot.kv_live += nbytes
             return True
 
-    def _release_kv(self, slot: ExpertSlot, nbytes: int) -> None:
+    def _release_kv(self, slot: ExpertSlot, kv: KVBudget, nbytes: int) -> None:
         with self._lock:
-            slot.kv_live -= nbytes
+            if slot.batcher is not None and slot.batcher.kv_budget is kv:
+                slot.kv_live -= nbytes
             self._changed.notify_all()  # a load waiting in _reserve may fit now
+
+    def _holders(self, tier: str, slot: ExpertSlot) -> list[str]:
+        """The other experts holding bytes in ``tier`` (named when a turn gets no room there)."""
+        with self._lock:
+            return [s.id for s in self.slots.values() if s is not slot and s.bytes_in(tier) > 0]
+
+    def _others_decoding(self, tier: str, slot: ExpertSlot) -> bool:
+        """Whether other experts in ``tier`` hold KV cache now: their turns decode, and leave room when done."""
+        with self._lock:
+            return any(s is not slot and s.kv_live > 0 and s.placement == tier for s in self.slots.values())
 
     # -- budgets and eviction ------------------------------------------------------------------
     def _lru_candidates(self, tier: str, exclude: ExpertSlot) -> list[ExpertSlot]:
@@ -767,7 +789,9 @@ class TierManager:
             return
         if slot.batcher is not None and (slot.placement == "gpu" or (tier == "cpu" and slot.placement == "cpu")):
             slot.batcher.close()  # it leaves the tier it decodes on (unpinned: no turn is in its batch)
-            slot.batcher = None
+            # with no turn in it its cache holds nothing; bytes still counted are written off (its late release
+            # is ignored: it is no longer the slot's decoder)
+            slot.batcher, slot.kv_live = None, 0
         if slot.placement == "gpu":
             start = time.perf_counter()
             # Weights never change: re-point at the CPU copy instead of copying device -> host.
