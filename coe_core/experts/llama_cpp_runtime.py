@@ -21,6 +21,7 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from coe_core.config import ExpertConfig
+from coe_core.errors import ExpertUnavailable
 from coe_core.experts.generation import GenerationParams, GenerationResult, _StopStringFilter
 from coe_core.experts.prompt_format import FormattedPrompt, format_prompt, reference_ids
 
@@ -290,7 +291,7 @@ class LlamaCppModel:
         turn = _Sequence(list(input_ids), params, cancel, limit, plain, masked)
         with self._cv:
             if self._closing:
-                raise RuntimeError(f"{self.path.name} was evicted")
+                raise ExpertUnavailable(f"{self.path.name} was evicted")
             self._waiting.append(turn)
             self._cv.notify_all()
         return turn
@@ -370,7 +371,7 @@ class LlamaCppModel:
         future: Future = Future()
         with self._cv:
             if self._closing:
-                raise RuntimeError(f"{self.path.name} was evicted")
+                raise ExpertUnavailable(f"{self.path.name} was evicted")
             self._exclusive.append((function, future))
             self._cv.notify_all()
         return future.result()
@@ -422,7 +423,7 @@ class LlamaCppModel:
                     stranded = active + list(self._waiting)
                     self._waiting.clear()
                     for _function, future in self._exclusive:
-                        future.set_exception(RuntimeError(f"{self.path.name} was evicted"))
+                        future.set_exception(ExpertUnavailable(f"{self.path.name} was evicted"))
                     self._exclusive.clear()
                     break
                 if self._exclusive and not active:
@@ -494,7 +495,7 @@ class LlamaCppModel:
                     self._finish(turn)
             active = still
         for turn in stranded:
-            self._finish(turn, RuntimeError(f"{self.path.name} was evicted while generating"))
+            self._finish(turn, ExpertUnavailable(f"{self.path.name} was evicted while generating"))
 
 
 _backend_ready = False
