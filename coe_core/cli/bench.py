@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokens",
         type=int,
-        default=64,
-        help="swap, runtime: tokens for the generation comparison; serve: tokens per turn (default 16)",
+        default=None,
+        help="swap, runtime: tokens for the generation comparison (default 64); serve: tokens per turn (default 16)",
     )
     p.add_argument("--no-cold", action="store_true", help="swap: skip the cold page-cache runs")
     p.add_argument("--users", type=int, default=8, help="runtime: concurrent turns for the batch figure (0: skip)")
@@ -60,14 +60,14 @@ def cmd_bench(args: argparse.Namespace, config: CoEConfig) -> int:
             synthetic_gb=args.synthetic_gb,
             repeats=args.repeats,
             cold=not args.no_cold,
-            generation_tokens=args.tokens,
+            generation_tokens=64 if args.tokens is None else args.tokens,
         )
     elif args.what == "runtime":
         from coe_core.bench.runtime import bench_runtime
 
         result = bench_runtime(
             config,
-            tokens=args.tokens,
+            tokens=64 if args.tokens is None else args.tokens,
             repeats=args.repeats,
             users=args.users,
             transformers=not args.no_transformers,
@@ -80,7 +80,7 @@ def cmd_bench(args: argparse.Namespace, config: CoEConfig) -> int:
             config,
             levels=tuple(int(n) for n in args.levels.split(",")),
             turns=args.turns,
-            tokens=args.tokens if args.tokens != 64 else 16,
+            tokens=16 if args.tokens is None else args.tokens,  # an explicit --tokens 64 is 64
             think_s=args.think_s,
             tight=not args.no_tight,
             runtime=args.runtime,
