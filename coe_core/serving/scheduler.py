@@ -8,13 +8,14 @@ turn starts next is the policy function in ``coe_core/serving/policy.py``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coe_core.errors import QueueFull
@@ -32,11 +33,6 @@ class Ticket(Waiting):
     state: str = "waiting"
     started: float | None = None
     ended: float | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def waited_s(self) -> float:
-        return (self.started or self.ended or time.monotonic()) - self.arrived
 
 
 class Scheduler:
@@ -64,8 +60,6 @@ class Scheduler:
         #: moving average of a running turn's seconds (for Retry-After)
         self._turn_s = 5.0
         self.refused = 0
-        #: (monotonic time it started, seconds it waited) of recent turns
-        self.recent_waits: deque[tuple[float, float]] = deque(maxlen=1000)
 
     @classmethod
     def from_config(cls, serve: ServeConfig, swap_cost_s: Callable[[str], float], **overrides) -> Scheduler:
@@ -144,36 +138,41 @@ class Scheduler:
         worth prefetching while the current batch decodes (None when every waiting turn joins a running
         expert, or nothing waits)."""
         with self._cond:
-            now = self.clock()
-            ordered = sorted(
-                self._waiting,
-                key=lambda t: priority(
-                    t,
-                    now=now,
-                    running=self._running,
-                    swap_cost_s=self.swap_cost_s,
-                    max_bypass=self.max_bypass,
-                    max_wait_s=self.max_wait_s,
-                ),
-            )
+            key = self._priorities_locked(self._costs())
+            ordered = sorted(self._waiting, key=lambda t: key[t.id])
             return next((t.expert for t in ordered if not self._running.get(t.expert)), None)
-
-    def retry_after_s(self) -> int:
-        with self._cond:
-            return self._retry_after_locked()
 
     def snapshot(self) -> dict:
         with self._cond:
             return {
                 "running": dict(self._running),
                 "waiting": len(self._waiting),
-                "waiting_by_expert": _count(t.expert for t in self._waiting),
+                "waiting_by_expert": dict(Counter(t.expert for t in self._waiting)),
                 "refused": self.refused,
                 "max_running": self.max_running,
                 "max_queue": self.max_queue,
             }
 
     # -- inside ----------------------------------------------------------------------------------------
+    def _costs(self) -> Callable[[str], float]:
+        """``swap_cost_s`` asked once per expert for one pass over the queue (it reads the tiers each time)."""
+        return functools.cache(self.swap_cost_s)
+
+    def _priorities_locked(self, cost: Callable[[str], float]) -> dict[int, tuple]:
+        """Each waiting turn's sort key (``policy.priority``), by ticket id."""
+        now = self.clock()
+        return {
+            t.id: priority(
+                t,
+                now=now,
+                running=self._running,
+                swap_cost_s=cost,
+                max_bypass=self.max_bypass,
+                max_wait_s=self.max_wait_s,
+            )
+            for t in self._waiting
+        }
+
     def _retry_after_locked(self) -> int:
         """Seconds until the queue has room: the turns ahead, served ``max_running`` at a time."""
         ahead = len(self._waiting) - self.max_queue + 1 + sum(self._running.values())
@@ -187,12 +186,13 @@ class Scheduler:
         self._dispatch_locked()
 
     def _dispatch_locked(self) -> None:
+        cost = self._costs()
         while True:
             turn = self.policy(
                 self._waiting,
                 self._running,
                 now=self.clock(),
-                swap_cost_s=self.swap_cost_s,
+                swap_cost_s=cost,
                 max_running=self.max_running,
                 max_bypass=self.max_bypass,
                 max_wait_s=self.max_wait_s,
@@ -204,39 +204,21 @@ class Scheduler:
             for other in self._waiting:  # every earlier turn it went before was bypassed once more
                 if (other.arrived, other.id) < (turn.arrived, turn.id):
                     other.bypassed += 1
-            if self._swapping is None and not self._running.get(turn.expert) and self.swap_cost_s(turn.expert) > 0:
+            if self._swapping is None and not self._running.get(turn.expert) and cost(turn.expert) > 0:
                 self._swapping = (turn.id, turn.expert)
             turn.state, turn.started = "running", self.clock()
             self._running[turn.expert] = self._running.get(turn.expert, 0) + 1
-            self.recent_waits.append((turn.started, turn.started - turn.arrived))
         self._cond.notify_all()
 
     def _queued_locked(self, ticket: Ticket) -> Queued:
-        now = self.clock()
-        key = {
-            t.id: priority(
-                t,
-                now=now,
-                running=self._running,
-                swap_cost_s=self.swap_cost_s,
-                max_bypass=self.max_bypass,
-                max_wait_s=self.max_wait_s,
-            )
-            for t in self._waiting
-        }
+        cost = self._costs()
+        key = self._priorities_locked(cost)
         ahead = [t for t in self._waiting if key[t.id] < key[ticket.id]]
         by_expert = dict(self._running)
         for t in ahead:
             by_expert[t.expert] = by_expert.get(t.expert, 0) + 1
-        if self._running.get(ticket.expert) or self.swap_cost_s(ticket.expert) == 0.0:
+        if self._running.get(ticket.expert) or cost(ticket.expert) == 0.0:
             reason = "full" if sum(self._running.values()) >= self.max_running else "behind"
         else:
             reason = "swap"
         return Queued(position=len(ahead) + 1, ahead_by_expert=by_expert, reason=reason, expert=ticket.expert)
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
