@@ -138,6 +138,8 @@ class CoE:
         #: ZeroGPU: no CUDA in this process; generation runs in the ``spaces.GPU`` call (experts/zero_gpu.py)
         self.zero_gpu = on_zero_gpu()
         self.tiers = TierManager(self.config, gpu=False if self.zero_gpu and gpu is None else gpu, progress=progress)
+        # ZeroGPU runs each turn as its own forked spaces.GPU call: no decode thread here would ever batch
+        self.tiers.batching = not self.zero_gpu
         #: every expert, local and remote, with its availability; ``tiers`` holds the local ones' residency
         self.catalog = ExpertCatalog(self.config, self.tiers)
         self.store: Store | None = None

@@ -9,11 +9,10 @@ padding nobody needs any more is cut off. Every row keeps its own sampling (gree
 top-p with transformers' logits warpers), ``min_new_tokens``, EOS, ``max_new_tokens``, stop strings (cut by the
 consumer, which then cancels the row) and cancellation.
 
-Why a hand-written loop and not transformers' continuous batching (``generate_batch``): measured here on
-SmolLM2-135M fp32, 2 threads, 8 sequences x 48 tokens, ``generate_batch`` gave 18 tok/s (sdpa) or 23 tok/s
-(``paged|sdpa``) on CPU, plain batched ``generate`` on the same 8 prompts 87 tok/s. This loop is that batched
-forward with rows joining and leaving: 67-75 tok/s against plain ``generate``'s 63-69 and ``generate_batch``'s
-17-22 on the same 8 turns x 48 tokens in one process, on the loaded shared box (docs/benchmarks.md).
+Why a hand-written loop and not transformers' continuous batching (``generate_batch``): on CPU it is the slow
+one. Measured on SmolLM2-135M fp32, 2 threads, the same 8 turns x 48 tokens in one process on the loaded shared
+box (docs/benchmarks.md): this loop (plain batched forwards with rows joining and leaving) 67-75 tok/s, plain
+batched ``generate`` 63-69, ``generate_batch`` 17-22.
 ``scripts/gpu_check.py`` compares the three again on CUDA.
 
 A lone turn decodes as ``stream_generate`` does: same prefill steps, one token per forward, greedy argmax over

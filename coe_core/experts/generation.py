@@ -152,7 +152,7 @@ def _chunked_prefill(model, ids: torch.Tensor, cancel: threading.Event):
                 return "cancelled"
             model(
                 input_ids=ids[:, start : min(start + PREFILL_CHUNK, end)],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )

@@ -296,15 +296,6 @@ class LlamaCppModel:
             self._cv.notify_all()
         return turn
 
-    def generate_ids(
-        self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event | None = None
-    ) -> list[int]:
-        turn = self.submit(input_ids, params, cancel or threading.Event())
-        turn.done.wait()
-        if turn.error is not None:
-            raise turn.error
-        return turn.out
-
     def stream(
         self, input_ids: list[int], params: GenerationParams, *, cancel: threading.Event, result: GenerationResult
     ) -> Iterator[str]:

@@ -46,6 +46,7 @@ from coe_core.experts.materialize import (
     read_disk_copy,
 )
 from coe_core.experts.runtime import TRANSFORMERS_COST, ExpertRuntime, TransformersRuntime, choose_runtime
+from coe_core.experts.weights import dtype_name
 from coe_core.tiers import loader
 from coe_core.tiers.budgets import TIER_ORDER, Tier, detect_tiers
 from coe_core.tiers.snapshot import ExpertResidency, ResidencyState, TierSnapshot, TierUsage
@@ -265,7 +266,7 @@ class TierManager:
                     params=slot.params,
                     dtype=(slot.disk.manifest.get("dtype", "gguf") if slot.disk else "gguf")
                     if slot.runtime == "llama_cpp"
-                    else str(slot.dtype).removeprefix("torch."),
+                    else dtype_name(slot.dtype),
                     runtime=slot.runtime,
                     runtime_note=slot.runtime_note,
                     kv_bytes=slot.kv_bytes,
@@ -765,9 +766,9 @@ class TierManager:
                     if slot.cpu_buffer is not None and slot.placement == "disk":
                         self._pool.append(slot.cpu_buffer)
                         slot.cpu_buffer = None
-                    busy = [s.id for s in self.slots.values() if s.bytes_in(tier) and s is not slot]
                     raise TierBusy(
-                        f"the {tier} tier ({budget / 1e9:.2f} GB) is held by experts in use ({', '.join(busy)}); "
+                        f"the {tier} tier ({budget / 1e9:.2f} GB) is held by experts in use "
+                        f"({', '.join(self._holders(tier, slot))}); "
                         "try again when they finish, or raise the tier budget"
                     )
                 self._changed.wait(remaining)
