@@ -160,7 +160,7 @@ def real_config(tmp_path):
 
 @pytest.fixture(scope="session")
 def seed_router_dir(tmp_path_factory) -> Path:
-    """A router trained once per test session on the shipped seed set (training costs ~30 s of CPU)."""
+    """A router trained once per test session on the shipped seed set (training costs ~20 s of CPU)."""
     from coe_core.routing.service import RoutingService
 
     data_dir = tmp_path_factory.mktemp("seed-router")

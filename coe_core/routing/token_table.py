@@ -5,7 +5,7 @@ places translations near each other (nearest tokens of ``▁código``: ``▁codi
 ``▁코드``, ``▁CODE``, ``代码``). The packaged Gemma 3 270M GGUF carries that table (Q8_0), so the
 router gets a multilingual representation offline, from a package we already install for an expert.
 
-Building it once (dequantise the table, convert the tokenizer) takes about a minute; the result is
+Building it once (dequantise the table, convert the tokenizer) takes about 40 s; the result is
 cached as ``tokenizer.json`` + ``embeddings.npy`` (float16, 335 MB for Gemma 3) in a folder keyed by the
 source and its version (the package's version, or a ``gguf:`` file's size and modification time), so an
 upgraded package or a replaced file builds a new table. Loading memory-maps the file and then reads every
@@ -158,7 +158,7 @@ def get_token_table(source: str, cache_dir: Path, progress: Callable[[str], None
         folder = Path(cache_dir) / _slug(f"{source}@{_source_version(source)}")
         if not (folder / "embeddings.npy").exists():
             say = progress or (lambda _m: None)
-            say(f"router: building the token table of {source} (once, about a minute)")
+            say(f"router: building the token table of {source} (once, about 40 s)")
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(dir=cache_dir, prefix="scratch-"))  # one per build
             try:

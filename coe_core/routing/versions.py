@@ -119,7 +119,7 @@ class RouterVersions:
             return router
         self._progress(
             "router: no trained router for this config yet; training one from the seed set "
-            f"({', '.join(cfg.router.seed_data)}), this takes a few seconds"
+            f"({', '.join(cfg.router.seed_data)}), this takes about 20 s on 2 cores"
         )
         try:
             examples = self.datasets.seed()
