@@ -10,7 +10,6 @@ Errors a caller causes come back as ``gr.Error`` with one clear message (gradio_
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import os
 import threading
@@ -22,7 +21,9 @@ import gradio as gr
 from app.chat_tab import generation_concurrency
 from app.context import AppContext
 from app.errors import ENGINE_ERRORS, app_error
+from coe_core.api.guards import bearer_matches
 from coe_core.events import Queued, RouteDecision, TextChunk, Transcript, TurnDone
+from coe_core.store.models import review_of
 
 
 def _history(history: list[dict] | str | None) -> list[dict]:
@@ -69,8 +70,7 @@ class PublicAPI:
             return
         headers = getattr(request, "headers", None) or {}
         given = headers.get("authorization", "") if hasattr(headers, "get") else ""
-        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), self._key.encode()):
+        if not bearer_matches(given, self._key):
             raise gr.Error(
                 "this endpoint needs the API key: Client(url, headers={'Authorization': 'Bearer <COE_API_KEY>'})",
                 title="API key needed",
@@ -223,5 +223,5 @@ class PublicAPI:
             "interaction_id": turn,
             "kind": kind,
             "corrected_category": corrected_category or None,
-            "review": "pending" if kind in ("like", "wrong_category") else "accepted",
+            "review": review_of(str(kind), trusted=False),
         }

@@ -39,6 +39,7 @@ from coe_core.experts.remote import RemoteExpert
 from coe_core.hf_spaces import on_zero_gpu
 from coe_core.routing.protocol import Routing
 from coe_core.serving import Scheduler
+from coe_core.store.models import review_of
 from coe_core.tiers.manager import TierManager
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ ROLES = {"system", "user", "assistant"}
 
 
 #: feedback kinds that become training labels (a like confirms the routed category)
-LABEL_KINDS = ("like", "wrong_category")
 
 
 def clean_text(text: str) -> str:
@@ -732,7 +732,7 @@ class CoE:
             raise StoreError("this engine runs without a store; feedback needs one")
         if owner is not None:
             self._feedback_rate.hit(owner)
-        review = "pending" if not trusted and kind in LABEL_KINDS else "accepted"
+        review = review_of(kind, trusted)
         return self.store.add_feedback(
             interaction_id,
             kind,

@@ -37,9 +37,8 @@ class ApiGuard:
     def _check(self, headers: dict[str, str], api: bool = True) -> APIError | None:
         if api and self.api_key is not None:
             given = headers.get("authorization", "")
-            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                what = "no API key given" if not token else "the API key is wrong"
+            if not bearer_matches(given, self.api_key):
+                what = "no API key given" if not bearer_token(given) else "the API key is wrong"
                 return APIError(
                     401,
                     f"{what}: send 'Authorization: Bearer <COE_API_KEY>'",
@@ -71,3 +70,13 @@ class ApiGuard:
             return message
 
         return wrapped
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header value ("" when there is none)."""
+    return authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+
+
+def bearer_matches(authorization: str, key: str) -> bool:
+    """Whether the header value carries ``key`` (compared in constant time: no timing oracle for the key)."""
+    return hmac.compare_digest(bearer_token(authorization).encode(), key.encode())

@@ -27,8 +27,9 @@ from coe_core.api.schemas import (
     RouteRequest,
 )
 from coe_core.api.turns import ApiTurn, TurnStream
-from coe_core.engine import LABEL_KINDS, CoE, clean_text
+from coe_core.engine import CoE, clean_text
 from coe_core.errors import CoEError
+from coe_core.store.models import review_of
 
 
 def build_v1_routes(coe: CoE, *, identity: str = "api:anonymous", trusted: bool = False) -> APIRouter:
@@ -191,7 +192,7 @@ def build_v1_routes(coe: CoE, *, identity: str = "api:anonymous", trusted: bool 
             "interaction_id": body.interaction_id,
             "kind": body.kind,
             "corrected_category": body.corrected_category,
-            "review": "accepted" if trusted or body.kind not in LABEL_KINDS else "pending",
+            "review": review_of(body.kind, trusted),
         }
 
     known = {route.path: route.methods for route in routes.routes}

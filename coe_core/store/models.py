@@ -30,6 +30,13 @@ FEEDBACK_KINDS = ("like", "dislike", "wrong_category", "retracted")
 #: feedback from a trusted author (admin, API key holder, CLI) is accepted as it comes; an anonymous
 #: visitor's waits (pending) until an admin accepts or rejects it; only accepted feedback trains the router
 REVIEW_STATES = ("accepted", "pending", "rejected")
+#: the feedback kinds that become training labels (so an untrusted author's wait for review)
+LABEL_KINDS = ("like", "wrong_category")
+
+
+def review_of(kind: str, trusted: bool) -> str:
+    """The review state new feedback starts in: ``pending`` for an untrusted author's label, else ``accepted``."""
+    return "pending" if not trusted and kind in LABEL_KINDS else "accepted"
 
 
 def utcnow() -> datetime:

@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coe_core.store.models import Feedback, Interaction
+from coe_core.store.models import LABEL_KINDS, Feedback, Interaction
 
 #: the distributions (ttft_values, swap_seconds) keep this many most recent values for plotting
 MAX_VALUES = 5000
@@ -106,7 +106,7 @@ def compute_stats(session: Session) -> dict[str, Any]:
     pending = (
         session.scalar(
             select(func.count()).where(
-                Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category"))
+                Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(LABEL_KINDS)
             )
         )
         or 0

@@ -17,6 +17,7 @@ from coe_core.store.export import write_export
 from coe_core.store.migrations import ensure_schema
 from coe_core.store.models import (
     FEEDBACK_KINDS,
+    LABEL_KINDS,
     REVIEW_STATES,
     Conversation,
     Feedback,
@@ -298,7 +299,7 @@ class Store:
         stmt = (
             select(Feedback, Interaction)
             .join(Interaction, Interaction.id == Feedback.interaction_id)
-            .where(Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(("like", "wrong_category")))
+            .where(Feedback.id.in_(latest), Feedback.review == "pending", Feedback.kind.in_(LABEL_KINDS))
             .order_by(Feedback.id)
             .limit(limit)
         )
@@ -322,7 +323,7 @@ class Store:
                     select(func.count()).where(
                         Feedback.id.in_(latest),
                         Feedback.review == "pending",
-                        Feedback.kind.in_(("like", "wrong_category")),
+                        Feedback.kind.in_(LABEL_KINDS),
                     )
                 )
                 or 0
