@@ -24,6 +24,14 @@ import numpy as np
 from coe_core.errors import ConfigError
 
 
+def columns(proba: np.ndarray, classes: list[str], labels: list[str]) -> np.ndarray:
+    """``proba`` (columns in ``classes`` order) with its columns in ``labels`` order (absent classes: 0)."""
+    out = np.zeros((len(proba), len(labels)))
+    for j, c in enumerate(classes):
+        out[:, labels.index(c)] = proba[:, j]
+    return out
+
+
 class RouterArtifactError(ConfigError):
     """A router version is missing or does not fit the current config; the message says what to do."""
 
@@ -67,13 +75,7 @@ class RouterArtifact:
     def raw_proba(self, texts: list[str], resources: Any) -> np.ndarray:
         """Uncalibrated probabilities with columns in ``self.categories`` order."""
         raw = self.model.raw_proba(texts, resources)
-        classes = self.model.classes
-        if classes == self.categories:
-            return raw
-        out = np.zeros((len(texts), len(self.categories)), dtype=float)
-        for j, c in enumerate(classes):
-            out[:, self.categories.index(c)] = raw[:, j]
-        return out
+        return raw if self.model.classes == self.categories else columns(raw, self.model.classes, self.categories)
 
     def predict_proba(self, texts: list[str], resources: Any) -> np.ndarray:
         """Calibrated probabilities (the version's temperature) with columns in ``self.categories`` order."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from coe_core.config import CoEConfig
 from coe_core.labelled import LabelledPrompt
-from coe_core.routing.artifact import RouterArtifact, new_version_id, router_signature, save_artifact
+from coe_core.routing.artifact import RouterArtifact, columns, new_version_id, router_signature, save_artifact
 from coe_core.routing.calibration import threshold_effect
 from coe_core.routing.classifier import confidence, select_and_fit
 from coe_core.routing.evaluation import evaluate_proba
@@ -278,14 +278,6 @@ def from_heldout_row(row: dict[str, Any]) -> LabelledPrompt:
         int(row.get("turns", 1)),
         int(row.get("chars", len(row["prompt"]))),
     )
-
-
-def columns(proba: np.ndarray, classes: list[str], labels: list[str]) -> np.ndarray:
-    """``proba`` (columns in ``classes`` order) with its columns in ``labels`` order."""
-    out = np.zeros((len(proba), len(labels)))
-    for j, c in enumerate(classes):
-        out[:, labels.index(c)] = proba[:, j]
-    return out
 
 
 def train_router(
