@@ -58,12 +58,22 @@ def compute_stats(session: Session) -> dict[str, Any]:
         )
     ]
 
+    # one pass over the log, most recent first (the distributions keep their most recent values)
     swap_seconds: dict[str, list[float]] = defaultdict(list)
     #: a remote expert's seconds to its first byte, by expert (its connection is no swap)
     connect_seconds: dict[str, list[float]] = defaultdict(list)
-    for swaps, connection in session.execute(
-        select(Interaction.swaps, Interaction.remote_connection).order_by(Interaction.id.desc())
-    ):
+    by_day: Counter[tuple[str, str]] = Counter()
+    # serving by hour: swaps per 100 turns (loads between tiers; a remote connection is logged apart) and queue wait
+    hours: dict[str, dict[str, Any]] = {}
+    rows = select(
+        Interaction.started_at,
+        Interaction.category,
+        Interaction.status,
+        Interaction.swaps,
+        Interaction.remote_connection,
+        Interaction.queue_s,
+    ).order_by(Interaction.id.desc())
+    for started_at, category, status, swaps, connection, queue_s in session.execute(rows):
         for swap in swaps or []:
             try:
                 swap_seconds[f"{swap['src']}->{swap['dst']}"].append(float(swap["seconds"]))
@@ -74,23 +84,13 @@ def compute_stats(session: Session) -> dict[str, Any]:
                 connect_seconds[str(connection["expert"])].append(float(connection["first_byte_s"]))
         except (KeyError, TypeError, ValueError):
             pass
-
-    by_day: Counter[tuple[str, str]] = Counter()
-    for started_at, category in session.execute(select(Interaction.started_at, Interaction.category)):
         by_day[(started_at.date().isoformat(), category or "unknown")] += 1
-
-    # serving by hour: swaps per 100 turns (loads between tiers; a remote connection is logged apart) and queue wait
-    hours: dict[str, dict[str, Any]] = {}
-    for started_at, swaps, queue_s in session.execute(
-        select(Interaction.started_at, Interaction.swaps, Interaction.queue_s).where(
-            Interaction.status.in_(("ok", "cancelled", "error"))
-        )
-    ):
-        hour = hours.setdefault(started_at.strftime("%Y-%m-%dT%H:00"), {"turns": 0, "swaps": 0, "waits": []})
-        hour["turns"] += 1
-        hour["swaps"] += len(swaps or [])
-        if queue_s is not None:
-            hour["waits"].append(float(queue_s))
+        if status in ("ok", "cancelled", "error"):  # finished turns (not running or interrupted)
+            hour = hours.setdefault(started_at.strftime("%Y-%m-%dT%H:00"), {"turns": 0, "swaps": 0, "waits": []})
+            hour["turns"] += 1
+            hour["swaps"] += len(swaps or [])
+            if queue_s is not None:
+                hour["waits"].append(float(queue_s))
     serving_by_hour = [
         {
             "hour": h,
